@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Quickstart 1: install what is needed (once), then run the whole pipeline on the embedded model
+# and the bundled example corpus. Extra arguments go to `kedro run` (e.g. --pipeline evaluation).
+source "$(dirname "$0")/setup.sh"
+kedro run "$@"

@@ -1,0 +1,74 @@
+"""Chat formatting, always through the tokenizer's own chat template (never hand-written ids)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+Message = dict[str, str]
+
+
+def chat_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    add_generation_prompt: bool = False,
+) -> list[int]:
+    """Token ids of ``messages`` rendered by the tokenizer's chat template."""
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"Tokenizer '{tokenizer.name_or_path}' has no chat template; self-study and evaluation "
+            "format conversations with it. Use an instruct/chat model or set one."
+        )
+    return list(
+        tokenizer.apply_chat_template(
+            list(messages),
+            tokenize=True,
+            add_generation_prompt=add_generation_prompt,
+            return_dict=False,
+        )
+    )
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix, leaving at least one token in every sequence.
+
+    Templates may render a system message differently depending on what follows it, so the
+    prefix that can be shared is computed from the token ids, not assumed.
+    """
+    if not sequences:
+        return 0
+    shortest = min(len(s) for s in sequences)
+    length = 0
+    while length < shortest - 1 and all(s[length] == sequences[0][length] for s in sequences):
+        length += 1
+    return length
+
+
+def context_ids(tokenizer: PreTrainedTokenizerBase, system_text: str) -> list[int]:
+    """Token ids of a conversation's opening: the system message that carries the context.
+
+    This is what a cartridge stands in for: the teacher sees ``context_ids(chunk)`` and then the
+    conversation, the student sees the cartridge and then the same conversation tokens.
+    """
+    return chat_ids(tokenizer, [{"role": "system", "content": system_text}])
+
+
+def continuation_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    system_text: str,
+    messages: Sequence[Message],
+    add_generation_prompt: bool = False,
+) -> list[int]:
+    """Token ids of ``messages`` as they follow the system message in the full rendering."""
+    full = chat_ids(
+        tokenizer, [{"role": "system", "content": system_text}, *messages], add_generation_prompt
+    )
+    prefix = context_ids(tokenizer, system_text)
+    if full[: len(prefix)] != prefix:
+        raise ValueError(
+            f"The chat template of '{tokenizer.name_or_path}' renders the system message "
+            "differently when other messages follow it, so the context cannot be replaced by a "
+            "prefix cache. Use a template whose system turn is a stable prefix."
+        )
+    return full[len(prefix) :]

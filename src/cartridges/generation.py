@@ -1,0 +1,144 @@
+"""Batched decoding after a KV prefix, with the top-k log-probabilities of every token.
+
+Why not ``model.generate``: it cannot take a prefix that has no input ids (a cartridge), and
+self-study needs the teacher's top-k distribution at every generated position. This loop works
+on token ids only (no tokenizer) and on any model that speaks the standard cache API: the prefix
+is built once per batch, prompts are left-padded, and each step feeds one token per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from cartridges.cartridge import Cartridge
+from cartridges.prefix import forward_with_prefix, prefixed_mask
+
+
+@dataclass
+class Generation:
+    """One generated continuation.
+
+    Attributes:
+        token_ids: generated ids, the stop token included when one was produced.
+        stopped: ``True`` if a stop token ended it, ``False`` if ``max_new_tokens`` cut it.
+        top_ids: ``(n, k)`` most likely token ids at each generated position (``k = 0``: none).
+        top_logprobs: ``(n, k)`` their log-probabilities (float32).
+    """
+
+    token_ids: list[int]
+    stopped: bool
+    top_ids: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0, dtype=torch.long))
+    top_logprobs: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0))
+
+
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into ``(input_ids, attention_mask)`` of shape ``(B, T)``."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if sequence:
+            input_ids[row, width - len(sequence) :] = torch.tensor(list(sequence))
+            attention_mask[row, width - len(sequence) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _next_tokens(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probabilities = torch.softmax(logits.float() / temperature, dim=-1)
+    return (
+        torch.multinomial(probabilities.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    )
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    prefix: Cartridge | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    stop_token_ids: Sequence[int] = (),
+    pad_token_id: int = 0,
+    top_logprobs: int = 0,
+    generator: torch.Generator | None = None,
+) -> list[Generation]:
+    """Continue each prompt after an optional shared prefix (a cartridge or a prefilled text).
+
+    Args:
+        model: a frozen causal LM.
+        prompts: token ids per row; each row continues after the prefix.
+        prefix: KV shared by every row, or ``None`` for no context.
+        max_new_tokens: hard cap per row; rows cut by it come back with ``stopped=False``.
+        temperature: 0 for greedy decoding, else sampling at this temperature.
+        stop_token_ids: tokens that end a row (kept in its output).
+        pad_token_id: filler for finished rows and left padding (never attended to).
+        top_logprobs: record the ``k`` most likely tokens and log-probabilities per position.
+        generator: random source for sampling (CPU generator), for reproducible runs.
+    """
+    if not prompts:
+        return []
+    if any(len(prompt) == 0 for prompt in prompts):
+        raise ValueError("Every prompt needs at least one token to continue from.")
+    batch_size = len(prompts)
+    input_ids, prompt_mask = left_pad(prompts, pad_token_id, model.device)
+    cache = prefix.as_cache(batch_size, model.config) if prefix is not None else None
+    prefix_len = prefix.num_tokens if prefix is not None else 0
+    outputs = forward_with_prefix(model, cache, input_ids, prompt_mask, logits_to_keep=1)
+    cache = outputs.cache
+    mask = prompt_mask
+    stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=model.device)
+    done = torch.zeros(batch_size, dtype=torch.bool, device=model.device)
+    tokens, top_ids, top_values = [], [], []
+    logits = outputs.logits[:, -1]
+    for _ in range(max_new_tokens):
+        if top_logprobs:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+            values, ids = logprobs.topk(top_logprobs, dim=-1)
+            top_ids.append(ids.cpu())
+            top_values.append(values.cpu())
+        next_ids = _next_tokens(logits, temperature, generator)
+        next_ids = torch.where(done, torch.full_like(next_ids, pad_token_id), next_ids)
+        tokens.append(next_ids.cpu())
+        step_mask = (~done).long()
+        done = done | torch.isin(next_ids, stop)
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, step_mask[:, None]], dim=-1)
+        positions = prefix_len + mask.sum(dim=-1, keepdim=True) - 1
+        outputs = model(
+            input_ids=next_ids[:, None],
+            attention_mask=prefixed_mask(prefix_len, mask),
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        )
+        cache = outputs.cache
+        logits = outputs.logits[:, -1]
+    return _collect(tokens, top_ids, top_values, stop.cpu(), batch_size)
+
+
+def _collect(tokens, top_ids, top_values, stop, batch_size) -> list[Generation]:
+    steps = torch.stack(tokens, dim=1)  # [B, n]
+    ids_per_step = torch.stack(top_ids, dim=1) if top_ids else None  # [B, n, k]
+    values_per_step = torch.stack(top_values, dim=1) if top_values else None
+    results = []
+    for row in range(batch_size):
+        hits = torch.isin(steps[row], stop).nonzero()
+        length = int(hits[0]) + 1 if len(hits) else steps.shape[1]
+        generation = Generation(token_ids=steps[row, :length].tolist(), stopped=bool(len(hits)))
+        if ids_per_step is not None:
+            generation.top_ids = ids_per_step[row, :length]
+            generation.top_logprobs = values_per_step[row, :length]
+        results.append(generation)
+    return results

@@ -1,0 +1,208 @@
+"""Load a frozen causal LM and describe the shape of its KV cache.
+
+Everything here works from ``model.config`` and from one real forward pass, never from tables
+keyed on a model family: any Hugging Face causal LM that speaks the standard cache API works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+# Config keys that do not change what the model computes; left out of the fingerprint so that a
+# model re-saved elsewhere, or loaded in another dtype, still matches its cartridges.
+_FINGERPRINT_IGNORED_KEYS = {
+    "_name_or_path",
+    "name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "architectures",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "attn_implementation",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+}
+
+
+class ModelNotFoundError(OSError):
+    """A model name or path that cannot be resolved on this machine."""
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of one token's KV entry: per layer, keys and values of ``(kv_heads, head_dim)``."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    sliding_window: int | None = None  # smallest attention window among the layers, if any
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        """KV cache bytes one token occupies across all layers (keys and values)."""
+        element_size = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Turn a parameter string such as ``"bfloat16"`` into a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"Unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}.") from None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` picks the first CUDA device when there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _import_model_plugins() -> None:
+    """Register the project's own architectures (the toy-world model) with the Auto classes."""
+    with contextlib.suppress(ImportError):  # the toy world is optional for real models
+        import cartridges.toy_world  # noqa: F401
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """Load a tokenizer by hub name or local directory, with a clear error when offline."""
+    _import_model_plugins()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    except OSError as error:
+        raise _not_found(name_or_path, error) from error
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@lru_cache(maxsize=4)
+def load_model(
+    name_or_path: str, dtype: str = "float32", device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a frozen causal LM and its tokenizer, cached per process.
+
+    The model is put in eval mode with every weight's ``requires_grad`` off: cartridges train a
+    KV prefix, never the model. Callers must not modify the returned model.
+
+    Args:
+        name_or_path: a Hugging Face hub name or a local directory.
+        dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``).
+        device: ``cpu``, ``cuda``, ``cuda:1``, ... or ``auto``.
+    """
+    _import_model_plugins()
+    tokenizer = load_tokenizer(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=resolve_dtype(dtype))
+    except OSError as error:
+        raise _not_found(name_or_path, error) from error
+    model.to(resolve_device(device)).eval()
+    model.requires_grad_(False)
+    logger.info(
+        "Loaded %s (%s, %.1fM parameters) on %s",
+        name_or_path,
+        model.config.model_type,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        model.device,
+    )
+    return model, tokenizer
+
+
+def _not_found(name_or_path: str | os.PathLike, error: Exception) -> ModelNotFoundError:
+    if Path(name_or_path).exists():
+        return ModelNotFoundError(
+            f"Could not load a model from local path '{name_or_path}': {error}"
+        )
+    return ModelNotFoundError(
+        f"Could not resolve model '{name_or_path}': it is not a local directory and it is not "
+        "in the local Hugging Face cache (this machine may be offline). Either download it on a "
+        f"connected machine (`huggingface-cli download {name_or_path}`) and copy the cache over, or set "
+        "`model.name_or_path` in conf/<env>/parameters.yml to a local directory holding the "
+        f"model's config, weights and tokenizer. Original error: {error}"
+    )
+
+
+@torch.no_grad()
+def kv_layout(model: PreTrainedModel) -> KVLayout:
+    """Read the KV layout from a one-token forward pass, so that no naming convention is assumed."""
+    ids = torch.zeros((1, 1), dtype=torch.long, device=model.device)
+    cache = model(input_ids=ids, use_cache=True).cache
+    shapes = {tuple(layer.keys.shape[1:]) for layer in cache.layers} | {
+        tuple(layer.values.shape[1:]) for layer in cache.layers
+    }
+    if len(shapes) != 1:
+        raise NotImplementedError(
+            f"Layers with different KV shapes {sorted(shapes)} are not supported by cartridges yet."
+        )
+    ((num_kv_heads, _, head_dim),) = shapes
+    return KVLayout(
+        num_layers=len(cache.layers),
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        sliding_window=sliding_window(model.config),
+    )
+
+
+def sliding_window(config) -> int | None:
+    """The smallest sliding attention window any layer uses, or ``None`` for full attention."""
+    config = config.get_text_config(decoder=True)
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """A short hash of the architecture config and a sample of the weights.
+
+    Equal fingerprints mean the model computes the same KV caches, so a cartridge trained on one
+    works on the other. The weight sample is rounded to bfloat16 first, so that the same
+    checkpoint loaded in float32 or bfloat16 keeps its fingerprint.
+    """
+    config = {
+        key: value
+        for key, value in model.config.to_dict().items()
+        if key not in _FINGERPRINT_IGNORED_KEYS
+    }
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    parameters = list(model.parameters())
+    for parameter in (parameters[0], parameters[-1]):
+        sample = parameter.detach().flatten()[:4096].to("cpu", torch.bfloat16).float()
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,35 @@
+"""distill_training: conversations + teacher_logprobs (+ corpus for init) -> cartridge."""
+
+from kedro.pipeline import Node, Pipeline
+
+from cartridges.pipelines.distill_training.nodes import distill_cartridge, initialize_cartridge
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                initialize_cartridge,
+                inputs=[
+                    "corpus",
+                    "params:distill_training",
+                    "params:model",
+                    "params:system_prompt",
+                ],
+                outputs="initial_cartridge",
+                name="initialize_cartridge_node",
+            ),
+            Node(
+                distill_cartridge,
+                inputs=[
+                    "initial_cartridge",
+                    "conversations",
+                    "teacher_logprobs",
+                    "params:distill_training",
+                    "params:model",
+                ],
+                outputs=["cartridge", "training_metrics"],
+                name="distill_cartridge_node",
+            ),
+        ]
+    )

@@ -1,0 +1,31 @@
+"""evaluation: corpus + cartridge + questions -> evaluation_report + tradeoff_plot."""
+
+from kedro.pipeline import Node, Pipeline
+
+from cartridges.pipelines.evaluation.nodes import evaluate_methods, plot_tradeoff
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                evaluate_methods,
+                inputs=[
+                    "corpus",
+                    "cartridge",
+                    "eval_questions",
+                    "params:evaluation",
+                    "params:model",
+                    "params:system_prompt",
+                ],
+                outputs=["evaluation_report", "evaluation_metrics"],
+                name="evaluate_methods_node",
+            ),
+            Node(
+                plot_tradeoff,
+                inputs="evaluation_report",
+                outputs="tradeoff_plot",
+                name="plot_tradeoff_node",
+            ),
+        ]
+    )

@@ -1,0 +1,53 @@
+"""Run a model with a KV prefix (a cartridge, or a prefilled document) through the cache API.
+
+The prefix is handed to the model as a filled ``DynamicCache``; the tokens that follow take
+positions ``p, p+1, ...`` and may attend to every prefix position. Padding (left or right) is
+handled with an explicit attention mask and explicit position ids, because models differ in
+whether they derive positions from the mask, and a prefix must shift them either way.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Cache, PreTrainedModel
+
+
+def prefixed_positions(prefix_len: int, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for tokens after a prefix: ``p`` for the first real token of each row.
+
+    Args:
+        prefix_len: number of cached prefix tokens ``p``.
+        attention_mask: ``(B, T)`` 1 for real tokens, 0 for padding (left or right).
+    """
+    positions = prefix_len + attention_mask.long().cumsum(-1) - 1  # [B, T]
+    return positions.clamp_min(prefix_len)
+
+
+def prefixed_mask(prefix_len: int, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The ``(B, p + T)`` attention mask: every token may attend to the whole prefix."""
+    ones = attention_mask.new_ones((attention_mask.shape[0], prefix_len))
+    return torch.cat([ones, attention_mask], dim=-1)
+
+
+def forward_with_prefix(
+    model: PreTrainedModel,
+    cache: Cache | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+):
+    """One forward pass of ``input_ids`` after the prefix held in ``cache`` (``None``: no prefix).
+
+    The cache is extended in place; build a fresh one per call when it must be reused.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    prefix_len = cache.get_seq_length() if cache is not None else 0
+    return model(
+        input_ids=input_ids,
+        attention_mask=prefixed_mask(prefix_len, attention_mask),
+        position_ids=prefixed_positions(prefix_len, attention_mask),
+        cache=cache,
+        use_cache=cache is not None,
+        **kwargs,
+    )

@@ -1,0 +1,121 @@
+"""Tables of conversations and flat teacher top-k targets, and their way back to tensors.
+
+Teacher targets are stored flat, one row per kept top-k entry: ``(conversation_id, position,
+token_id, logprob)``. Positions index the conversation's ``token_ids``; a position may keep
+fewer than k entries (the cut at ``min_prob_mass``), so the flat form wastes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cartridges.synthesis.self_study import Conversation
+from cartridges.training import Example
+
+CONVERSATION_COLUMNS = [
+    "conversation_id",
+    "chunk_id",
+    "seed_type",
+    "seed_prompt",
+    "messages",
+    "token_ids",
+    "answer_start",
+    "answer_truncated",
+    "num_tokens",
+]
+TARGET_COLUMNS = ["conversation_id", "position", "token_id", "logprob"]
+
+
+class TargetsError(ValueError):
+    """Conversations and teacher targets that cannot be trained on."""
+
+
+def to_tables(conversations: Iterable[Conversation]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Flatten conversations into the ``conversations`` and ``teacher_logprobs`` tables."""
+    rows, targets = [], {"conversation_id": [], "position": [], "token_id": [], "logprob": []}
+    for c in conversations:
+        rows.append(
+            {
+                "conversation_id": c.conversation_id,
+                "chunk_id": c.chunk_id,
+                "seed_type": c.seed_type,
+                "seed_prompt": c.seed_prompt,
+                "messages": json.dumps(c.messages, ensure_ascii=False),
+                "token_ids": list(c.token_ids),
+                "answer_start": c.answer_start,
+                "answer_truncated": c.answer_truncated,
+                "num_tokens": len(c.token_ids),
+            }
+        )
+        for position, ids, logprobs in c.targets:
+            targets["conversation_id"] += [c.conversation_id] * len(ids)
+            targets["position"] += [position] * len(ids)
+            targets["token_id"] += ids
+            targets["logprob"] += logprobs
+    conversations_table = pd.DataFrame(rows, columns=CONVERSATION_COLUMNS)
+    targets_table = pd.DataFrame(targets, columns=TARGET_COLUMNS).astype(
+        {"position": "int32", "token_id": "int32", "logprob": "float32"}
+    )
+    return conversations_table, targets_table
+
+
+def to_examples(
+    conversations: pd.DataFrame, teacher_logprobs: pd.DataFrame, vocab_size: int
+) -> list[Example]:
+    """Rebuild training examples, refusing tables that do not belong together."""
+    if conversations.empty:
+        raise TargetsError("The conversations table is empty: run self_study first.")
+    if teacher_logprobs.empty:
+        raise TargetsError("The teacher_logprobs table is empty: no teacher target to train on.")
+    known = set(conversations["conversation_id"])
+    orphans = set(teacher_logprobs["conversation_id"].unique()) - known
+    if orphans:
+        raise TargetsError(
+            f"teacher_logprobs refers to {len(orphans)} conversation(s) missing from "
+            f"conversations (e.g. {sorted(orphans)[:3]}): the two tables come from different runs."
+        )
+    largest = int(teacher_logprobs["token_id"].max())
+    if largest >= vocab_size or int(teacher_logprobs["token_id"].min()) < 0:
+        raise TargetsError(
+            f"Teacher token id {largest} is outside the student's vocabulary of {vocab_size}: the "
+            "conversations were synthesised with a different tokenizer than the student model's."
+        )
+    grouped = {cid: group for cid, group in teacher_logprobs.groupby("conversation_id", sort=False)}
+    examples = []
+    for row in conversations.itertuples(index=False):
+        group = grouped.get(row.conversation_id)
+        if group is None:
+            continue
+        token_ids = torch.tensor(np.asarray(row.token_ids, dtype=np.int64))
+        positions, ids, logprobs = _dense_targets(group)
+        if int(positions.max()) >= len(token_ids) or int(positions.min()) < 1:
+            raise TargetsError(
+                f"Conversation {row.conversation_id} has targets at positions outside its "
+                f"{len(token_ids)} tokens."
+            )
+        examples.append(Example(token_ids, positions, ids, logprobs))
+    return examples
+
+
+def _dense_targets(group: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[N]`` positions and ``[N, K]`` ids / logprobs, padded with -inf log-probabilities."""
+    positions, inverse = np.unique(group["position"].to_numpy(), return_inverse=True)
+    counts = np.bincount(inverse)
+    width = int(counts.max())
+    ids = np.zeros((len(positions), width), dtype=np.int64)
+    logprobs = np.full((len(positions), width), -math.inf, dtype=np.float32)
+    order = np.argsort(inverse, kind="stable")
+    slot = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
+    ids[inverse[order], slot] = group["token_id"].to_numpy()[order]
+    logprobs[inverse[order], slot] = group["logprob"].to_numpy()[order]
+    return (
+        torch.from_numpy(positions.astype(np.int64)),
+        torch.from_numpy(ids),
+        torch.from_numpy(logprobs),
+    )
