@@ -62,7 +62,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-    except (OSError, ValueError, RuntimeError) as error:
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error type
         raise CartridgeFormatError(
             f"'{path}' is not a readable safetensors file: {error}"
         ) from error

@@ -141,7 +141,7 @@ def answer_log_perplexity(
         full = full[: len(full) - _generation_suffix(tokenizer)]
         ids = torch.tensor([full], device=model.device)
         cache = method.prefix.as_cache(1, model.config) if method.prefix is not None else None
-        logits = forward_with_prefix(model, cache, ids).logits[0]
+        logits = forward_with_prefix(model, cache, ids, use_cache=False).logits[0]
         logprobs = torch.log_softmax(logits[len(prompt) - 1 : -1].float(), dim=-1)
         targets = ids[0, len(prompt) :]
         total -= logprobs.gather(-1, targets[:, None]).sum().item()

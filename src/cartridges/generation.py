@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedModel
 
 from cartridges.cartridge import Cartridge
+from cartridges.modeling import sliding_window
 from cartridges.prefix import forward_with_prefix, prefixed_mask
 
 
@@ -90,6 +91,27 @@ def generate(
         return []
     if any(len(prompt) == 0 for prompt in prompts):
         raise ValueError("Every prompt needs at least one token to continue from.")
+    if sliding_window(model.config) is not None and len({len(p) for p in prompts}) > 1:
+        # Left padding would shift the sliding windows: decode equal-length groups instead.
+        groups: dict[int, list[int]] = {}
+        for row, prompt in enumerate(prompts):
+            groups.setdefault(len(prompt), []).append(row)
+        results: list[Generation | None] = [None] * len(prompts)
+        for rows in groups.values():
+            outputs = generate(
+                model,
+                [prompts[r] for r in rows],
+                prefix=prefix,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                stop_token_ids=stop_token_ids,
+                pad_token_id=pad_token_id,
+                top_logprobs=top_logprobs,
+                generator=generator,
+            )
+            for row, output in zip(rows, outputs, strict=True):
+                results[row] = output
+        return results
     batch_size = len(prompts)
     input_ids, prompt_mask = left_pad(prompts, pad_token_id, model.device)
     cache = prefix.as_cache(batch_size, model.config) if prefix is not None else None

@@ -100,7 +100,7 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     _import_model_plugins()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise _not_found(name_or_path, error) from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -121,13 +121,13 @@ def load_model(
         dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``).
         device: ``cpu``, ``cuda``, ``cuda:1``, ... or ``auto``.
     """
-    _import_model_plugins()
+    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     tokenizer = load_tokenizer(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=resolve_dtype(dtype))
-    except OSError as error:
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=torch_dtype)
+    except (OSError, ValueError) as error:
         raise _not_found(name_or_path, error) from error
-    model.to(resolve_device(device)).eval()
+    model.to(torch_device).eval()
     model.requires_grad_(False)
     logger.info(
         "Loaded %s (%s, %.1fM parameters) on %s",
@@ -146,9 +146,9 @@ def _not_found(name_or_path: str | os.PathLike, error: Exception) -> ModelNotFou
         )
     return ModelNotFoundError(
         f"Could not resolve model '{name_or_path}': it is not a local directory and it is not "
-        "in the local Hugging Face cache (this machine may be offline). Either download it on a "
-        f"connected machine (`huggingface-cli download {name_or_path}`) and copy the cache over, or set "
-        "`model.name_or_path` in conf/<env>/parameters.yml to a local directory holding the "
+        "in the local Hugging Face cache (this machine may be offline). Either download it "
+        f"on a connected machine (`huggingface-cli download {name_or_path}`) and copy the "
+        "cache over, or set `model.name_or_path` in conf/<env>/parameters.yml to a local directory holding the "
         f"model's config, weights and tokenizer. Original error: {error}"
     )
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import Cache, PreTrainedModel
 
+from cartridges.modeling import sliding_window
+
 
 def prefixed_positions(prefix_len: int, attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids for tokens after a prefix: ``p`` for the first real token of each row.
@@ -29,25 +31,41 @@ def prefixed_mask(prefix_len: int, attention_mask: torch.Tensor) -> torch.Tensor
     return torch.cat([ones, attention_mask], dim=-1)
 
 
+def has_left_padding(attention_mask: torch.Tensor) -> bool:
+    """True when some non-empty row starts with padding."""
+    return bool(((attention_mask[:, 0] == 0) & (attention_mask.sum(dim=-1) > 0)).any())
+
+
 def forward_with_prefix(
     model: PreTrainedModel,
     cache: Cache | None,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    use_cache: bool = True,
     **kwargs,
 ):
     """One forward pass of ``input_ids`` after the prefix held in ``cache`` (``None``: no prefix).
 
-    The cache is extended in place; build a fresh one per call when it must be reused.
+    The cache is extended in place (or created, when ``None`` and ``use_cache``); build a fresh
+    one per call when it must be reused. Training passes ``use_cache=False`` to keep no KV.
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     prefix_len = cache.get_seq_length() if cache is not None else 0
+    window = sliding_window(model.config)
+    span = prefix_len + input_ids.shape[1]
+    if window is not None and span > window and has_left_padding(attention_mask):
+        raise ValueError(
+            f"Model '{model.name_or_path}' has sliding-window attention layers, which measure "
+            "the window in cache slots, so left padding would shift it and change the result. "
+            f"Prefix plus sequence ({span} tokens) exceed the window ({window}): use right "
+            "padding, or batch sequences of equal length (as generate() does)."
+        )
     return model(
         input_ids=input_ids,
         attention_mask=prefixed_mask(prefix_len, attention_mask),
         position_ids=prefixed_positions(prefix_len, attention_mask),
         cache=cache,
-        use_cache=cache is not None,
+        use_cache=use_cache or cache is not None,
         **kwargs,
     )

@@ -32,7 +32,7 @@ def initialize_cartridge(
         params["num_frozen_tokens"],
         params["initializer"],
     )
-    generator = torch.Generator().manual_seed(params["train"]["seed"])
+    generator = torch.Generator().manual_seed(TrainConfig(**params["train"]).seed)
     if how == "random_tokens":
         return from_random_tokens(llm, tokenizer, p, frozen, generator)
     if how == "random_vectors":

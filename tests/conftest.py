@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny models built offline, a deterministic seed, no telemetry."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
+# Test models are tiny: one thread is fastest, and it keeps a busy machine from thrashing.
+torch.set_num_threads(1)
+
+from cartridges.modeling import load_model  # noqa: E402
+from cartridges.tiny_model import build  # noqa: E402
+
+CORPUS = (
+    "The Aurora AP-40 pump was built by Halvard Industrial in 2019. Replace its seal every "
+    "18 months. Alarm E21 signals a seal leak; alarm E12 signals low suction pressure."
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama with its own tokenizer and chat template, saved to a temporary directory."""
+    return build(tmp_path_factory.mktemp("tiny_model"), [CORPUS])
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    """``(model, tokenizer)`` of the tiny model, frozen, float32, on the CPU."""
+    return load_model(str(tiny_model_dir), "float32", "cpu")

@@ -1,0 +1,127 @@
+"""Each pipeline on the tiny model, chained through an in-memory catalog."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from kedro.io import DataCatalog
+from kedro.runner import SequentialRunner
+from kedro_datasets.pickle import PickleDataset
+
+from cartridges.cartridge import Cartridge
+from cartridges.datasets import CartridgeDataset
+from cartridges.pipelines.distill_training import create_pipeline as distill_training
+from cartridges.pipelines.document_prep import create_pipeline as document_prep
+from cartridges.pipelines.evaluation import create_pipeline as evaluation
+from cartridges.pipelines.self_study import create_pipeline as self_study
+from tests.conftest import CORPUS
+
+SYSTEM_PROMPT = "Conversation about:\n{chunk}"
+PERSISTED = [
+    "corpus",
+    "skipped_documents",
+    "chunk_set",
+    "conversations",
+    "teacher_logprobs",
+    "training_metrics",
+    "evaluation_report",
+    "evaluation_metrics",
+    "tradeoff_plot",
+]
+
+
+@pytest.fixture()
+def catalog(tiny_model_dir, tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    (corpus_dir / "pump.md").write_text("# Pump\n\n" + CORPUS)
+    (corpus_dir / "log.txt").write_text("Mira Okafor replaced the seal in March. " * 6)
+    (corpus_dir / "empty.txt").write_text("   \n")
+    (corpus_dir / "image.png").write_bytes(b"\x89PNG\r\n")
+    # Persisted outputs, so that the runner's release of finished datasets keeps them readable.
+    catalog = DataCatalog(
+        {name: PickleDataset(filepath=str(tmp_path / f"{name}.pkl")) for name in PERSISTED}
+        | {"cartridge": CartridgeDataset(str(tmp_path / "cartridge.safetensors"))}
+    )
+    params = {
+        "model": {"name_or_path": str(tiny_model_dir), "dtype": "float32", "device": "cpu"},
+        "system_prompt": SYSTEM_PROMPT,
+        "document_prep": {
+            "corpus_dir": str(corpus_dir),
+            "include": ["*"],
+            "exclude": [],
+            "strict": False,
+            "chunking": {"num_chunks": 4, "min_tokens": 16, "max_tokens": 32, "seed": 0},
+        },
+        "self_study": {
+            "num_conversations": 6,
+            "conversations_per_chunk": 3,
+            "max_question_tokens": 8,
+            "max_answer_tokens": 8,
+            "top_k": 5,
+        },
+        "distill_training": {
+            "num_cartridge_tokens": 8,
+            "num_frozen_tokens": 1,
+            "initializer": "text",
+            "held_out_fraction": 0.2,
+            "train": {"learning_rate": 0.02, "batch_size": 2, "max_steps": 3, "warmup_steps": 1},
+        },
+        "evaluation": {"max_new_tokens": 4, "batch_size": 4},
+    }
+    for name, value in params.items():
+        catalog[f"params:{name}"] = value
+    catalog["eval_questions"] = pd.DataFrame(
+        [{"question": "Who built the pump?", "answer": "Halvard Industrial"}]
+    )
+    return catalog
+
+
+def test_the_four_pipelines_chain_end_to_end(catalog):
+    runner = SequentialRunner()
+    pipeline = document_prep() + self_study() + distill_training() + evaluation()
+    runner.run(pipeline, catalog)
+
+    corpus = catalog["corpus"].load()
+    skipped = catalog["skipped_documents"].load()
+    assert sorted(corpus["source"]) == ["log.txt", "pump.md"]
+    assert dict(zip(skipped["source"], skipped["reason"], strict=True)) == {
+        "empty.txt": "empty after cleaning",
+        "image.png": "unsupported extension '.png'",
+    }
+    assert (corpus["n_tokens"] > 0).all()
+
+    chunks = catalog["chunk_set"].load()
+    assert len(chunks) == 4 and chunks["n_tokens"].between(1, 32).all()
+
+    conversations = catalog["conversations"].load()
+    targets = catalog["teacher_logprobs"].load()
+    assert len(conversations) == 6
+    assert set(targets["conversation_id"]) <= set(conversations["conversation_id"])
+    first = conversations.iloc[0]
+    assert json.loads(first["messages"])[0]["role"] == "user"
+    assert SYSTEM_PROMPT.split(":")[0] not in json.loads(first["messages"])[0]["content"]
+
+    cartridge = catalog["cartridge"].load()
+    assert isinstance(cartridge, Cartridge) and cartridge.num_tokens == 8
+    assert cartridge.info.extra["train_steps"] == 3
+
+    report = catalog["evaluation_report"].load()
+    assert list(report["method"]) == ["icl", "no_context", "cartridge", "truncated_icl_p8"]
+    rows = report.set_index("method")
+    cartridge_bytes = 8 * 2 * 2 * 2 * 16 * 4  # p x (K, V) x layers x kv heads x head_dim x fp32
+    assert rows.loc["cartridge", "kv_bytes"] == rows.loc["truncated_icl_p8", "kv_bytes"]
+    assert rows.loc["cartridge", "kv_bytes"] == cartridge_bytes
+    assert (
+        rows.loc["cartridge", "compression_vs_icl"] == rows.loc["icl", "kv_bytes"] / cartridge_bytes
+    )
+    assert catalog["tradeoff_plot"].load() is not None
+
+
+def test_document_prep_is_deterministic(catalog):
+    SequentialRunner().run(document_prep(), catalog)
+    first = catalog["chunk_set"].load()
+    SequentialRunner().run(document_prep(), catalog)
+    pd.testing.assert_frame_equal(first, catalog["chunk_set"].load())
