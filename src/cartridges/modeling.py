@@ -148,8 +148,8 @@ def _not_found(name_or_path: str | os.PathLike, error: Exception) -> ModelNotFou
         f"Could not resolve model '{name_or_path}': it is not a local directory and it is not "
         "in the local Hugging Face cache (this machine may be offline). Either download it "
         f"on a connected machine (`huggingface-cli download {name_or_path}`) and copy the "
-        "cache over, or set `model.name_or_path` in conf/<env>/parameters.yml to a local directory holding the "
-        f"model's config, weights and tokenizer. Original error: {error}"
+        "cache over, or set `model.name_or_path` in conf/<env>/parameters.yml to a local "
+        f"directory holding the model's config, weights and tokenizer. Original error: {error}"
     )
 
 
