@@ -39,10 +39,12 @@ ARCHITECTURES = {
 }
 
 
-def build_model(architecture: str, seed: int = 0) -> transformers.PreTrainedModel:
+def build_model(architecture: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
     """A randomly initialised, frozen, float32 model of the given family."""
     torch.manual_seed(seed)
     config = ARCHITECTURES[architecture]()
+    for name, value in overrides.items():
+        setattr(config, name, value)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval().requires_grad_(False)
     return model

@@ -17,10 +17,20 @@ KEDRO = [sys.executable, "-m", "kedro"]
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """The tracked project files (config, example corpus, embedded model) in a fresh directory."""
+    """The project files (config, example corpus, embedded model, code) in a fresh directory."""
     copy = tmp_path_factory.mktemp("project")
     tracked = subprocess.run(
-        ["git", "ls-files", "conf", "data", "src", "pyproject.toml", "README.md"],
+        [
+            "git",
+            "ls-files",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+            "conf",
+            "data",
+            "src",
+            "pyproject.toml",
+        ],
         cwd=ROOT,
         check=True,
         capture_output=True,
@@ -65,3 +75,32 @@ def test_viz_build_renders_the_pipelines(project):
     graph = main.read_text()
     for node in ("load_documents_node", "synthesize_conversations_node", "distill_cartridge_node"):
         assert node.split("_node")[0] in graph
+
+
+@pytest.mark.slow
+def test_torchrun_trains_with_two_processes_and_rank_zero_writes(project):
+    # Runs after the default pipeline above, so conversations and teacher_logprobs exist.
+    before = set((project / "data/06_models/cartridge.safetensors").iterdir())
+    env_args = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = subprocess.run(
+        [
+            sys.executable,
+            *env_args,
+            "-m",
+            "kedro",
+            "run",
+            "--pipeline",
+            "distill_training",
+            "--params",
+            "distill_training.train.micro_batch_size=4",  # 8 rows = 4 per process x 2
+        ],
+        cwd=project,
+        env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "rank 1 of 2" in result.stdout + result.stderr
+    new = set((project / "data/06_models/cartridge.safetensors").iterdir()) - before
+    assert len(new) == 1  # one version, written by rank 0 only

@@ -83,9 +83,16 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` picks the first CUDA device when there is one, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``"auto"`` picks CUDA when there is one, else the CPU.
+
+    Under a distributed launcher (``LOCAL_RANK`` set), ``auto`` and ``cuda`` mean this
+    process's own GPU.
+    """
+    device = str(device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     return torch.device(device)
 
 

@@ -42,13 +42,27 @@ def forward_with_prefix(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     use_cache: bool = True,
+    position_ids: torch.Tensor | None = None,
     **kwargs,
 ):
     """One forward pass of ``input_ids`` after the prefix held in ``cache`` (``None``: no prefix).
 
     The cache is extended in place (or created, when ``None`` and ``use_cache``); build a fresh
     one per call when it must be reused. Training passes ``use_cache=False`` to keep no KV.
+    A 4D additive ``attention_mask`` ``[B, 1, T, p + T]`` (packed rows) is passed through as
+    is, with the explicit ``position_ids`` it needs.
     """
+    if attention_mask is not None and attention_mask.ndim == 4:
+        if position_ids is None:
+            raise ValueError("A 4D attention mask needs explicit position_ids.")
+        return model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache or cache is not None,
+            **kwargs,
+        )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     prefix_len = cache.get_seq_length() if cache is not None else 0

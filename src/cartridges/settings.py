@@ -4,8 +4,14 @@ import os
 
 from kedro.config import OmegaConfigLoader
 
+from cartridges.hooks import RankZeroOutputsHook, process_rank
+
 # Telemetry is off for the project: it must run offline and never phone home.
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
+
+HOOKS = (RankZeroOutputsHook(),)
+# Under torchrun only rank 0 tracks the run in MLflow; the other ranks would open runs of their own.
+DISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow",) if process_rank() > 0 else ()
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

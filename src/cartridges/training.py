@@ -2,28 +2,43 @@
 
 The student sees ``cartridge + conversation``; its next-token distributions at the teacher's
 target positions are pulled towards the teacher's stored top-k distributions (the teacher saw
-the chunk in context). Conversations are batched by length (sorted into buckets, then the
-buckets shuffled) so that little compute goes to padding.
+the chunk in context), so the teacher never runs during training.
+
+One optimiser step consumes a global batch of rows. It is split over processes (data parallel,
+``torch.distributed``) and over micro-batches (gradient accumulation); the loss is summed over
+distilled positions and divided by the global count, so any split gives the same gradient as a
+single process. Every ``checkpoint_every`` steps the cartridge, the optimiser and the step are
+written atomically; a restarted run with the same inputs resumes from there and ends with the
+same cartridge. Data order and the learning rate are pure functions of the seed and the step.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
-import random
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from cartridges.batching import Batch, Example, make_batch, plan_batches
 from cartridges.cartridge import Cartridge
 from cartridges.losses import kl_from_topk, topk_distillation_loss
+from cartridges.modeling import sliding_window
 from cartridges.prefix import forward_with_prefix
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["Example", "TrainConfig", "evaluate_kl", "train_cartridge"]
 
 
 @dataclass
@@ -31,84 +46,54 @@ class TrainConfig:
     """Optimisation parameters (``conf/base/parameters_distill_training.yml``)."""
 
     learning_rate: float = 2e-2
-    batch_size: int = 8
+    global_batch_size: int = 8  # rows per optimiser step, over all processes
+    micro_batch_size: int = 8  # rows per forward pass in one process
     epochs: float = 1.0
-    max_steps: int | None = None
+    max_steps: int | None = None  # overrides epochs when set
     warmup_steps: int = 10
     lr_schedule: str = "cosine"  # cosine | linear | constant, after warmup
     max_grad_norm: float = 1.0
+    pack_length: int | None = None  # tokens per packed row; None: padded length buckets
+    mixed_precision: str = "none"  # none | bfloat16 (autocast; the cartridge stays float32)
+    checkpoint_every: int = 50
+    eval_every: int = 0  # held-out KL every N steps (0: only at the end)
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.global_batch_size < 1 or self.micro_batch_size < 1:
+            raise ValueError(
+                "global_batch_size and micro_batch_size must be >= 1, got "
+                f"{self.global_batch_size} and {self.micro_batch_size}."
+            )
         if self.lr_schedule not in ("cosine", "linear", "constant"):
             raise ValueError(
                 f"lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}."
             )
+        if self.mixed_precision not in ("none", "bfloat16"):
+            raise ValueError(
+                f"mixed_precision must be none or bfloat16, got {self.mixed_precision!r}."
+            )
         if self.max_steps is None and self.epochs <= 0:
             raise ValueError(f"epochs must be > 0 when max_steps is not set, got {self.epochs}.")
 
-
-@dataclass
-class Example:
-    """One conversation: its tokens and the teacher's top-k at the distilled positions."""
-
-    token_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [N] indices into token_ids of the distilled tokens
-    teacher_ids: torch.Tensor  # [N, K]
-    teacher_logprobs: torch.Tensor  # [N, K], -inf where padded
-
-
-def collate(examples: Sequence[Example], pad_token_id: int, device: torch.device):
-    """Right-pad a batch; return inputs and the flat teacher targets with their logit rows."""
-    width = max(len(e.token_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    rows, columns, ids, logprobs = [], [], [], []
-    top_k = max(e.teacher_ids.shape[1] for e in examples)
-    for row, example in enumerate(examples):
-        input_ids[row, : len(example.token_ids)] = example.token_ids
-        attention_mask[row, : len(example.token_ids)] = 1
-        rows.append(torch.full_like(example.positions, row))
-        columns.append(example.positions - 1)  # logits at i-1 predict token i
-        pad = top_k - example.teacher_ids.shape[1]
-        ids.append(torch.nn.functional.pad(example.teacher_ids, (0, pad)))
-        logprobs.append(
-            torch.nn.functional.pad(example.teacher_logprobs, (0, pad), value=-math.inf)
-        )
-    return (
-        input_ids.to(device),
-        attention_mask.to(device),
-        torch.cat(rows).to(device),
-        torch.cat(columns).to(device),
-        torch.cat(ids).to(device),
-        torch.cat(logprobs).to(device),
-    )
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per process per step; the global batch must split evenly."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} is not divisible by "
+                f"micro_batch_size={self.micro_batch_size} x {world_size} process(es) = {per_step}."
+            )
+        return self.global_batch_size // per_step
 
 
-def distillation_forward(
-    model: PreTrainedModel, cartridge: Cartridge, batch, kl: bool = False
-) -> torch.Tensor:
-    """The distillation loss (or the top-k KL) of one collated batch."""
-    input_ids, attention_mask, rows, columns, teacher_ids, teacher_logprobs = batch
-    cache = cartridge.as_cache(input_ids.shape[0], model.config)
-    logits = forward_with_prefix(model, cache, input_ids, attention_mask).logits  # [B, T, V]
-    student = logits[rows, columns]  # [N, V]
-    loss_fn = kl_from_topk if kl else topk_distillation_loss
-    return loss_fn(student, teacher_ids, teacher_logprobs)
-
-
-def length_bucketed_batches(
-    examples: Sequence[Example], batch_size: int, rng: random.Random
-) -> list[list[int]]:
-    """Batches of similar-length examples, in random order (indices into ``examples``)."""
-    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].token_ids), rng.random()))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    rng.shuffle(batches)
-    return batches
+# --------------------------------------------------------------------------- helpers
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _lr_at(step: int, total: int, config: TrainConfig) -> float:
@@ -122,6 +107,55 @@ def _lr_at(step: int, total: int, config: TrainConfig) -> float:
     return config.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _epoch_plan(examples, config: TrainConfig, epoch: int) -> list[list[list[int]]]:
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    return plan_batches(examples, config.global_batch_size, generator, config.pack_length)
+
+
+def _batch_for_step(examples, config, step, plans: dict[int, list]) -> list[list[int]]:
+    """The global batch (rows of example indices) of an optimiser step."""
+    epoch, index = 0, step
+    while True:
+        if epoch not in plans:
+            plans[epoch] = _epoch_plan(examples, config, epoch)
+        if index < len(plans[epoch]):
+            return plans[epoch][index]
+        index -= len(plans[epoch])
+        epoch += 1
+
+
+def _loss_sum(
+    model: PreTrainedModel, cartridge: Cartridge, batch: Batch, kl: bool = False
+) -> torch.Tensor:
+    """Sum over the batch's distilled positions of the loss (or of the top-k KL)."""
+    cache = cartridge.as_cache(batch.input_ids.shape[0], model.config)
+    logits = forward_with_prefix(
+        model,
+        cache,
+        batch.input_ids,
+        batch.attention_mask,
+        use_cache=False,
+        position_ids=batch.position_ids,
+    ).logits  # [B, T, V]
+    student = logits[batch.rows, batch.columns]  # [N, V]
+    loss_fn = kl_from_topk if kl else topk_distillation_loss
+    return loss_fn(student, batch.teacher_ids, batch.teacher_logprobs) * len(batch.rows)
+
+
+def _check_packing(model: PreTrainedModel, cartridge: Cartridge, config: TrainConfig) -> None:
+    window = sliding_window(model.config)
+    if (
+        config.pack_length
+        and window is not None
+        and cartridge.num_tokens + config.pack_length > window
+    ):
+        raise ValueError(
+            f"Packing rows of {config.pack_length} tokens after a {cartridge.num_tokens}-token "
+            f"cartridge exceeds the model's sliding window ({window}); a packed attention mask "
+            "cannot express the window. Set pack_length: null to batch by length instead."
+        )
+
+
 @torch.no_grad()
 def evaluate_kl(
     model: PreTrainedModel,
@@ -130,26 +164,74 @@ def evaluate_kl(
     batch_size: int,
     pad_token_id: int,
 ) -> float:
-    """Mean top-k KL from the teacher to ``model + cartridge`` over ``examples``."""
+    """Mean top-k KL from the teacher to ``model + cartridge`` per distilled position."""
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        batch = collate(chunk, pad_token_id, model.device)
-        positions = len(batch[2])
-        total += distillation_forward(model, cartridge, batch, kl=True).item() * positions
-        count += positions
+        plan = [[i] for i in range(start, min(start + batch_size, len(examples)))]
+        batch = make_batch(examples, plan, pad_token_id, cartridge.num_tokens, model.dtype)
+        batch = batch.to(model.device)
+        total += _loss_sum(model, cartridge, batch, kl=True).item()
+        count += len(batch.rows)
     return total / max(count, 1)
 
 
+# --------------------------------------------------------------------------- checkpoints
+def run_key(config: TrainConfig, cartridge: Cartridge, examples: Sequence[Example]) -> str:
+    """Identifies a run: a checkpoint is resumed only by a run with the same key."""
+    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
+    digest.update(cartridge.keys.detach().float().cpu().numpy().tobytes()[: 1 << 16])
+    for example in examples:
+        digest.update(example.token_ids.numpy().tobytes())
+        digest.update(example.teacher_logprobs.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_state(directory: Path, key: str, step: int, cartridge: Cartridge, optimizer) -> None:
+    """Atomically write everything needed to resume after ``step`` optimiser steps."""
+    directory.mkdir(parents=True, exist_ok=True)
+    temporary = directory / "state.pt.tmp"
+    torch.save(
+        {
+            "key": key,
+            "step": step,
+            "trainable_keys": cartridge.trainable_keys.detach().cpu(),
+            "trainable_values": cartridge.trainable_values.detach().cpu(),
+            "optimizer": optimizer.state_dict(),
+        },
+        temporary,
+    )
+    os.replace(temporary, directory / "state.pt")
+
+
+def load_state(directory: Path, key: str, cartridge: Cartridge, optimizer) -> int:
+    """Restore a matching checkpoint into ``cartridge`` and ``optimizer``; return its step."""
+    path = directory / "state.pt"
+    if not path.exists():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["key"] != key:
+        logger.warning("Ignoring checkpoint %s: it belongs to a different run.", path)
+        return 0
+    with torch.no_grad():
+        cartridge.trainable_keys.copy_(state["trainable_keys"])
+        cartridge.trainable_values.copy_(state["trainable_values"])
+    optimizer.load_state_dict(state["optimizer"])
+    logger.info("Resuming from %s at step %d", path, state["step"])
+    return int(state["step"])
+
+
+# --------------------------------------------------------------------------- the loop
 def train_cartridge(
     model: PreTrainedModel,
     cartridge: Cartridge,
     examples: Sequence[Example],
     config: TrainConfig,
     pad_token_id: int,
+    checkpoint_dir: str | os.PathLike | None = None,
+    held_out: Sequence[Example] = (),
     on_step: Callable[[dict[str, float], int], None] | None = None,
 ) -> tuple[Cartridge, list[dict[str, float]]]:
-    """Optimise the trainable part of ``cartridge`` on ``examples``; return it and the history.
+    """Optimise the trainable part of ``cartridge``; return it and the per-step history.
 
     Args:
         model: the frozen model (its weights never receive gradients).
@@ -157,42 +239,99 @@ def train_cartridge(
         examples: conversations with teacher targets.
         config: optimisation settings.
         pad_token_id: filler id for padding (never attended to).
-        on_step: called with ``(metrics, step)`` after every optimiser step, e.g. to log them.
+        checkpoint_dir: where to checkpoint and resume from (``None``: no checkpoints); each
+            run (inputs and parameters) gets its own subdirectory, so runs never clobber.
+        held_out: conversations for the periodic held-out KL.
+        on_step: called with ``(metrics, step)`` after every step (rank 0 only), e.g. to log.
     """
     if not examples:
         raise ValueError("No training conversations: the conversations table is empty.")
-    rng = random.Random(config.seed)
-    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
-    total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    rank, world_size = _world()
+    accumulation = config.accumulation_steps(world_size)
+    _check_packing(model, cartridge, config)
     cartridge.to(model.device)
     trainable = [p for p in cartridge.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, weight_decay=0.0)
-    history, batches = [], []
-    progress = tqdm(range(total), desc="distill", unit="step")
+    plans: dict[int, list] = {}
+    rows_per_epoch = len(_epoch_plan(examples, config, 0))
+    total = config.max_steps or max(1, math.ceil(config.epochs * rows_per_epoch))
+    key = run_key(config, cartridge, examples)
+    directory = Path(checkpoint_dir) / key if checkpoint_dir is not None else None
+    start = load_state(directory, key, cartridge, optimizer) if directory else 0
+    autocast = (
+        torch.autocast(model.device.type, dtype=torch.bfloat16)
+        if config.mixed_precision == "bfloat16"
+        else nullcontext()
+    )
+    history: list[dict[str, float]] = []
+    progress = tqdm(range(start, total), desc="distill", unit="step", disable=rank != 0)
     for step in progress:
-        if not batches:
-            batches = length_bucketed_batches(examples, config.batch_size, rng)
-        batch = collate([examples[i] for i in batches.pop()], pad_token_id, model.device)
         started = time.perf_counter()
+        rows = _batch_for_step(examples, config, step, plans)[rank::world_size]
+        micro = [
+            rows[i : i + config.micro_batch_size]
+            for i in range(0, len(rows), config.micro_batch_size)
+        ]
+        micro += [[]] * (accumulation - len(micro))  # a short last batch: idle micro-steps
+        batches = [
+            make_batch(
+                examples, plan, pad_token_id, cartridge.num_tokens, model.dtype, config.pack_length
+            ).to(model.device)
+            for plan in micro
+            if plan
+        ]
+        counts = torch.tensor(
+            [sum(len(b.rows) for b in batches), sum(b.num_tokens for b in batches)],
+            dtype=torch.float64,
+        )
+        if world_size > 1:
+            dist.all_reduce(counts)
+        positions, tokens = max(counts[0].item(), 1.0), counts[1].item()
         lr = _lr_at(step, total, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = distillation_forward(model, cartridge, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"Non-finite loss {loss.item()} at step {step}.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        optimizer.zero_grad(set_to_none=False)
+        loss_total = torch.zeros((), dtype=torch.float64)
+        for batch in batches:
+            with autocast:
+                loss = _loss_sum(model, cartridge, batch) / positions
+            loss.backward()
+            loss_total += loss.detach().double().cpu()
+        for parameter in trainable:
+            if parameter.grad is None:  # this process had no rows in this step
+                parameter.grad = torch.zeros_like(parameter)
+        if world_size > 1:
+            for parameter in trainable:
+                dist.all_reduce(parameter.grad)
+            dist.all_reduce(loss_total)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        if not (torch.isfinite(loss_total) and torch.isfinite(grad_norm)):
+            last = (
+                f"{directory / 'state.pt'}"
+                if directory and (directory / "state.pt").exists()
+                else "none"
+            )
+            raise FloatingPointError(
+                f"Non-finite loss ({loss_total.item()}) or gradient norm ({grad_norm.item()}) at "
+                f"step {step}; the cartridge was not updated. Last good checkpoint: {last}. "
+                "Lower learning_rate or check the teacher targets."
+            )
         optimizer.step()
-        tokens = int(batch[1].sum())
         metrics = {
-            "loss": loss.item(),
+            "loss": loss_total.item(),
             "lr": lr,
             "grad_norm": float(grad_norm),
             "tokens_per_s": tokens / (time.perf_counter() - started),
         }
+        done = step + 1
+        if held_out and config.eval_every and done % config.eval_every == 0 and rank == 0:
+            metrics["held_out_kl"] = evaluate_kl(
+                model, cartridge, held_out, config.micro_batch_size, pad_token_id
+            )
         history.append(metrics)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if on_step is not None:
+        if on_step is not None and rank == 0:
             on_step(metrics, step)
+        if directory and rank == 0 and (done % config.checkpoint_every == 0 or done == total):
+            save_state(directory, key, done, cartridge, optimizer)
     return cartridge, history

@@ -67,7 +67,13 @@ def catalog(tiny_model_dir, tmp_path):
             "num_frozen_tokens": 1,
             "initializer": "text",
             "held_out_fraction": 0.2,
-            "train": {"learning_rate": 0.02, "batch_size": 2, "max_steps": 3, "warmup_steps": 1},
+            "train": {
+                "learning_rate": 0.02,
+                "global_batch_size": 2,
+                "micro_batch_size": 2,
+                "max_steps": 3,
+                "warmup_steps": 1,
+            },
         },
         "evaluation": {"max_new_tokens": 4, "batch_size": 4},
     }

@@ -14,6 +14,7 @@ import torch
 from cartridges.cartridge import Cartridge
 from cartridges.chat import context_ids
 from cartridges.corpus import join_documents
+from cartridges.distributed import process_group
 from cartridges.initialization import from_random_tokens, from_random_vectors, from_token_ids
 from cartridges.modeling import load_model
 from cartridges.targets import to_examples
@@ -66,34 +67,40 @@ def distill_cartridge(
     config = TrainConfig(**params["train"])
     examples = to_examples(conversations, teacher_logprobs, len(tokenizer))
     random.Random(config.seed).shuffle(examples)
-    held_out = max(1, int(len(examples) * params["held_out_fraction"])) if len(examples) > 1 else 0
-    train, evaluation = examples[held_out:], examples[:held_out]
+    count = max(1, int(len(examples) * params["held_out_fraction"])) if len(examples) > 1 else 0
+    train, held_out = examples[count:], examples[:count]
     pad = tokenizer.pad_token_id or 0
-    kl_before = (
-        evaluate_kl(llm, initial, evaluation, config.batch_size, pad)
-        if evaluation
-        else float("nan")
-    )
+
+    def held_out_kl(cartridge: Cartridge) -> float:
+        if not held_out:
+            return float("nan")
+        return evaluate_kl(llm, cartridge, held_out, config.micro_batch_size, pad)
 
     def log_step(metrics: dict[str, float], step: int) -> None:
         if mlflow.active_run() is not None:
             mlflow.log_metrics({f"train.{k}": v for k, v in metrics.items()}, step=step)
 
-    cartridge, history = train_cartridge(llm, initial, train, config, pad, on_step=log_step)
-    kl_after = (
-        evaluate_kl(llm, cartridge, evaluation, config.batch_size, pad)
-        if evaluation
-        else float("nan")
-    )
+    kl_before = held_out_kl(initial)
+    with process_group(params.get("distributed_backend", "gloo")):
+        cartridge, history = train_cartridge(
+            llm,
+            initial,
+            train,
+            config,
+            pad,
+            checkpoint_dir=params.get("checkpoint_dir"),
+            held_out=held_out,
+            on_step=log_step,
+        )
+    kl_after = held_out_kl(cartridge)
     logger.info(
-        "Held-out top-k KL to the teacher: %.4f at initialisation -> %.4f trained",
-        kl_before,
-        kl_after,
+        "Held-out top-k KL to the teacher: %.4f initial -> %.4f trained", kl_before, kl_after
     )
     cartridge.info.extra.update({"train_steps": len(history), "held_out_kl": kl_after})
     metrics = {
         "held_out_kl_initial": {"value": kl_before, "step": 0},
         "held_out_kl_final": {"value": kl_after, "step": len(history)},
-        "final_train_loss": {"value": history[-1]["loss"], "step": len(history)},
     }
+    if history:
+        metrics["final_train_loss"] = {"value": history[-1]["loss"], "step": len(history)}
     return cartridge, metrics

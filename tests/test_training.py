@@ -1,0 +1,131 @@
+"""Distillation training: learning, packing isolation, accumulation, resume, guards."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cartridges.batching import make_batch, pack_rows
+from cartridges.initialization import from_cartridge
+from cartridges.prefix import forward_with_prefix
+from cartridges.training import TrainConfig, _loss_sum, evaluate_kl, train_cartridge
+from tests.training_data import setting
+
+
+@pytest.fixture(scope="module")
+def data():
+    return setting()
+
+
+def _train(data, checkpoint_dir=None, on_step=None, **overrides):
+    model, _, examples, cartridge = data
+    settings = dict(
+        learning_rate=0.05, global_batch_size=4, micro_batch_size=4, max_steps=12, warmup_steps=2
+    )
+    config = TrainConfig(**{**settings, **overrides})
+    copy = from_cartridge(cartridge)
+    return train_cartridge(
+        model,
+        copy,
+        examples,
+        config,
+        pad_token_id=0,
+        checkpoint_dir=checkpoint_dir,
+        on_step=on_step,
+    )
+
+
+def test_training_lowers_the_kl_to_the_teacher(data):
+    model, _, examples, cartridge = data
+    before = evaluate_kl(model, cartridge, examples, 8, 0)
+    trained, history = _train(data, max_steps=60, learning_rate=0.2)
+    after = evaluate_kl(model, trained, examples, 8, 0)
+    assert after < 0.7 * before
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert torch.equal(trained.frozen_keys, cartridge.frozen_keys)
+
+
+def test_packed_rows_never_attend_across_conversations(data):
+    model, _, examples, cartridge = data
+    rows = [[0, 1, 2], [3, 4]]
+    packed = make_batch(examples, rows, 0, cartridge.num_tokens, model.dtype, pack_length=40)
+    logits = forward_with_prefix(
+        model,
+        cartridge.as_cache(2, model.config),
+        packed.input_ids,
+        packed.attention_mask,
+        position_ids=packed.position_ids,
+    ).logits
+    for r, row in enumerate(rows):
+        offset = 0
+        for index in row:
+            tokens = examples[index].token_ids
+            alone = forward_with_prefix(
+                model, cartridge.as_cache(1, model.config), tokens[None]
+            ).logits
+            assert (logits[r, offset : offset + len(tokens)] - alone[0]).abs().max() <= 1e-5
+            offset += len(tokens)
+    padded = make_batch(
+        examples, [[i] for i in (0, 1, 2, 3, 4)], 0, cartridge.num_tokens, model.dtype
+    )
+    assert torch.allclose(
+        _loss_sum(model, cartridge, packed), _loss_sum(model, cartridge, padded), atol=1e-5
+    )
+
+
+def test_packing_and_accumulation_do_not_change_the_result(data):
+    reference, _ = _train(data)
+    accumulated, _ = _train(data, micro_batch_size=2)
+    packed, _ = _train(data, pack_length=32)
+    assert torch.allclose(accumulated.keys, reference.keys, atol=1e-5)
+    assert packed.keys.shape == reference.keys.shape  # packing changes the batches, not the model
+
+
+def test_an_interrupted_run_resumes_to_the_same_cartridge(data, tmp_path):
+    reference, _ = _train(data)
+
+    def crash(metrics, step):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(data, checkpoint_dir=tmp_path, on_step=crash, checkpoint_every=3)
+    (state,) = tmp_path.glob("*/state.pt")
+    assert torch.load(state, weights_only=True)["step"] == 6
+    resumed, history = _train(data, checkpoint_dir=tmp_path, checkpoint_every=3)
+    assert len(history) == 6  # only the remaining steps ran
+    assert torch.allclose(resumed.keys, reference.keys, atol=1e-6)
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_last_checkpoint(data, tmp_path):
+    model, _, examples, cartridge = data
+    poisoned = list(examples)
+    bad = poisoned[0]
+    poisoned[0] = type(bad)(
+        bad.token_ids,
+        bad.positions,
+        bad.teacher_ids,
+        torch.full_like(bad.teacher_logprobs, math.nan),
+    )
+    config = TrainConfig(global_batch_size=24, micro_batch_size=24, max_steps=2, checkpoint_every=1)
+    with pytest.raises(FloatingPointError, match=r"at step 0; the cartridge was not updated"):
+        train_cartridge(
+            model, from_cartridge(cartridge), poisoned, config, 0, checkpoint_dir=tmp_path
+        )
+
+
+def test_bad_batch_settings_are_refused():
+    with pytest.raises(
+        ValueError, match=r"global_batch_size=10 is not divisible by micro_batch_size=4 x 2"
+    ):
+        TrainConfig(global_batch_size=10, micro_batch_size=4).accumulation_steps(2)
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        TrainConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="longer than pack_length=8"):
+        pack_rows([4, 12], 8)
+
+
+def test_first_fit_packing():
+    assert pack_rows([5, 4, 3, 6, 2], 8) == [[0, 2], [1, 4], [3]]

@@ -1,0 +1,37 @@
+"""Deterministic distillation data for training tests: a document, conversations, teacher top-k."""
+
+from __future__ import annotations
+
+import torch
+
+from cartridges.batching import Example
+from cartridges.initialization import from_token_ids
+from tests.architectures import VOCAB_SIZE, build_model
+
+TOP_K = 8
+
+
+@torch.no_grad()
+def make_examples(model, document: list[int], count: int, seed: int = 0) -> list[Example]:
+    """Conversations of random tokens; targets: the model's top-k with the document in context."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(count):
+        length = int(torch.randint(6, 14, (1,), generator=generator))
+        tokens = torch.randint(3, VOCAB_SIZE, (length,), generator=generator)
+        logits = model(input_ids=torch.tensor([document + tokens.tolist()])).logits[0]
+        logprobs = torch.log_softmax(logits[len(document) : -1], dim=-1)  # predicts tokens[1:]
+        values, ids = logprobs.topk(TOP_K, dim=-1)
+        examples.append(Example(tokens, torch.arange(1, length), ids, values))
+    return examples
+
+
+def setting(seed: int = 0):
+    """``(model, document, examples, cartridge)`` with the cartridge from the document's start."""
+    # Large initial weights make the context matter to a random model, so there is a gap to close.
+    model = build_model("llama", initializer_range=0.5)
+    generator = torch.Generator().manual_seed(seed + 100)
+    document = torch.randint(3, VOCAB_SIZE, (48,), generator=generator).tolist()
+    examples = make_examples(model, document, 24, seed)
+    cartridge = from_token_ids(model, document[:1] + document[-11:], num_frozen_tokens=1)
+    return model, document, examples, cartridge
