@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +17,7 @@ from cartridges.batching import make_batch, pack_rows
 from cartridges.initialization import from_cartridge
 from cartridges.prefix import forward_with_prefix
 from cartridges.training import TrainConfig, _loss_sum, evaluate_kl, train_cartridge
+from tests.resume_worker import CONFIG
 from tests.training_data import setting
 
 
@@ -129,3 +136,35 @@ def test_bad_batch_settings_are_refused():
 
 def test_first_fit_packing():
     assert pack_rows([5, 4, 3, 6, 2], 8) == [[0, 2], [1, 4], [3]]
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_cartridge(data, tmp_path):
+    model, _, examples, cartridge = data
+    reference, _ = train_cartridge(
+        model, from_cartridge(cartridge), examples, TrainConfig(**CONFIG), pad_token_id=0
+    )
+    root = Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable,
+        "-m",
+        "tests.resume_worker",
+        str(tmp_path / "ckpt"),
+        str(tmp_path / "out.pt"),
+    ]
+    process = subprocess.Popen(
+        [*command, "0.3"], cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        states = list((tmp_path / "ckpt").glob("*/state.pt"))
+        if states and torch.load(states[0], weights_only=True)["step"] >= 4:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "out.pt").exists()  # it really died mid-run
+    subprocess.run(
+        [*command, "0"], cwd=root, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    resumed = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert torch.allclose(resumed, reference.keys, atol=1e-6)

@@ -321,6 +321,7 @@ def train_cartridge(
             "loss": loss_total.item(),
             "lr": lr,
             "grad_norm": float(grad_norm),
+            "tokens": tokens,
             "tokens_per_s": tokens / (time.perf_counter() - started),
         }
         done = step + 1
