@@ -175,7 +175,9 @@ def main() -> None:
     document = torch.randint(0, args.vocab, (8 * args.p,), generator=generator)
     examples = make_data(model, document, args.conversations, generator)
     results = {
-        "ours": run_ours(model, document, examples, args.p, args.steps, pack_length=args.pack_length),
+        "ours": run_ours(
+            model, document, examples, args.p, args.steps, pack_length=args.pack_length
+        ),
         "peft_topk": run_peft(model, document, examples, args.p, args.steps, online=False),
         "peft_online": run_peft(model, document, examples, args.p, args.steps, online=True),
     }

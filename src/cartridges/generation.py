@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from cartridges.cartridge import Cartridge
 from cartridges.modeling import sliding_window
@@ -34,6 +35,57 @@ class Generation:
     stopped: bool
     top_ids: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0, dtype=torch.long))
     top_logprobs: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0))
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A cache layer that writes new tokens into a preallocated buffer instead of concatenating.
+
+    ``DynamicLayer`` copies the whole cache at every decoding step (``torch.cat``), which makes
+    decoding quadratic in the length, and a shared prefix is copied once per row per step.
+    This layer allocates ``capacity`` slots once; ``keys``/``values`` are views of the filled part.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self._length = 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            shape = (*key_states.shape[:2], self.capacity, key_states.shape[-1])
+            self._key_buffer = key_states.new_empty(shape)
+            self._value_buffer = value_states.new_empty((*shape[:3], value_states.shape[-1]))
+        end = self._length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"Preallocated cache of {self.capacity} slots overflowed ({end}).")
+        self._key_buffer[:, :, self._length : end] = key_states
+        self._value_buffer[:, :, self._length : end] = value_states
+        self._length = end
+        self.keys = self._key_buffer[:, :, :end]
+        self.values = self._value_buffer[:, :, :end]
+        return self.keys, self.values
+
+
+def decoding_cache(
+    model: PreTrainedModel, prefix: Cartridge | None, batch_size: int, capacity: int
+) -> DynamicCache:
+    """A cache holding ``prefix`` for every row, with room for ``capacity`` tokens per row.
+
+    Full-attention layers get a preallocated buffer; other layer types (sliding windows) keep
+    the model's own cache layer.
+    """
+    cache = prefix.as_cache(batch_size, model.config) if prefix is not None else None
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    for index, layer in enumerate(cache.layers):
+        if type(layer) is not DynamicLayer:
+            continue
+        fast = PreallocatedLayer(capacity)
+        if layer.is_initialized and layer.get_seq_length() > 0:
+            fast.update(layer.keys.detach(), layer.values.detach())
+        cache.layers[index] = fast
+    return cache
 
 
 def left_pad(
@@ -114,8 +166,9 @@ def generate(
         return results
     batch_size = len(prompts)
     input_ids, prompt_mask = left_pad(prompts, pad_token_id, model.device)
-    cache = prefix.as_cache(batch_size, model.config) if prefix is not None else None
     prefix_len = prefix.num_tokens if prefix is not None else 0
+    capacity = prefix_len + input_ids.shape[1] + max_new_tokens
+    cache = decoding_cache(model, prefix, batch_size, capacity)
     outputs = forward_with_prefix(model, cache, input_ids, prompt_mask, logits_to_keep=1)
     cache = outputs.cache
     mask = prompt_mask

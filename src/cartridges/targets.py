@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from cartridges.synthesis.self_study import Conversation
-from cartridges.training import Example
+from cartridges.batching import Example
+
+if TYPE_CHECKING:
+    from cartridges.synthesis.self_study import Conversation
 
 CONVERSATION_COLUMNS = [
     "conversation_id",

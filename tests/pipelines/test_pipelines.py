@@ -28,6 +28,7 @@ PERSISTED = [
     "training_metrics",
     "evaluation_report",
     "evaluation_metrics",
+    "self_study_metrics",
     "tradeoff_plot",
 ]
 
@@ -56,6 +57,7 @@ def catalog(tiny_model_dir, tmp_path):
             "chunking": {"num_chunks": 4, "min_tokens": 16, "max_tokens": 32, "seed": 0},
         },
         "self_study": {
+            "shard_dir": str(tmp_path / "shards"),
             "num_conversations": 6,
             "conversations_per_chunk": 3,
             "max_question_tokens": 8,

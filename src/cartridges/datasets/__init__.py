@@ -1,5 +1,6 @@
 """Custom Kedro datasets of the project."""
 
 from cartridges.datasets.cartridge_dataset import CartridgeDataset
+from cartridges.datasets.parquet_shards_dataset import ParquetShardsDataset
 
-__all__ = ["CartridgeDataset"]
+__all__ = ["CartridgeDataset", "ParquetShardsDataset"]

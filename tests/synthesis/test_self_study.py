@@ -1,0 +1,140 @@
+"""Self-study with the local backend: protocol, teacher targets, determinism, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from cartridges.chat import context_ids
+from cartridges.synthesis.backends import LocalBackend
+from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig, run_self_study
+from tests.conftest import CORPUS
+
+CHUNKS = [("chunk-a", CORPUS), ("chunk-b", "Mira Okafor replaced the seal of pump P2 in March.")]
+SYSTEM = "About:\n{chunk}"
+
+
+def _study(tiny, **overrides) -> SelfStudy:
+    model, tokenizer = tiny
+    settings = dict(
+        num_conversations=5,
+        conversations_per_chunk=2,
+        max_question_tokens=6,
+        max_answer_tokens=6,
+        top_k=5,
+        system_prompt=SYSTEM,
+    )
+    config = SelfStudyConfig(**{**settings, **overrides})
+    return SelfStudy(LocalBackend(model, tokenizer), tokenizer, config)
+
+
+def test_conversations_hold_the_teachers_exact_top_k(tiny, tmp_path):
+    model, tokenizer = tiny
+    conversations, targets, totals = run_self_study(_study(tiny), CHUNKS, tmp_path, "local")
+    assert len(conversations) == 5 and totals["conversations"] == 5
+    assert conversations["conversation_id"].is_unique
+    chunk_text = dict(CHUNKS)
+    for row in conversations.itertuples():
+        messages = json.loads(row.messages)
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+        # The student's tokens follow the teacher's system message: recompute the teacher.
+        context = context_ids(tokenizer, SYSTEM.format(chunk=chunk_text[row.chunk_id]))
+        ids = torch.tensor([context + list(row.token_ids)])
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0], dim=-1)
+        mine = targets[targets["conversation_id"] == row.conversation_id]
+        assert mine["position"].min() == row.answer_start
+        for position, group in mine.groupby("position"):
+            expected = logprobs[len(context) + position - 1].topk(len(group))
+            assert group["token_id"].tolist() == expected.indices.tolist()
+            assert torch.allclose(
+                torch.tensor(group["logprob"].tolist()), expected.values, atol=1e-4
+            )
+
+
+def test_same_seed_same_conversations(tiny, tmp_path):
+    first = run_self_study(_study(tiny), CHUNKS, tmp_path / "a", "local")
+    second = run_self_study(_study(tiny), CHUNKS, tmp_path / "b", "local")
+    pd.testing.assert_frame_equal(first[0], second[0])
+    pd.testing.assert_frame_equal(first[1], second[1])
+    other = run_self_study(_study(tiny, seed=1), CHUNKS, tmp_path / "c", "local")
+    assert not other[0]["messages"].equals(first[0]["messages"])
+
+
+def test_several_rounds_distil_every_answer(tiny, tmp_path):
+    conversations, targets, _ = run_self_study(
+        _study(tiny, rounds=2, max_answer_tokens=40), CHUNKS, tmp_path, "local"
+    )
+    for row in conversations.itertuples():
+        roles = [m["role"] for m in json.loads(row.messages)]
+        positions = targets[targets["conversation_id"] == row.conversation_id]["position"]
+        if len(roles) == 4:  # the first answer ended with an end-of-turn
+            assert roles == ["user", "assistant", "user", "assistant"]
+            assert positions.max() > row.answer_start + 40 // 4
+        else:
+            assert row.answer_truncated
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_an_interrupted_run_resumes_without_loss_or_duplicates(tiny, tmp_path):
+    reference = run_self_study(_study(tiny), CHUNKS, tmp_path / "reference", "local")
+    study = _study(tiny)
+    original = study.run_batch
+    calls = []
+
+    def crash_on_third(batch_index, *args):
+        calls.append(batch_index)
+        if len(calls) == 3:
+            raise _Crash
+        return original(batch_index, *args)
+
+    study.run_batch = crash_on_third
+    with pytest.raises(_Crash):
+        run_self_study(study, CHUNKS, tmp_path / "run", "local")
+    assert len(list((tmp_path / "run").glob("*/conversations-*.parquet"))) == 2
+    resumed_calls = []
+    resumed = _study(tiny)
+    resumed_original = resumed.run_batch
+
+    def record(batch_index, *args):
+        resumed_calls.append(batch_index)
+        return resumed_original(batch_index, *args)
+
+    resumed.run_batch = record
+    conversations, targets, _ = run_self_study(resumed, CHUNKS, tmp_path / "run", "local")
+    assert resumed_calls == [2]  # only the missing batch ran
+    pd.testing.assert_frame_equal(conversations, reference[0])
+    pd.testing.assert_frame_equal(targets, reference[1])
+
+
+def test_bad_inputs_fail_clearly(tiny, tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown seed prompt type\(s\) \['poetry'\]"):
+        _study(tiny, seed_type_weights={"poetry": 1.0})
+    with pytest.raises(ValueError, match="chunk set is empty"):
+        run_self_study(_study(tiny), [], tmp_path, "local")
+    with pytest.raises(ValueError, match="must contain '{chunk}'"):
+        _study(tiny, system_prompt="no placeholder")
+    model, _ = tiny
+    huge = [("chunk-x", "pump seal " * model.config.max_position_embeddings)]
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        run_self_study(_study(tiny), huge, tmp_path, "local")
+    conversations, _, _ = run_self_study(
+        _study(tiny, truncate_chunks=True), huge, tmp_path, "local"
+    )
+    assert len(conversations) == 5
+
+
+def test_custom_seed_prompts_are_used(tiny, tmp_path):
+    study = _study(
+        tiny,
+        seed_type_weights={"checklist": 1.0},
+        extra_seed_prompts={"checklist": ["Write a maintenance checklist from the text."]},
+    )
+    conversations, _, _ = run_self_study(study, CHUNKS, tmp_path, "local")
+    assert set(conversations["seed_type"]) == {"checklist"}
+    assert set(conversations["seed_prompt"]) == {"Write a maintenance checklist from the text."}
