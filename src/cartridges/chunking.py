@@ -1,10 +1,31 @@
-"""Cut tokenised documents into the chunks that self-study conversations are about."""
+"""Cut tokenised documents into the chunks that self-study conversations are about.
+
+Two ways, picked by ``ChunkingConfig.method``:
+
+- ``token_windows``: random windows of ``min_tokens..max_tokens`` tokens, documents drawn in
+  proportion to their length (the paper's sampler). Only the documents drawn are tokenised.
+- ``structural``: every document cut at paragraphs and section headings, pieces merged up to
+  ``max_tokens``; covers the whole corpus once, so ``num_chunks`` does not apply.
+
+Chunks are token spans of one document; their text is the exact slice of the document those
+tokens cover (from the tokenizer's character offsets), never a lossy decode. The tokenizer is
+passed in as an ``encode`` function, so this module knows no model.
+"""
 
 from __future__ import annotations
 
+import bisect
 import random
-from collections.abc import Sequence
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+# text -> one (char_start, char_end) per token, no special tokens
+Encode = Callable[[str], Sequence[tuple[int, int]]]
+
+METHODS = ("token_windows", "structural")
 
 
 @dataclass(frozen=True)
@@ -13,6 +34,38 @@ class Chunk:
     doc_id: str
     token_start: int
     token_end: int
+
+
+@dataclass(frozen=True)
+class ChunkingConfig:
+    """The ``document_prep.chunking`` parameters.
+
+    Args:
+        method: ``token_windows`` or ``structural``.
+        num_chunks: windows to draw (``token_windows`` only).
+        min_tokens: shortest window; ``structural`` starts a new chunk at a heading only once
+            the current one has this many tokens.
+        max_tokens: longest chunk.
+        seed: seed of the window sampler.
+        description: a line put before every chunk's text (e.g. what the corpus is).
+    """
+
+    method: str = "token_windows"
+    num_chunks: int = 16
+    min_tokens: int = 512
+    max_tokens: int = 1024
+    seed: int = 0
+    description: str | None = ""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"chunking.method must be one of {METHODS}, got {self.method!r}.")
+        if not 0 < self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"Need 0 < min_tokens <= max_tokens, got {self.min_tokens} and {self.max_tokens}."
+            )
+        if self.num_chunks < 1:
+            raise ValueError(f"num_chunks must be at least 1, got {self.num_chunks}.")
 
 
 def random_windows(
@@ -24,8 +77,8 @@ def random_windows(
 ) -> list[Chunk]:
     """Random token windows of ``min_tokens..max_tokens``, documents drawn by their length.
 
-    A document shorter than ``min_tokens`` is always taken whole. The same inputs and seed give
-    the same chunks.
+    A document shorter than a drawn length is taken whole. The same inputs and seed give the
+    same chunks.
 
     Args:
         documents: ``(doc_id, n_tokens)`` pairs.
@@ -50,3 +103,124 @@ def random_windows(
         start = rng.randint(0, n_tokens - length)
         chunks.append(Chunk(f"chunk-{index:06d}", doc_id, start, start + length))
     return chunks
+
+
+# A block starts after a blank line, or at a Markdown / LaTeX heading.
+_BLOCK_START = re.compile(
+    r"\n[ \t]*\n(?=\S)|\n(?=#{1,6} |\\(?:part|chapter|section|subsection|subsubsection)\*?\{)"
+)
+_HEADING = re.compile(r"#{1,6} |\\(?:part|chapter|section|subsection|subsubsection)\*?\{")
+
+
+def _token_at(starts: list[int], offsets: Sequence[tuple[int, int]], char: int) -> int:
+    """The token covering ``char`` (its leading whitespace comes along), else the next one."""
+    token = bisect.bisect_right(starts, char) - 1
+    return token + 1 if token < 0 or offsets[token][1] <= char else token
+
+
+def structural_chunks(
+    doc_id: str,
+    text: str,
+    offsets: Sequence[tuple[int, int]],
+    min_tokens: int,
+    max_tokens: int,
+) -> list[Chunk]:
+    """Paragraphs and sections of one document, merged in order up to ``max_tokens`` tokens.
+
+    A heading closes the current chunk once it holds ``min_tokens``, so sections stay whole
+    where they fit; a single block longer than ``max_tokens`` is cut into windows.
+
+    Args:
+        doc_id: id of the document.
+        text: its text.
+        offsets: ``(char_start, char_end)`` of each of its tokens.
+        min_tokens: see above.
+        max_tokens: longest chunk.
+    """
+    n = len(offsets)
+    starts = [start for start, _ in offsets]
+    cuts, headings = [0], {0: bool(_HEADING.match(text))}
+    for match in _BLOCK_START.finditer(text):
+        token = _token_at(starts, offsets, match.end())
+        if cuts[-1] < token < n:
+            cuts.append(token)
+            headings[token] = bool(_HEADING.match(text, match.end()))
+    cuts.append(n)
+
+    spans, start = [], 0
+    for block_start, block_end in zip(cuts, cuts[1:], strict=False):
+        current = block_start - start
+        if current > 0 and (
+            block_end - start > max_tokens or (headings[block_start] and current >= min_tokens)
+        ):
+            spans.append((start, block_start))
+            start = block_start
+        while block_end - start > max_tokens:
+            spans.append((start, start + max_tokens))
+            start += max_tokens
+    if start < n:
+        spans.append((start, n))
+    return [Chunk(f"{doc_id}-{k:04d}", doc_id, s, e) for k, (s, e) in enumerate(spans)]
+
+
+def chunk_corpus(
+    doc_ids: Sequence[str],
+    n_tokens: Sequence[int],
+    texts: Iterable[str],
+    encode: Encode,
+    config: ChunkingConfig,
+) -> list[dict[str, Any]]:
+    """Chunk a corpus with the configured method; one row per chunk, in a deterministic order.
+
+    Args:
+        doc_ids: document ids, in corpus order.
+        n_tokens: their token counts; they must be what ``encode`` gives (they weigh the window
+            sampler, so that only the documents drawn are tokenised).
+        texts: the documents' texts in the same order, read once, one at a time.
+        encode: the model tokenizer's character offsets of a text.
+        config: chunking parameters.
+
+    Returns:
+        rows of chunk_id, doc_id, token_start, token_end, n_tokens, text.
+    """
+    by_doc: dict[str, list[Chunk]] = defaultdict(list)
+    if config.method == "token_windows":
+        chunks = random_windows(
+            list(zip(doc_ids, n_tokens, strict=True)),
+            config.num_chunks,
+            config.min_tokens,
+            config.max_tokens,
+            config.seed,
+        )
+        for chunk in chunks:
+            by_doc[chunk.doc_id].append(chunk)
+    else:
+        chunks = []
+    chunk_texts: dict[str, str] = {}
+    for doc_id, expected, text in zip(doc_ids, n_tokens, texts, strict=True):
+        if config.method == "token_windows" and doc_id not in by_doc:
+            continue  # never drawn: no need to tokenise it
+        offsets = encode(text)
+        if len(offsets) != expected:
+            raise ValueError(
+                f"Document {doc_id} has {len(offsets)} tokens under this tokenizer but "
+                f"n_tokens={expected} in the corpus table: was it built with another model?"
+            )
+        if config.method == "structural":
+            by_doc[doc_id] = structural_chunks(
+                doc_id, text, offsets, config.min_tokens, config.max_tokens
+            )
+            chunks.extend(by_doc[doc_id])
+        for chunk in by_doc[doc_id]:
+            chunk_texts[chunk.chunk_id] = text[
+                offsets[chunk.token_start][0] : offsets[chunk.token_end - 1][1]
+            ]
+    prefix = f"{config.description.strip()}\n\n" if config.description else ""
+    return [
+        {
+            **vars(chunk),
+            "n_tokens": chunk.token_end - chunk.token_start,
+            "text": prefix + chunk_texts[chunk.chunk_id],
+        }
+        for chunk in chunks
+    ]

@@ -1,18 +1,40 @@
-"""Read a folder of documents into clean text; every input is kept or skipped with a reason."""
+"""Gather documents from a folder, explicit paths and URLs; every input is kept or skipped.
+
+Inputs are read one at a time and only their clean text is kept, so memory follows the size of
+the corpus table, not of the raw files (PDFs and HTML are often ten times their text). Formats
+and cleaning live in ``cartridges.documents``; this module owns discovery, ids, duplicates and
+the skip policy. Token counting is passed in as a function: the library does not know models.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
 import logging
-import re
-import unicodedata
-from dataclasses import dataclass
+import os
+import statistics
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from cartridges.documents import SUFFIXES, Unusable, fetch_url, normalise_text, parse_document
+from cartridges.documents.loaders import DEFAULT_JSON_TEXT_FIELDS
 
 logger = logging.getLogger(__name__)
 
-TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".tex")
+__all__ = [
+    "CorpusConfig",
+    "CorpusError",
+    "Document",
+    "Skipped",
+    "corpus_statistics",
+    "discover",
+    "join_documents",
+    "load_corpus",
+    "normalise_text",
+]
 
 
 class CorpusError(ValueError):
@@ -20,12 +42,60 @@ class CorpusError(ValueError):
 
 
 @dataclass
+class CorpusConfig:
+    """Where documents come from and what to do with bad ones (``document_prep`` parameters).
+
+    Args:
+        corpus_dir: walked recursively; ``None`` to use only ``paths`` and ``urls``.
+        include: globs on the path relative to ``corpus_dir`` (``fnmatch``: ``*`` crosses ``/``).
+        exclude: globs that remove files ``include`` matched (default: hidden files).
+        paths: extra files (or folders, walked with the same globs), outside ``corpus_dir``.
+        urls: http(s) documents to download.
+        strict: turn every skipped input into an error.
+        max_file_mb: larger files and downloads are skipped unread.
+        url_timeout_s: limit for one download, connection included.
+        json_text_fields: JSON/JSONL record fields holding the text, in order; records with none
+            of them are rendered as ``key: value`` lines.
+    """
+
+    corpus_dir: str | None = "data/01_raw/corpus"
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=lambda: [".*", "*/.*"])
+    paths: list[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+    strict: bool = False
+    max_file_mb: float = 64.0
+    url_timeout_s: float = 10.0
+    json_text_fields: list[str] = field(default_factory=lambda: list(DEFAULT_JSON_TEXT_FIELDS))
+
+    def __post_init__(self) -> None:
+        for name in ("include", "exclude", "paths", "urls", "json_text_fields"):
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, [])
+            elif isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"`{name}` must be a list of strings, got {value!r}.")
+        if self.max_file_mb <= 0 or self.url_timeout_s <= 0:
+            raise ValueError(
+                f"`max_file_mb` and `url_timeout_s` must be > 0, "
+                f"got {self.max_file_mb} and {self.url_timeout_s}."
+            )
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_file_mb * 1024 * 1024)
+
+
+@dataclass
 class Document:
-    doc_id: str
-    source: str
+    doc_id: str  # first 16 hex digits of the text's sha256: stable across runs and machines
+    source: str  # path relative to corpus_dir, a path as given in `paths`, or a URL
+    format: str
     title: str
     text: str
     sha256: str
+    n_chars: int
+    n_tokens: int | None = None
 
 
 @dataclass
@@ -34,87 +104,184 @@ class Skipped:
     reason: str
 
 
-def normalise_text(text: str) -> str:
-    """NFC Unicode, Unix newlines, no trailing spaces, at most one blank line in a row."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = re.sub(r"[ \t]+\n", "\n", text)
-    text = re.sub(r"\n{3,}", "\n\n", text)
-    return text.strip()
+# ---------------------------------------------------------------------------- discovery
 
 
-def _decode(raw: bytes) -> str:
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return raw.decode("utf-16")
-    if b"\x00" in raw:
-        raise UnicodeDecodeError("utf-8", raw, 0, 1, "binary content (NUL bytes)")
-    return raw.decode("utf-8-sig")
+def discover(
+    root: Path, include: Sequence[str], exclude: Sequence[str]
+) -> tuple[list[Path], list[Skipped]]:
+    """Files under ``root`` matching an include glob and no exclude glob, in a stable order.
+
+    Returns:
+        the files, and a ``Skipped`` entry for each folder that could not be listed.
+    """
+    files, unreadable = [], []
+
+    def _on_error(error: OSError) -> None:
+        where = Path(error.filename).relative_to(root).as_posix() if error.filename else "."
+        unreadable.append(Skipped(where, f"unreadable folder: {error.strerror or error}"))
+
+    for folder, subfolders, names in os.walk(root, onerror=_on_error):
+        subfolders.sort()
+        for name in sorted(names):
+            path = Path(folder, name)
+            relative = path.relative_to(root).as_posix()
+            if any(fnmatch.fnmatch(relative, g) for g in include) and not any(
+                fnmatch.fnmatch(relative, g) for g in exclude
+            ):
+                files.append(path)
+    return files, unreadable
 
 
-def _title(path: Path, text: str) -> str:
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip().lstrip("#").strip()[:120]
-    return path.stem
+_Reader = Callable[[], tuple[bytes, str, str | None]]  # -> (raw bytes, format, declared charset)
 
 
-def discover(root: Path, include: list[str], exclude: list[str]) -> list[Path]:
-    """Files under ``root`` matching an include glob and no exclude glob, in a stable order."""
-    if not root.exists():
-        raise CorpusError(f"Corpus directory '{root}' does not exist.")
-    files = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        relative = path.relative_to(root).as_posix()
-        if path.name.startswith("."):
-            continue
-        if any(fnmatch.fnmatch(relative, g) for g in include) and not any(
-            fnmatch.fnmatch(relative, g) for g in exclude
-        ):
-            files.append(path)
-    return files
+def _file_reader(path: Path, max_bytes: int) -> _Reader:
+    def read() -> tuple[bytes, str, str | None]:
+        kind = SUFFIXES.get(path.suffix.lower())
+        if kind is None:
+            raise Unusable(
+                f"unsupported extension '{path.suffix}'" if path.suffix else "no file extension"
+            )
+        try:
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise Unusable(f"too large: {size} bytes, limit {max_bytes}")
+            return path.read_bytes(), kind, None
+        except OSError as error:
+            raise Unusable(f"unreadable: {error.strerror or error}") from None
+
+    return read
 
 
-def read_document(path: Path, root: Path) -> Document | Skipped:
-    """Load one file, or say why it cannot be used."""
-    source = path.relative_to(root).as_posix()
-    if path.suffix.lower() not in TEXT_SUFFIXES:
-        return Skipped(source, f"unsupported extension '{path.suffix}'")
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        return Skipped(source, f"unreadable: {error.strerror or error}")
-    try:
-        text = normalise_text(_decode(raw))
-    except UnicodeDecodeError as error:
-        return Skipped(source, f"not valid UTF-8/UTF-16 text: {error.reason}")
-    if not text:
-        return Skipped(source, "empty after cleaning")
-    sha256 = hashlib.sha256(text.encode()).hexdigest()
-    return Document(sha256[:16], source, _title(path, text), text, sha256)
+def _missing(reason: str) -> _Reader:
+    def read() -> tuple[bytes, str, str | None]:
+        raise Unusable(reason)
+
+    return read
+
+
+def _walk(root: Path, prefix: str, config: CorpusConfig) -> Iterator[tuple[str, _Reader]]:
+    if not root.is_dir():
+        what = "not a folder" if root.exists() else "missing: no such folder"
+        yield prefix or root.as_posix(), _missing(what)
+        return
+    files, unreadable = discover(root, config.include, config.exclude)
+    for skipped in unreadable:
+        yield f"{prefix}{skipped.source}", _missing(skipped.reason)
+    for path in files:
+        yield f"{prefix}{path.relative_to(root).as_posix()}", _file_reader(path, config.max_bytes)
+
+
+def _inputs(config: CorpusConfig) -> Iterator[tuple[str, _Reader]]:
+    """``(source, reader)`` for every input, readers called lazily: one file in memory at once."""
+    if config.corpus_dir is not None:
+        yield from _walk(Path(config.corpus_dir), "", config)
+    for given in config.paths:
+        path = Path(given)
+        if path.is_dir():
+            yield from _walk(path, f"{path.as_posix().rstrip('/')}/", config)
+        elif path.exists() or path.is_symlink():
+            yield given, _file_reader(path, config.max_bytes)
+        else:
+            yield given, _missing("missing: no such file or folder")
+    for url in config.urls:
+        yield url, lambda url=url: fetch_url(url, config.url_timeout_s, config.max_bytes)
+
+
+# ---------------------------------------------------------------------------- loading
 
 
 def load_corpus(
-    root: str | Path, include: list[str], exclude: list[str], strict: bool = False
+    config: CorpusConfig, count_tokens: Callable[[str], int] | None = None
 ) -> tuple[list[Document], list[Skipped]]:
-    """Read every matching file under ``root``; skip bad ones with a warning (or fail if strict)."""
-    root = Path(root)
-    documents, skipped = [], []
-    for path in discover(root, include, exclude):
-        result = read_document(path, root)
-        if isinstance(result, Skipped):
-            if strict:
-                raise CorpusError(f"Cannot use '{result.source}': {result.reason} (strict mode).")
-            logger.warning("Skipping '%s': %s", result.source, result.reason)
-            skipped.append(result)
-        else:
-            documents.append(result)
+    """Read every input; skip bad ones with a warning (or fail if ``config.strict``).
+
+    A document whose text equals an earlier one's is skipped as a duplicate: it would get the
+    same id and be sampled twice as often.
+
+    Args:
+        config: sources and policy.
+        count_tokens: tokens of one text under the model's tokenizer; ``n_tokens`` stays
+            ``None`` without it.
+
+    Returns:
+        the documents in input order, and the skipped inputs with their reasons.
+
+    Raises:
+        CorpusError: nothing usable remains, or any skip under ``strict``.
+    """
+    documents, skipped, seen = [], [], {}
+    for source, read in _inputs(config):
+        try:
+            raw, kind, charset = read()
+            title, text = parse_document(
+                raw, kind, declared_encoding=charset, json_text_fields=config.json_text_fields
+            )
+            del raw
+            digest = hashlib.sha256(text.encode()).hexdigest()
+            if digest in seen:
+                raise Unusable(f"duplicate of '{seen[digest]}' (same text)")
+        except Unusable as error:
+            if config.strict:
+                raise CorpusError(f"Cannot use '{source}': {error} (strict: true).") from None
+            logger.warning("Skipping '%s': %s", source, error)
+            skipped.append(Skipped(source, str(error)))
+            continue
+        seen[digest] = source
+        n_tokens = count_tokens(text) if count_tokens else None
+        documents.append(
+            Document(digest[:16], source, kind, title, text, digest, len(text), n_tokens)
+        )
     if not documents:
         raise CorpusError(
-            f"No usable document under '{root}' (include={include}, exclude={exclude}); "
-            f"skipped {len(skipped)}: " + "; ".join(f"{s.source}: {s.reason}" for s in skipped[:5])
+            f"No usable document (corpus_dir={config.corpus_dir!r}, include={config.include}, "
+            f"exclude={config.exclude}, {len(config.paths)} paths, {len(config.urls)} urls); "
+            f"skipped {len(skipped)}" + "".join(f"\n  {s.source}: {s.reason}" for s in skipped[:10])
         )
+    logger.info("Loaded %d documents, skipped %d inputs", len(documents), len(skipped))
     return documents, skipped
 
 
 def join_documents(texts: list[str]) -> str:
     """The whole corpus as one text, documents separated by a blank line (for ICL and init)."""
     return "\n\n".join(texts)
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def _distribution(values: Sequence[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    quantile = lambda q: float(ordered[min(len(ordered) - 1, int(q * len(ordered)))])  # noqa: E731
+    return {
+        "min": float(ordered[0]),
+        "p10": quantile(0.1),
+        "p50": quantile(0.5),
+        "p90": quantile(0.9),
+        "max": float(ordered[-1]),
+        "mean": statistics.fmean(ordered),
+    }
+
+
+def corpus_statistics(
+    doc_tokens: Sequence[int],
+    doc_chars: Sequence[int],
+    formats: Sequence[str],
+    chunk_tokens: Sequence[int],
+    num_skipped: int,
+) -> dict[str, Any]:
+    """Counts and token-length distributions of documents and chunks, for the report and MLflow."""
+    return {
+        "num_documents": len(doc_tokens),
+        "num_skipped": num_skipped,
+        "num_chunks": len(chunk_tokens),
+        "total_tokens": int(sum(doc_tokens)),
+        "total_chars": int(sum(doc_chars)),
+        "chunk_tokens_total": int(sum(chunk_tokens)),
+        "documents_by_format": dict(sorted(Counter(formats).items())),
+        "document_tokens": _distribution(doc_tokens),
+        "chunk_tokens": _distribution(chunk_tokens),
+    }

@@ -1,8 +1,12 @@
-"""document_prep: raw documents -> corpus -> chunk_set."""
+"""document_prep: raw documents -> corpus -> chunk_set, with a statistics report."""
 
 from kedro.pipeline import Node, Pipeline
 
-from cartridges.pipelines.document_prep.nodes import chunk_documents, load_documents
+from cartridges.pipelines.document_prep.nodes import (
+    chunk_documents,
+    load_documents,
+    summarise_corpus,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -19,6 +23,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["corpus", "params:document_prep", "params:model"],
                 outputs="chunk_set",
                 name="chunk_documents_node",
+            ),
+            Node(
+                summarise_corpus,
+                inputs=["corpus", "skipped_documents", "chunk_set"],
+                outputs=["corpus_statistics", "document_prep_metrics"],
+                name="summarise_corpus_node",
             ),
         ]
     )

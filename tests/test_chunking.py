@@ -1,0 +1,125 @@
+"""Chunkers: random token windows (seeded) and structural chunks, on a whitespace 'tokenizer'."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from cartridges.chunking import ChunkingConfig, chunk_corpus, random_windows, structural_chunks
+
+
+def encode(text: str) -> list[tuple[int, int]]:
+    """One token per word, with its leading whitespace, as byte-level BPE tokenizers do."""
+    return [m.span() for m in re.finditer(r"\s*\S+", text)]
+
+
+def corpus(*texts: str) -> tuple[list[str], list[int], list[str]]:
+    """``(doc_ids, n_tokens, texts)``, the first three arguments of ``chunk_corpus``."""
+    return [f"doc{i}" for i in range(len(texts))], [len(encode(t)) for t in texts], list(texts)
+
+
+def words(n: int, word: str = "w") -> str:
+    return " ".join(f"{word}{i}" for i in range(n))
+
+
+def test_random_windows_are_reproducible_and_in_range():
+    documents = [("long", 5000), ("short", 10)]
+    first = random_windows(documents, num_chunks=50, min_tokens=64, max_tokens=128, seed=3)
+    assert first == random_windows(documents, 50, 64, 128, 3)
+    assert first != random_windows(documents, 50, 64, 128, 4)
+    for chunk in first:
+        length = chunk.token_end - chunk.token_start
+        if chunk.doc_id == "short":  # shorter than min_tokens: taken whole
+            assert (chunk.token_start, chunk.token_end) == (0, 10)
+        else:
+            assert 64 <= length <= 128 and chunk.token_end <= 5000
+    # Drawn in proportion to length: the 10-token document is rarely picked.
+    assert sum(c.doc_id == "short" for c in first) <= 2
+
+
+def test_token_windows_text_is_the_exact_span_and_only_drawn_documents_are_encoded():
+    texts = [words(300, "a"), words(5, "b"), words(200, "c")]
+    calls = []
+
+    def counting_encode(text):
+        calls.append(text)
+        return encode(text)
+
+    config = ChunkingConfig(num_chunks=6, min_tokens=20, max_tokens=40, seed=1)
+    rows = chunk_corpus(*corpus(*texts), counting_encode, config)
+    assert [r["chunk_id"] for r in rows] == [f"chunk-{i:06d}" for i in range(6)]
+    drawn = {r["doc_id"] for r in rows}
+    assert len(calls) == len(drawn)
+    for row in rows:
+        text = texts[int(row["doc_id"][3:])]
+        offsets = encode(text)
+        span = text[offsets[row["token_start"]][0] : offsets[row["token_end"] - 1][1]]
+        assert row["text"] == span and row["n_tokens"] == len(encode(span))
+    assert rows == chunk_corpus(*corpus(*texts), encode, config)
+
+
+def test_description_line_is_prepended():
+    config = ChunkingConfig(num_chunks=2, min_tokens=2, max_tokens=3, description="Pump manual.")
+    rows = chunk_corpus(*corpus("one two three four"), encode, config)
+    assert all(r["text"].startswith("Pump manual.\n\n") for r in rows)
+    assert all(r["n_tokens"] <= 3 for r in rows)  # the description is not part of the span
+
+
+def test_token_counts_must_match_the_tokenizer():
+    with pytest.raises(ValueError, match="doc0 has 3 tokens under this tokenizer but n_tokens=7"):
+        config = ChunkingConfig(min_tokens=1, max_tokens=2)
+        chunk_corpus(["doc0"], [7], ["a b c"], encode, config)
+
+
+def test_structural_chunks_follow_sections_and_paragraphs():
+    text = (
+        f"# Intro\n{words(10)}\n\n{words(10)}\n\n"
+        f"## Usage\n{words(30)}\n\n"
+        f"## Alarms\n{words(5)}\n\n{words(100)}\n\n{words(4)}"
+    )
+    offsets = encode(text)
+    chunks = structural_chunks("d", text, offsets, min_tokens=10, max_tokens=40)
+    pieces = [
+        text[offsets[c.token_start][0] : offsets[c.token_end - 1][1]].lstrip() for c in chunks
+    ]
+    # Spans are contiguous and cover the document.
+    assert chunks[0].token_start == 0 and chunks[-1].token_end == len(offsets)
+    assert all(a.token_end == b.token_start for a, b in zip(chunks, chunks[1:], strict=False))
+    assert all(c.token_end - c.token_start <= 40 for c in chunks)
+    # Sections start chunks; a 100-word paragraph is cut into windows of max_tokens.
+    assert pieces[0].startswith("# Intro") and pieces[1].startswith("## Usage")
+    assert pieces[2].startswith("## Alarms")
+    assert [c.token_end - c.token_start for c in chunks[3:]] == [40, 40, 24]
+    assert [c.chunk_id for c in chunks[:2]] == ["d-0000", "d-0001"]
+
+
+def test_structural_merges_small_sections_and_keeps_short_documents_whole():
+    text = "# A\none two\n\n# B\nthree four\n\n\\section{C}\nfive six"
+    offsets = encode(text)
+    merged = structural_chunks("d", text, offsets, min_tokens=50, max_tokens=100)
+    assert [(c.token_start, c.token_end) for c in merged] == [(0, len(offsets))]
+    split = structural_chunks("d", text, offsets, min_tokens=2, max_tokens=100)
+    starts = [text[offsets[c.token_start][0] :].lstrip()[:3] for c in split]
+    assert starts == ["# A", "# B", "\\se"]
+
+
+def test_structural_method_through_chunk_corpus():
+    texts = [f"# One\n{words(8)}\n\n# Two\n{words(8)}", words(3)]
+    config = ChunkingConfig(method="structural", min_tokens=5, max_tokens=12)
+    rows = chunk_corpus(*corpus(*texts), encode, config)
+    assert [(r["chunk_id"], r["n_tokens"]) for r in rows] == [
+        ("doc0-0000", 10),
+        ("doc0-0001", 10),
+        ("doc1-0000", 3),
+    ]
+    assert rows[1]["text"].lstrip().startswith("# Two")
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="method must be one of"):
+        ChunkingConfig(method="sentences")
+    with pytest.raises(ValueError, match="0 < min_tokens <= max_tokens"):
+        ChunkingConfig(min_tokens=10, max_tokens=5)
+    with pytest.raises(ValueError, match="num_chunks must be at least 1"):
+        ChunkingConfig(num_chunks=0)
