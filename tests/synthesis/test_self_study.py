@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,6 +18,8 @@ from cartridges.chat import context_ids
 from cartridges.synthesis.backends import LocalBackend
 from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig, run_self_study
 from tests.conftest import CORPUS
+from tests.synthesis.self_study_worker import CHUNKS as WORKER_CHUNKS
+from tests.synthesis.self_study_worker import study
 
 CHUNKS = [("chunk-a", CORPUS), ("chunk-b", "Mira Okafor replaced the seal of pump P2 in March.")]
 SYSTEM = "About:\n{chunk}"
@@ -138,3 +146,32 @@ def test_custom_seed_prompts_are_used(tiny, tmp_path):
     conversations, _, _ = run_self_study(study, CHUNKS, tmp_path, "local")
     assert set(conversations["seed_type"]) == {"checklist"}
     assert set(conversations["seed_prompt"]) == {"Write a maintenance checklist from the text."}
+
+
+def test_a_run_killed_with_sigkill_resumes_without_loss_or_duplicates(tiny_model_dir, tmp_path):
+    reference = run_self_study(study(str(tiny_model_dir)), WORKER_CHUNKS, tmp_path / "ref", "local")
+    root = Path(__file__).resolve().parents[2]
+    shards, output = tmp_path / "shards", tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "tests.synthesis.self_study_worker",
+        str(tiny_model_dir),
+        str(shards),
+        str(output),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([*command, "0.5"], cwd=root, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(shards.glob("*/conversations-*.parquet"))) < 2:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(list(shards.glob("*/conversations-*.parquet")))
+    assert 2 <= done < 4 and not Path(f"{output}-conversations.parquet").exists()
+    subprocess.run([*command, "0"], cwd=root, env=env, check=True)
+    conversations = pd.read_parquet(f"{output}-conversations.parquet")
+    targets = pd.read_parquet(f"{output}-targets.parquet")
+    assert conversations["conversation_id"].is_unique and len(conversations) == 8
+    pd.testing.assert_frame_equal(conversations, reference[0])
+    pd.testing.assert_frame_equal(targets, reference[1])
