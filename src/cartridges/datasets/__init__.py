@@ -1,6 +1,7 @@
 """Custom Kedro datasets of the project."""
 
 from cartridges.datasets.cartridge_dataset import CartridgeDataset
+from cartridges.datasets.cartridge_set_dataset import CartridgeSetDataset
 from cartridges.datasets.parquet_shards_dataset import ParquetShardsDataset
 
-__all__ = ["CartridgeDataset", "ParquetShardsDataset"]
+__all__ = ["CartridgeDataset", "CartridgeSetDataset", "ParquetShardsDataset"]

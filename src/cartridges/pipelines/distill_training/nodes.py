@@ -23,16 +23,28 @@ from cartridges.training import TrainConfig, evaluate_kl, train_cartridge
 logger = logging.getLogger(__name__)
 
 
-def initialize_cartridge(
-    corpus: pd.DataFrame, params: dict[str, Any], model: dict[str, Any], system_prompt: str
-) -> Cartridge:
-    """Build the starting cartridge: by default the KV of the corpus's first p context tokens."""
-    llm, tokenizer = load_model(model["name_or_path"], model["dtype"], model["device"])
-    p, frozen, how = (
-        params["num_cartridge_tokens"],
-        params["num_frozen_tokens"],
-        params["initializer"],
-    )
+def _corpus_context(corpus: pd.DataFrame, tokenizer, system_prompt: str) -> tuple[list[int], str]:
+    """Token ids of the corpus in context (what a cartridge replaces) and the corpus hash."""
+    text = join_documents(list(corpus["text"]))
+    return context_ids(tokenizer, system_prompt.format(chunk=text)), hashlib.sha256(
+        text.encode()
+    ).hexdigest()
+
+
+def cartridge_size(params: dict[str, Any], context_length: int) -> int:
+    """``num_cartridge_tokens``, or the corpus context length divided by ``compression``."""
+    if params.get("num_cartridge_tokens") is not None:
+        return int(params["num_cartridge_tokens"])
+    compression = params.get("compression")
+    if not compression or compression < 1:
+        raise ValueError(
+            "Set distill_training.num_cartridge_tokens, or compression >= 1 (p = n / compression)."
+        )
+    return max(params["num_frozen_tokens"] + 1, round(context_length / compression))
+
+
+def _initial(llm, tokenizer, context, sha256, p: int, params: dict[str, Any]) -> Cartridge:
+    frozen, how = params["num_frozen_tokens"], params["initializer"]
     generator = torch.Generator().manual_seed(TrainConfig(**params["train"]).seed)
     if how == "random_tokens":
         return from_random_tokens(llm, tokenizer, p, frozen, generator)
@@ -40,35 +52,44 @@ def initialize_cartridge(
         return from_random_vectors(llm, p, frozen, generator)
     if how != "text":
         raise ValueError(f"Unknown initializer {how!r}; use text, random_tokens or random_vectors.")
-    text = join_documents(list(corpus["text"]))
-    ids = context_ids(tokenizer, system_prompt.format(chunk=text))
-    if p > len(ids):
+    if p > len(context):
         raise ValueError(
-            f"num_cartridge_tokens={p} exceeds the {len(ids)} tokens of the corpus in context; "
-            "lower it or use initializer: random_tokens."
+            f"num_cartridge_tokens={p} exceeds the {len(context)} tokens of the corpus in "
+            "context; lower it or use initializer: random_tokens."
         )
-    sha256 = hashlib.sha256(text.encode()).hexdigest()
-    return from_token_ids(llm, ids[:p], frozen, initializer="text", source_sha256=sha256)
+    return from_token_ids(llm, context[:p], frozen, initializer="text", source_sha256=sha256)
 
 
-def distill_cartridge(
-    initial: Cartridge,
-    conversations: pd.DataFrame,
-    teacher_logprobs: pd.DataFrame,
-    params: dict[str, Any],
-    model: dict[str, Any],
-) -> tuple[Cartridge, dict[str, Any]]:
-    """Train the cartridge on the teacher targets; hold some conversations out to measure KL.
-
-    Returns:
-        The trained ``cartridge`` and ``training_metrics`` in kedro-mlflow's history format.
-    """
+def initialize_cartridge(
+    corpus: pd.DataFrame, params: dict[str, Any], model: dict[str, Any], system_prompt: str
+) -> Cartridge:
+    """Build the starting cartridge: by default the KV of the corpus's first p context tokens."""
     llm, tokenizer = load_model(model["name_or_path"], model["dtype"], model["device"])
+    context, sha256 = _corpus_context(corpus, tokenizer, system_prompt)
+    return _initial(llm, tokenizer, context, sha256, cartridge_size(params, len(context)), params)
+
+
+def _split(conversations, teacher_logprobs, params, vocab_size: int):
     config = TrainConfig(**params["train"])
-    examples = to_examples(conversations, teacher_logprobs, len(tokenizer))
-    random.Random(config.seed).shuffle(examples)
-    count = max(1, int(len(examples) * params["held_out_fraction"])) if len(examples) > 1 else 0
-    train, held_out = examples[count:], examples[:count]
+    examples = to_examples(conversations, teacher_logprobs, vocab_size)
+    ids = list(
+        conversations["conversation_id"][
+            conversations["conversation_id"].isin(set(teacher_logprobs["conversation_id"]))
+        ]
+    )
+    order = list(range(len(examples)))
+    random.Random(config.seed).shuffle(order)
+    count = max(1, int(len(order) * params["held_out_fraction"])) if len(order) > 1 else 0
+    held_out, train = order[:count], order[count:]
+    return (
+        [examples[i] for i in train],
+        [examples[i] for i in held_out],
+        [ids[i] for i in held_out],
+    )
+
+
+def _train(llm, tokenizer, initial, train, held_out, held_out_ids, params):
+    config = TrainConfig(**params["train"])
     pad = tokenizer.pad_token_id or 0
 
     def held_out_kl(cartridge: Cartridge) -> float:
@@ -78,7 +99,8 @@ def distill_cartridge(
 
     def log_step(metrics: dict[str, float], step: int) -> None:
         if mlflow.active_run() is not None:
-            mlflow.log_metrics({f"train.{k}": v for k, v in metrics.items()}, step=step)
+            prefix = f"train.p{initial.num_tokens}"
+            mlflow.log_metrics({f"{prefix}.{k}": v for k, v in metrics.items()}, step=step)
 
     kl_before = held_out_kl(initial)
     with process_group(params.get("distributed_backend", "gloo")):
@@ -94,9 +116,39 @@ def distill_cartridge(
         )
     kl_after = held_out_kl(cartridge)
     logger.info(
-        "Held-out top-k KL to the teacher: %.4f initial -> %.4f trained", kl_before, kl_after
+        "p=%d: held-out top-k KL to the teacher %.4f initial -> %.4f trained",
+        cartridge.num_tokens,
+        kl_before,
+        kl_after,
     )
-    cartridge.info.extra.update({"train_steps": len(history), "held_out_kl": kl_after})
+    cartridge.info.extra.update(
+        {
+            "train_steps": len(history),
+            "held_out_kl_initial": kl_before,
+            "held_out_kl": kl_after,
+            "held_out_conversations": held_out_ids,
+        }
+    )
+    return cartridge, history, kl_before, kl_after
+
+
+def distill_cartridge(
+    initial: Cartridge,
+    conversations: pd.DataFrame,
+    teacher_logprobs: pd.DataFrame,
+    params: dict[str, Any],
+    model: dict[str, Any],
+) -> tuple[Cartridge, dict[str, Any]]:
+    """Train the cartridge on the teacher targets; hold some conversations out to measure KL.
+
+    Returns:
+        The trained ``cartridge`` and ``training_metrics`` in kedro-mlflow's history format.
+    """
+    llm, tokenizer = load_model(model["name_or_path"], model["dtype"], model["device"])
+    train, held_out, held_out_ids = _split(conversations, teacher_logprobs, params, len(tokenizer))
+    cartridge, history, kl_before, kl_after = _train(
+        llm, tokenizer, initial, train, held_out, held_out_ids, params
+    )
     metrics = {
         "held_out_kl_initial": {"value": kl_before, "step": 0},
         "held_out_kl_final": {"value": kl_after, "step": len(history)},
@@ -104,3 +156,32 @@ def distill_cartridge(
     if history:
         metrics["final_train_loss"] = {"value": history[-1]["loss"], "step": len(history)}
     return cartridge, metrics
+
+
+def distill_cartridge_sweep(
+    corpus: pd.DataFrame,
+    conversations: pd.DataFrame,
+    teacher_logprobs: pd.DataFrame,
+    params: dict[str, Any],
+    model: dict[str, Any],
+    system_prompt: str,
+) -> dict[str, Cartridge]:
+    """Train one cartridge per ``sweep_compressions`` entry (p = n / c), for the size curve.
+
+    Returns:
+        ``cartridge_sweep``: ``{"p<p>": cartridge}`` (empty when no sweep is configured).
+    """
+    compressions = params.get("sweep_compressions") or []
+    if not compressions:
+        return {}
+    llm, tokenizer = load_model(model["name_or_path"], model["dtype"], model["device"])
+    context, sha256 = _corpus_context(corpus, tokenizer, system_prompt)
+    train, held_out, held_out_ids = _split(conversations, teacher_logprobs, params, len(tokenizer))
+    sweep = {}
+    for compression in compressions:
+        p = cartridge_size(
+            {**params, "num_cartridge_tokens": None, "compression": compression}, len(context)
+        )
+        initial = _initial(llm, tokenizer, context, sha256, p, params)
+        sweep[f"p{p}"] = _train(llm, tokenizer, initial, train, held_out, held_out_ids, params)[0]
+    return sweep

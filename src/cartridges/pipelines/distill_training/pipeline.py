@@ -2,7 +2,11 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from cartridges.pipelines.distill_training.nodes import distill_cartridge, initialize_cartridge
+from cartridges.pipelines.distill_training.nodes import (
+    distill_cartridge,
+    distill_cartridge_sweep,
+    initialize_cartridge,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -30,6 +34,19 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs=["cartridge", "training_metrics"],
                 name="distill_cartridge_node",
+            ),
+            Node(
+                distill_cartridge_sweep,
+                inputs=[
+                    "corpus",
+                    "conversations",
+                    "teacher_logprobs",
+                    "params:distill_training",
+                    "params:model",
+                    "params:system_prompt",
+                ],
+                outputs="cartridge_sweep",
+                name="distill_cartridge_sweep_node",
             ),
         ]
     )
