@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 
-import httpx
 import openai
 from transformers import PreTrainedTokenizerBase
 
@@ -84,22 +86,26 @@ class OpenAIBackend:
         expected = self.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
         for url in self.base_urls:
             root = url.rstrip("/").removesuffix("/v1")
+            body = {"model": self.model, "prompt": PROBE_TEXT, "add_special_tokens": False}
+            request = urllib.request.Request(
+                f"{root}/tokenize",
+                data=json.dumps(body).encode(),
+                headers={
+                    "Authorization": f"Bearer {self.api_key}",
+                    "Content-Type": "application/json",
+                },
+            )
             try:
-                response = httpx.post(
-                    f"{root}/tokenize",
-                    json={"model": self.model, "prompt": PROBE_TEXT, "add_special_tokens": False},
-                    headers={"Authorization": f"Bearer {self.api_key}"},
-                    timeout=self.timeout_s,
-                )
-            except httpx.HTTPError as error:
-                raise BackendError(f"Server {url} is unreachable: {error}") from error
-            if response.status_code != 200:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    served = json.loads(response.read()).get("tokens")
+            except urllib.error.HTTPError as error:
                 raise BackendError(
-                    f"Server {url} cannot tokenize (HTTP {response.status_code} from "
-                    f"{root}/tokenize), so its tokenizer cannot be checked against the student's. "
-                    "Serve the model with vLLM, SGLang or the project's server."
-                )
-            served = response.json().get("tokens")
+                    f"Server {url} cannot tokenize (HTTP {error.code} from {root}/tokenize), so "
+                    "its tokenizer cannot be checked against the student's. Serve the model with "
+                    "vLLM, SGLang or the project's server."
+                ) from error
+            except (urllib.error.URLError, OSError) as error:
+                raise BackendError(f"Server {url} is unreachable: {error}") from error
             if served != expected:
                 raise BackendError(
                     f"Server {url} tokenizes differently from the student model's tokenizer "

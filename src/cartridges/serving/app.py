@@ -1,0 +1,662 @@
+"""The FastAPI app: OpenAI-compatible chat and text completions that answer with cartridges.
+
+A request that names cartridges is answered by the model with their KV as prefix, in place of
+the system message that would carry the corpus (:func:`cartridges.chat.continuation_ids`); one
+that names none is a plain chat. Decoding is batched across requests by
+:class:`~cartridges.serving.engine.BatchEngine`.
+
+Streaming sends OpenAI's SSE chunks, one per generated token, once the request's batch has
+finished decoding: ``generate`` has no per-step callback, so tokens cannot leave earlier.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from cartridges.chat import chat_ids, continuation_ids
+from cartridges.modeling import load_model
+from cartridges.serving.config import ServingConfig
+from cartridges.serving.engine import BatchEngine, Job, Row
+from cartridges.serving.protocol import (
+    BaseCompletionRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    TokenizeRequest,
+)
+from cartridges.serving.store import CartridgeLookupError, CartridgeStore
+
+logger = logging.getLogger(__name__)
+
+# Tokens after a cartridge are the chat rendering after the system turn, whatever its text.
+_SYSTEM_PLACEHOLDER = "context"
+
+
+class ServingError(Exception):
+    """An error answered in OpenAI's ``{"error": {...}}`` shape."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        code: str | None = None,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.param, self.kind = status, code, param, kind
+
+
+def error_response(
+    status: int,
+    message: str,
+    code: str | None = None,
+    param: str | None = None,
+    kind: str = "invalid_request_error",
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# --------------------------------------------------------------------------- guard middleware
+# Paths answered without the API key; everything else needs it (an allowlist, so that odd
+# spellings such as "//v1/models" cannot slip past the check).
+_OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
+
+class _Guard:
+    """API key and body-size checks, before FastAPI reads or parses anything.
+
+    A pure ASGI middleware so that an unauthenticated or oversized request is refused first,
+    whatever its body holds; the body is buffered (it is small by then) and replayed.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key is not None and scope["path"] not in _OPEN_PATHS:
+            refusal = self._check_key(headers.get("authorization"))
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._too_large()(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                await self._too_large()(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _check_key(self, authorization: str | None) -> JSONResponse | None:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        ):
+            return None
+        message = (
+            "Invalid API key."
+            if authorization
+            else "Missing API key: send the header 'Authorization: Bearer <key>'."
+        )
+        return error_response(
+            401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+    def _too_large(self) -> JSONResponse:
+        return error_response(
+            413,
+            f"Request body exceeds this server's limit of {self.max_body_bytes} bytes.",
+            code="request_too_large",
+        )
+
+
+# --------------------------------------------------------------------------- the served model
+@dataclass
+class _Rendered:
+    """A row ready to send: tokens kept, text pieces per token, and why it ended."""
+
+    token_ids: list[int]
+    deltas: list[str]
+    logprobs: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+    finish_reason: str
+
+    @property
+    def text(self) -> str:
+        return "".join(self.deltas)
+
+
+class _Service:
+    """Everything the routes need: model, tokenizer, cartridge store, batch engine, limits."""
+
+    def __init__(
+        self, config: ServingConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
+        self.config, self.model, self.tokenizer = config, model, tokenizer
+        stop = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)}
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.engine = BatchEngine(
+            model,
+            stop_token_ids=sorted(i for i in stop if i is not None),
+            pad_token_id=pad,
+            max_batch_size=config.max_batch_size,
+            batch_wait_ms=config.batch_wait_ms,
+        )
+        self.store = CartridgeStore(
+            model, config.cartridge_dir, config.catalog_datasets, config.cartridge_cache_size
+        )
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        text_config = model.config.get_text_config(decoder=True)
+        self.max_context = getattr(text_config, "max_position_embeddings", None)
+
+    # ------------------------------------------------------------------ validation
+    def check_common(self, request: BaseCompletionRequest, max_tokens: int | None) -> int:
+        """Shared checks; returns the ``max_tokens`` to decode."""
+        config = self.config
+        if request.model not in (config.model_id, config.model_name_or_path):
+            raise ServingError(
+                f"The model '{request.model}' does not exist on this server; it serves "
+                f"'{config.model_id}'.",
+                status=404,
+                code="model_not_found",
+                param="model",
+            )
+        max_tokens = config.default_max_tokens if max_tokens is None else max_tokens
+        if max_tokens > config.max_tokens:
+            raise ServingError(
+                f"max_tokens={max_tokens} exceeds this server's limit of {config.max_tokens}.",
+                code="max_tokens_exceeded",
+                param="max_tokens",
+            )
+        if request.n > config.max_n:
+            raise ServingError(
+                f"n={request.n} exceeds this server's limit of {config.max_n}.", param="n"
+            )
+        if request.top_p < 1.0:
+            raise ServingError(
+                "top_p < 1 (nucleus sampling) is not supported; use temperature.", param="top_p"
+            )
+        if len(request.cartridges) > config.max_cartridges:
+            raise ServingError(
+                f"{len(request.cartridges)} cartridges exceed this server's limit of "
+                f"{config.max_cartridges} per request.",
+                param="cartridges",
+            )
+        for ref in request.cartridges:
+            if ref.source != "local":
+                raise ServingError(
+                    f"Cartridge source '{ref.source}' is not supported; this server serves "
+                    "'local' cartridges (catalog versions or files in its cartridge directory).",
+                    code="unsupported_cartridge_source",
+                    param="cartridges",
+                )
+        if len(request.stop_strings()) > 4:
+            raise ServingError("At most 4 stop sequences are allowed.", param="stop")
+        return max_tokens
+
+    def check_top_logprobs(self, k: int | None, param: str) -> int:
+        if k is not None and k > self.config.max_top_logprobs:
+            raise ServingError(
+                f"{param}={k} exceeds this server's limit of {self.config.max_top_logprobs}.",
+                param=param,
+            )
+        return k or 0
+
+    def check_context(self, prompts: list[list[int]], prefix_tokens: int, max_tokens: int) -> None:
+        for prompt in prompts:
+            if not prompt:
+                raise ServingError("The prompt is empty after tokenization.", param="prompt")
+            if any(not 0 <= token < self.vocab_size for token in prompt):
+                raise ServingError(
+                    f"Prompt token ids must lie in [0, {self.vocab_size}).", param="prompt"
+                )
+            needed = prefix_tokens + len(prompt) + max_tokens
+            if self.max_context is not None and needed > self.max_context:
+                raise ServingError(
+                    f"This model's maximum context length is {self.max_context} tokens; the "
+                    f"request needs {needed} (cartridges {prefix_tokens} + prompt {len(prompt)} "
+                    f"+ max_tokens {max_tokens}).",
+                    code="context_length_exceeded",
+                    param="max_tokens",
+                )
+
+    async def cartridge(self, request: BaseCompletionRequest):
+        """The composed cartridge a request names (or none), loaded on the model thread."""
+        if not request.cartridges:
+            return (), None
+        ids = [ref.id for ref in request.cartridges]
+        return await self.engine.run_on_model_thread(self.store.get, ids)
+
+    # ------------------------------------------------------------------ rendering
+    def render(self, row: Row, stops: list[str]) -> _Rendered:
+        """Split a row's text into per-token pieces and apply stop strings."""
+        ids, deltas, emitted = row.token_ids, [], ""
+        for i in range(len(ids)):
+            full = self.tokenizer.decode(
+                ids[: i + 1], skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
+            if full.endswith("\ufffd") and i < len(ids) - 1:
+                deltas.append("")  # an incomplete UTF-8 character: wait for its other bytes
+                continue
+            deltas.append(full[len(emitted) :] if full.startswith(emitted) else "")
+            emitted += deltas[-1]
+        keep, finish = len(ids), "stop" if row.stopped else "length"
+        if stops:
+            text = ""
+            for i, delta in enumerate(deltas):
+                start = max(0, len(text) - max(len(s) for s in stops))
+                text += delta
+                hits = [p for p in (text.find(s, start) for s in stops) if p >= 0]
+                if hits:
+                    keep, finish = i + 1, "stop"
+                    deltas[i] = delta[: len(delta) - (len(text) - min(hits))]
+                    break
+        top_ids = row.top_ids.tolist() if row.top_ids is not None else []
+        top_values = row.top_logprobs.tolist() if row.top_logprobs is not None else []
+        return _Rendered(
+            token_ids=ids[:keep],
+            deltas=deltas[:keep],
+            logprobs=row.logprobs[:keep],
+            top_ids=top_ids[:keep],
+            top_logprobs=top_values[:keep],
+            finish_reason=finish,
+        )
+
+    def token_text(self, token_id: int, as_ids: bool) -> str:
+        if as_ids:
+            return f"token_id:{token_id}"
+        return self.token_bytes_text(token_id)
+
+    def token_bytes_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def chat_logprobs(self, rendered: _Rendered, start: int, stop: int, as_ids: bool) -> list:
+        entries = []
+        for i in range(start, stop):
+            token_id = rendered.token_ids[i]
+            token = self.token_text(token_id, as_ids)
+            top = []
+            for top_id, value in zip(rendered.top_ids[i], rendered.top_logprobs[i], strict=True):
+                text = self.token_text(top_id, as_ids)
+                top.append(
+                    {
+                        "token": text,
+                        "logprob": value,
+                        "bytes": list(self.token_bytes_text(top_id).encode()),
+                        "token_id": top_id,
+                    }
+                )
+            entries.append(
+                {
+                    "token": token,
+                    "logprob": rendered.logprobs[i],
+                    "bytes": list(self.token_bytes_text(token_id).encode()),
+                    "token_id": token_id,
+                    "top_logprobs": top,
+                }
+            )
+        return entries
+
+    def completion_logprobs(
+        self, rendered: _Rendered, start: int, stop: int, as_ids: bool, offset: int
+    ) -> dict:
+        tokens = [self.token_text(t, as_ids) for t in rendered.token_ids[start:stop]]
+        offsets = []
+        for delta in rendered.deltas[start:stop]:
+            offsets.append(offset)
+            offset += len(delta)
+        top = [
+            {self.token_text(t, as_ids): v for t, v in zip(ids, values, strict=True)}
+            for ids, values in zip(
+                rendered.top_ids[start:stop], rendered.top_logprobs[start:stop], strict=True
+            )
+        ]
+        return {
+            "tokens": tokens,
+            "token_logprobs": rendered.logprobs[start:stop],
+            "top_logprobs": top,
+            "text_offset": offsets,
+            "token_ids": rendered.token_ids[start:stop],
+            "top_token_ids": rendered.top_ids[start:stop],
+            "top_token_logprobs": rendered.top_logprobs[start:stop],
+        }
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _usage(prompts: list[list[int]], rendered: list[_Rendered], prefix_tokens: int) -> dict:
+    completion = sum(len(r.token_ids) for r in rendered)
+    prompt = sum(len(p) for p in prompts)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "cartridge_tokens": prefix_tokens,
+    }
+
+
+def _sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+# --------------------------------------------------------------------------- the app
+def create_app(
+    config: ServingConfig,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> FastAPI:
+    """Build the server for ``config``; pass ``model`` and ``tokenizer`` to skip loading them."""
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model(config.model_name_or_path, config.dtype, config.device)
+    service = _Service(config, model, tokenizer)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.engine.start()
+        logger.info("Serving '%s' (cartridges from %s)", config.model_id, service.store.root)
+        yield
+        await service.engine.stop()
+
+    app = FastAPI(
+        title="cartridges",
+        summary="OpenAI-compatible completions that answer with cartridges (trained KV caches).",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_middleware(_Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    _add_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict:
+        """Liveness, queue depth and batching counters."""
+        stats = service.engine.stats
+        return {
+            "status": "ok",
+            "model": config.model_id,
+            "pending": service.engine.pending,
+            "cartridges_cached": len(service.store),
+            "requests": stats.requests,
+            "batches": stats.batches,
+            "max_batch_rows": stats.max_batch_rows,
+            "generated_tokens": stats.generated_tokens,
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        """The one model this server serves."""
+        return {
+            "object": "list",
+            "data": [
+                {"id": config.model_id, "object": "model", "created": 0, "owned_by": "cartridges"}
+            ],
+        }
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> dict:
+        """Token ids of a prompt, as vLLM answers: self-study compares them with its tokenizer."""
+        ids = service.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)
+        tokens = list(ids["input_ids"])
+        return {"count": len(tokens), "max_model_len": service.max_context, "tokens": tokens}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest):
+        """Chat, optionally with cartridges standing in for the system message."""
+        max_tokens = service.check_common(
+            request, request.max_completion_tokens or request.max_tokens
+        )
+        if len(request.messages) > config.max_messages:
+            raise ServingError(
+                f"{len(request.messages)} messages exceed this server's limit of "
+                f"{config.max_messages}.",
+                param="messages",
+            )
+        top_k = service.check_top_logprobs(request.top_logprobs, "top_logprobs")
+        key, cartridge = await service.cartridge(request)
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in request.messages
+        ]
+        try:
+            if cartridge is not None:
+                prompt = continuation_ids(tokenizer, _SYSTEM_PLACEHOLDER, messages, True)
+            else:
+                prompt = chat_ids(tokenizer, messages, True)
+        except Exception as error:  # noqa: BLE001 - jinja templates raise their own types
+            raise ServingError(
+                f"The chat template refused these messages: {error}", param="messages"
+            ) from error
+        prefix_tokens = cartridge.num_tokens if cartridge is not None else 0
+        service.check_context([prompt], prefix_tokens, max_tokens)
+        job = Job(
+            prompts=[prompt] * request.n,
+            cartridge_key=key,
+            cartridge=cartridge,
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            seed=request.seed,
+            logprobs=request.logprobs,
+            top_logprobs=top_k if request.logprobs else 0,
+        )
+        rows = await service.engine.submit(job)
+        stops = request.stop_strings()
+        rendered = [service.render(row, stops) for row in rows]
+        usage = _usage([prompt], rendered, prefix_tokens)
+        head = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": config.model_id,
+        }
+        as_ids = request.return_tokens_as_token_ids
+        if request.stream:
+            return _stream(_chat_chunks(service, request, head, rendered, usage, as_ids))
+        choices = []
+        for index, r in enumerate(rendered):
+            choice = {
+                "index": index,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": {"content": service.chat_logprobs(r, 0, len(r.token_ids), as_ids)}
+                if request.logprobs
+                else None,
+                "finish_reason": r.finish_reason,
+            }
+            if request.return_token_ids:
+                choice["token_ids"] = r.token_ids
+            choices.append(choice)
+        body = {**head, "object": "chat.completion", "choices": choices, "usage": usage}
+        if request.return_token_ids:
+            body["prompt_token_ids"] = prompt
+        return body
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest):
+        """Text completion of a raw prompt (text or token ids) after the cartridges."""
+        max_tokens = service.check_common(request, request.max_tokens)
+        if request.echo:
+            raise ServingError("echo=true is not supported.", param="echo")
+        top_k = service.check_top_logprobs(request.logprobs, "logprobs")
+        key, cartridge = await service.cartridge(request)
+        prompts = _completion_prompts(request.prompt, tokenizer, with_bos=cartridge is None)
+        prefix_tokens = cartridge.num_tokens if cartridge is not None else 0
+        service.check_context(prompts, prefix_tokens, max_tokens)
+        job = Job(
+            prompts=[p for p in prompts for _ in range(request.n)],
+            cartridge_key=key,
+            cartridge=cartridge,
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            seed=request.seed,
+            logprobs=request.logprobs is not None,
+            top_logprobs=top_k,
+        )
+        rows = await service.engine.submit(job)
+        stops = request.stop_strings()
+        rendered = [service.render(row, stops) for row in rows]
+        usage = _usage(prompts, rendered, prefix_tokens)
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": config.model_id,
+        }
+        as_ids = request.return_tokens_as_token_ids
+        if request.stream:
+            return _stream(_completion_chunks(service, request, head, rendered, usage, as_ids))
+        choices = []
+        for index, r in enumerate(rendered):
+            choice = {
+                "index": index,
+                "text": r.text,
+                "logprobs": service.completion_logprobs(r, 0, len(r.token_ids), as_ids, 0)
+                if request.logprobs is not None
+                else None,
+                "finish_reason": r.finish_reason,
+            }
+            if request.return_token_ids:
+                choice["token_ids"] = r.token_ids
+                choice["prompt_token_ids"] = prompts[index // request.n]
+            choices.append(choice)
+        return {**head, "object": "text_completion", "choices": choices, "usage": usage}
+
+    return app
+
+
+def _completion_prompts(prompt, tokenizer, with_bos: bool) -> list[list[int]]:
+    """Token ids per prompt; after a cartridge no BOS is added (the cartridge begins with it)."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise ServingError("The prompt list is empty.", param="prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    if isinstance(prompt[0], list):
+        return [list(p) for p in prompt]
+    return [tokenizer(text, add_special_tokens=with_bos)["input_ids"] for text in prompt]
+
+
+def _stream(chunks: Iterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+def _chat_chunks(service, request, head, rendered, usage, as_ids) -> Iterator[str]:
+    head = {**head, "object": "chat.completion.chunk"}
+    for index, r in enumerate(rendered):
+        delta = {"role": "assistant", "content": ""}
+        yield _sse({**head, "choices": [_chunk_choice(index, delta)]})
+        for i, piece in enumerate(r.deltas):
+            logprobs = None
+            if request.logprobs:
+                logprobs = {"content": service.chat_logprobs(r, i, i + 1, as_ids)}
+            choice = _chunk_choice(index, {"content": piece}, logprobs)
+            if request.return_token_ids:
+                choice["token_ids"] = [r.token_ids[i]]
+            yield _sse({**head, "choices": [choice]})
+        yield _sse({**head, "choices": [_chunk_choice(index, {}, None, r.finish_reason)]})
+    if request.stream_options and request.stream_options.include_usage:
+        yield _sse({**head, "choices": [], "usage": usage})
+    yield _sse("[DONE]")
+
+
+def _completion_chunks(service, request, head, rendered, usage, as_ids) -> Iterator[str]:
+    head = {**head, "object": "text_completion"}
+    for index, r in enumerate(rendered):
+        offset = 0
+        for i, piece in enumerate(r.deltas):
+            logprobs = None
+            if request.logprobs is not None:
+                logprobs = service.completion_logprobs(r, i, i + 1, as_ids, offset)
+            offset += len(piece)
+            choice = {"index": index, "text": piece, "logprobs": logprobs, "finish_reason": None}
+            if request.return_token_ids:
+                choice["token_ids"] = [r.token_ids[i]]
+            yield _sse({**head, "choices": [choice]})
+        final = {"index": index, "text": "", "logprobs": None, "finish_reason": r.finish_reason}
+        yield _sse({**head, "choices": [final]})
+    if request.stream_options and request.stream_options.include_usage:
+        yield _sse({**head, "choices": [], "usage": usage})
+    yield _sse("[DONE]")
+
+
+def _chunk_choice(index: int, delta: dict, logprobs=None, finish_reason=None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServingError)
+    async def serving_error(_: Request, error: ServingError) -> JSONResponse:
+        return error_response(error.status, str(error), error.code, error.param, error.kind)
+
+    @app.exception_handler(CartridgeLookupError)
+    async def lookup_error(_: Request, error: CartridgeLookupError) -> JSONResponse:
+        return error_response(error.status, str(error), error.code, "cartridges")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        errors = error.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            detail = next(e for e in errors if e.get("type") == "json_invalid")
+            reason = (detail.get("ctx") or {}).get("error", detail.get("msg", ""))
+            return error_response(400, f"Malformed JSON body: {reason}", code="invalid_json")
+        parts = []
+        for e in errors[:5]:
+            location = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            parts.append(f"{location or 'body'}: {e.get('msg', 'invalid')}")
+        first = (
+            ".".join(str(p) for p in errors[0].get("loc", ()) if p != "body") if errors else None
+        )
+        return error_response(422, "Invalid request: " + "; ".join(parts), param=first or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return error_response(error.status_code, str(error.detail), headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, error: Exception) -> JSONResponse:
+        logger.exception("Unhandled error while serving a request")
+        return error_response(
+            500, "Internal server error; see the server log.", kind="server_error"
+        )

@@ -1,0 +1,104 @@
+"""Serving settings: one frozen dataclass filled from ``params:serving`` and ``params:model``.
+
+Kept free of Kedro so that the app factory can be built from a plain dict in tests and scripts;
+only :mod:`cartridges.serving.cli` reads the project's ``conf/`` folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What the server serves and the limits it enforces.
+
+    Args:
+        model_name_or_path: the frozen LLM (hub name or local directory).
+        dtype: its parameter dtype.
+        device: ``cpu``, ``cuda``, ... or ``auto``.
+        served_model_name: the id clients pass as ``model``; defaults to ``model_name_or_path``.
+        host: interface to bind; ``127.0.0.1`` keeps the server local.
+        port: TCP port.
+        cartridge_dir: cartridge ids that are not catalog names resolve to files inside it.
+        catalog_datasets: catalog dataset name -> its versioned ``filepath`` (``name`` is the
+            latest version, ``name@<version>`` a given one).
+        api_key: when set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
+        max_tokens: largest ``max_tokens`` a request may ask for.
+        default_max_tokens: used when a request names none.
+        max_messages: most messages in one chat request.
+        max_body_bytes: largest request body; bigger ones get 413 before parsing.
+        max_top_logprobs: largest ``top_logprobs`` / ``logprobs`` a request may ask for.
+        max_n: most choices per request.
+        max_cartridges: most cartridges composed in one request.
+        cartridge_cache_size: loaded (and composed) cartridges kept in memory, LRU.
+        max_batch_size: most rows decoded in one ``generate`` call.
+        batch_wait_ms: how long the batcher waits for more requests once one has arrived.
+    """
+
+    model_name_or_path: str = "data/06_models/tiny_llama"
+    dtype: str = "float32"
+    device: str = "auto"
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    cartridge_dir: str = "data/06_models/cartridges"
+    catalog_datasets: dict[str, str] | None = None
+    api_key: str | None = None
+    max_tokens: int = 512
+    default_max_tokens: int = 128
+    max_messages: int = 64
+    max_body_bytes: int = 1_048_576
+    max_top_logprobs: int = 20
+    max_n: int = 8
+    max_cartridges: int = 8
+    cartridge_cache_size: int = 8
+    max_batch_size: int = 32
+    batch_wait_ms: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_tokens",
+            "default_max_tokens",
+            "max_messages",
+            "max_body_bytes",
+            "max_n",
+            "max_cartridges",
+            "cartridge_cache_size",
+            "max_batch_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"serving.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(
+                f"serving.default_max_tokens ({self.default_max_tokens}) exceeds "
+                f"serving.max_tokens ({self.max_tokens})."
+            )
+        if self.max_top_logprobs < 0 or self.batch_wait_ms < 0:
+            raise ValueError("serving.max_top_logprobs and serving.batch_wait_ms must be >= 0.")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("serving.api_key must be null (no key) or a non-empty string.")
+
+    @property
+    def model_id(self) -> str:
+        """The model id this server answers to."""
+        return self.served_model_name or self.model_name_or_path
+
+    @classmethod
+    def from_params(
+        cls, serving: dict[str, Any], model: dict[str, Any] | None = None, **overrides: Any
+    ) -> ServingConfig:
+        """Build from the ``serving`` and ``model`` parameter blocks; unknown keys are refused."""
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in (serving or {}).items() if value is not None}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown serving parameters {unknown}; known: {sorted(known)}.")
+        for key, target in (("name_or_path", "model_name_or_path"), ("dtype", "dtype")):
+            if model and model.get(key) is not None:
+                values.setdefault(target, model[key])
+        if model and model.get("device") is not None:
+            values.setdefault("device", model["device"])
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)

@@ -1,0 +1,269 @@
+"""Continuous request batching: an asyncio queue feeding one model thread.
+
+Handlers put :class:`Job` objects on an asyncio queue. A batcher task takes what is pending
+(waiting ``batch_wait_ms`` for more once one arrives), groups the jobs that can share one
+``generate`` call (same cartridge set, same temperature, same seed when sampling) and runs each
+group on a single worker thread, so that the event loop keeps accepting requests while the model
+decodes. Rows of one call share the cartridge's KV as a broadcast view: that is where serving a
+cartridge saves memory over a document in context.
+
+All model work (decoding and the cartridge compatibility check) runs on that one thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from transformers import PreTrainedModel
+
+from cartridges.cartridge import Cartridge
+from cartridges.generation import generate
+from cartridges.prefix import forward_with_prefix
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class Row:
+    """One generated choice, cut to its request's own ``max_tokens``.
+
+    Attributes:
+        token_ids: generated ids, the stop token included when one ended the row.
+        stopped: a stop token ended it (else ``max_tokens`` did).
+        logprobs: log-probability of each generated token under the model (empty if not asked).
+        top_ids: ``(n, k)`` most likely ids per position (``k = 0``: not asked).
+        top_logprobs: ``(n, k)`` their log-probabilities.
+    """
+
+    token_ids: list[int]
+    stopped: bool
+    logprobs: list[float] = field(default_factory=list)
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+
+
+@dataclass
+class Job:
+    """One request's rows (``n`` choices per prompt) and its sampling settings."""
+
+    prompts: list[list[int]]
+    cartridge_key: tuple
+    cartridge: Cartridge | None
+    max_tokens: int
+    temperature: float = 0.0
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    future: asyncio.Future | None = None
+
+    @property
+    def group_key(self) -> tuple:
+        """Jobs with equal keys can be decoded in one ``generate`` call."""
+        sampled = self.temperature > 0
+        return (self.cartridge_key, self.temperature if sampled else 0.0, sampled and self.seed)
+
+
+@dataclass
+class EngineStats:
+    """Counters exposed on ``/health`` (and used by tests to see batching happen)."""
+
+    requests: int = 0
+    batches: int = 0
+    max_batch_rows: int = 0
+    generated_tokens: int = 0
+
+
+class BatchEngine:
+    """Owns the model thread and the request queue.
+
+    Args:
+        model: the frozen LLM.
+        stop_token_ids: tokens that end a row (the tokenizer's eos and the model's).
+        pad_token_id: filler id for padding.
+        max_batch_size: most rows per ``generate`` call.
+        batch_wait_ms: how long to wait for more requests after the first one arrives.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        stop_token_ids: Sequence[int],
+        pad_token_id: int,
+        max_batch_size: int = 32,
+        batch_wait_ms: float = 5.0,
+    ) -> None:
+        self.model = model
+        self.stop_token_ids = list(stop_token_ids)
+        self.pad_token_id = pad_token_id
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.stats = EngineStats()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cartridges-model")
+        self._queue: asyncio.Queue[Job] | None = None
+        self._task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the batcher on the running event loop (the app's lifespan calls this)."""
+        self._queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._batch_forever())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    async def run_on_model_thread(self, function: Callable[..., T], *args: Any) -> T:
+        """Run ``function`` on the model thread (serialised with decoding)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def submit(self, job: Job) -> list[Row]:
+        """Queue ``job`` and wait for its rows."""
+        if self._queue is None:
+            raise RuntimeError("BatchEngine.start() was not called (is the app's lifespan on?)")
+        job.future = asyncio.get_running_loop().create_future()
+        self.stats.requests += 1
+        await self._queue.put(job)
+        return await job.future
+
+    # ------------------------------------------------------------------ batching
+    async def _batch_forever(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self._queue.get()]
+            deadline = loop.time() + self.batch_wait_s
+            while sum(len(j.prompts) for j in jobs) < self.max_batch_size:
+                timeout = deadline - loop.time()
+                if not self._queue.empty():
+                    jobs.append(self._queue.get_nowait())
+                elif timeout > 0:
+                    try:
+                        jobs.append(await asyncio.wait_for(self._queue.get(), timeout))
+                    except TimeoutError:
+                        break
+                else:
+                    break
+            for group in self._groups(jobs):
+                await self._run_group(group)
+
+    def _groups(self, jobs: list[Job]) -> list[list[Job]]:
+        """Jobs by group key, each group split so that no call exceeds ``max_batch_size`` rows."""
+        by_key: dict[tuple, list[list[Job]]] = {}
+        for job in jobs:
+            if job.future is None or job.future.done():  # the client went away
+                continue
+            chunks = by_key.setdefault(job.group_key, [[]])
+            rows = sum(len(j.prompts) for j in chunks[-1])
+            if chunks[-1] and rows + len(job.prompts) > self.max_batch_size:
+                chunks.append([])
+            chunks[-1].append(job)
+        return [chunk for chunks in by_key.values() for chunk in chunks]
+
+    async def _run_group(self, group: list[Job]) -> None:
+        try:
+            results = await self.run_on_model_thread(self._decode, group)
+        except Exception as error:  # noqa: BLE001 - handed to every waiting request
+            logger.exception("Decoding a batch of %d requests failed", len(group))
+            for job in group:
+                if not job.future.done():
+                    job.future.set_exception(error)
+            return
+        for job, rows in zip(group, results, strict=True):
+            if not job.future.done():
+                job.future.set_result(rows)
+
+    # ------------------------------------------------------------------ model thread
+    def _decode(self, group: list[Job]) -> list[list[Row]]:
+        """One ``generate`` call for the whole group; rows are then cut per job."""
+        first = group[0]
+        prompts = [prompt for job in group for prompt in job.prompts]
+        top_k = max(job.top_logprobs for job in group)
+        want_logprobs = any(job.logprobs for job in group)
+        generator = None
+        if first.temperature > 0 and first.seed is not None:
+            generator = torch.Generator().manual_seed(first.seed)
+        started = time.perf_counter()
+        outputs = generate(
+            self.model,
+            prompts,
+            prefix=first.cartridge,
+            max_new_tokens=max(job.max_tokens for job in group),
+            temperature=first.temperature,
+            stop_token_ids=self.stop_token_ids,
+            pad_token_id=self.pad_token_id,
+            top_logprobs=max(top_k, 1) if want_logprobs else 0,
+            generator=generator,
+        )
+        results, offset = [], 0
+        for job in group:
+            rows = []
+            for prompt, output in zip(
+                job.prompts, outputs[offset : offset + len(job.prompts)], strict=True
+            ):
+                rows.append(self._row(job, prompt, output))
+            offset += len(job.prompts)
+            results.append(rows)
+        tokens = sum(len(row.token_ids) for rows in results for row in rows)
+        self.stats.batches += 1
+        self.stats.max_batch_rows = max(self.stats.max_batch_rows, len(prompts))
+        self.stats.generated_tokens += tokens
+        logger.debug(
+            "Decoded %d rows (%d jobs, %d tokens) in %.3fs",
+            len(prompts),
+            len(group),
+            tokens,
+            time.perf_counter() - started,
+        )
+        return results
+
+    def _row(self, job: Job, prompt: list[int], output) -> Row:
+        cut = output.token_ids[: job.max_tokens]
+        stopped = output.stopped and len(cut) == len(output.token_ids)
+        row = Row(token_ids=cut, stopped=stopped)
+        if job.logprobs:
+            top_ids = output.top_ids[: len(cut)]
+            top_values = output.top_logprobs[: len(cut)]
+            row.top_ids = top_ids[:, : job.top_logprobs]
+            row.top_logprobs = top_values[:, : job.top_logprobs]
+            row.logprobs = self._chosen_logprobs(job, prompt, cut, top_ids, top_values)
+        return row
+
+    def _chosen_logprobs(
+        self,
+        job: Job,
+        prompt: list[int],
+        generated: list[int],
+        top_ids: torch.Tensor,
+        top_values: torch.Tensor,
+    ) -> list[float]:
+        """Each generated token's log-probability: from the top-k when there, else rescored.
+
+        A greedy token is always the top-1; a sampled one may fall outside the top-k, and then
+        one extra forward over the prompt and the answer gives the exact values.
+        """
+        chosen = torch.tensor(generated, dtype=torch.long)[:, None]  # [n, 1]
+        hits = top_ids == chosen  # [n, k]
+        if bool(hits.any(dim=-1).all()):
+            return top_values[hits].tolist()
+        cache = job.cartridge.as_cache(1, self.model.config) if job.cartridge is not None else None
+        ids = torch.tensor([prompt + generated[:-1]], dtype=torch.long, device=self.model.device)
+        with torch.no_grad():
+            logits = forward_with_prefix(self.model, cache, ids).logits[0, len(prompt) - 1 :]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+        return logprobs.gather(-1, chosen.to(logprobs.device)).squeeze(-1).tolist()
