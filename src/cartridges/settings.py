@@ -19,5 +19,7 @@ CONFIG_LOADER_ARGS = {
     "default_run_env": "local",
     # kedro-mlflow reads mlflow.yml through the config loader.
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
+    # An environment (conf/llm, conf/local) overrides single nested parameters, not whole blocks.
+    "merge_strategy": {"parameters": "soft"},
     "custom_resolvers": {"env": lambda name, default="": os.environ.get(name, default)},
 }
