@@ -106,7 +106,8 @@ def main() -> None:
         "identical_outputs": f"{agree}/{args.batch}",
     }
     logger.info(
-        "shared-prefix batching: %.1f tok/s, naive generate: %.1f tok/s, speedup %.1fx (%s identical)",
+        "shared-prefix batching: %.1f tok/s, naive generate: %.1f tok/s, "
+        "speedup %.1fx (%s identical)",
         figures["batched_tokens_per_s"],
         figures["naive_tokens_per_s"],
         figures["speedup_vs_naive"],

@@ -30,6 +30,7 @@ PERSISTED = [
     "evaluation_metrics",
     "self_study_metrics",
     "tradeoff_plot",
+    "cartridge_sweep",
 ]
 
 
@@ -41,6 +42,11 @@ def catalog(tiny_model_dir, tmp_path):
     (corpus_dir / "log.txt").write_text("Mira Okafor replaced the seal in March. " * 6)
     (corpus_dir / "empty.txt").write_text("   \n")
     (corpus_dir / "image.png").write_bytes(b"\x89PNG\r\n")
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(
+        '{"question": "Who built the pump?", "answer": "Halvard Industrial"}\n'
+        '{"question": "Which alarm?", "answer": "E21", "options": ["E12", "E21"]}\n'
+    )
     # Persisted outputs, so that the runner's release of finished datasets keeps them readable.
     catalog = DataCatalog(
         {name: PickleDataset(filepath=str(tmp_path / f"{name}.pkl")) for name in PERSISTED}
@@ -66,6 +72,7 @@ def catalog(tiny_model_dir, tmp_path):
         },
         "distill_training": {
             "num_cartridge_tokens": 8,
+            "sweep_compressions": [4],
             "num_frozen_tokens": 1,
             "initializer": "text",
             "held_out_fraction": 0.2,
@@ -77,13 +84,17 @@ def catalog(tiny_model_dir, tmp_path):
                 "warmup_steps": 1,
             },
         },
-        "evaluation": {"max_new_tokens": 4, "batch_size": 4},
+        "evaluation": {
+            "questions_path": str(questions),
+            "tasks": ["qa", "log_perplexity", "fidelity", "chrf"],
+            "max_new_tokens": 4,
+            "batch_size": 4,
+            "decode_tokens": 2,
+            "cost_repeats": 1,
+        },
     }
     for name, value in params.items():
         catalog[f"params:{name}"] = value
-    catalog["eval_questions"] = pd.DataFrame(
-        [{"question": "Who built the pump?", "answer": "Halvard Industrial"}]
-    )
     return catalog
 
 
@@ -115,10 +126,17 @@ def test_the_four_pipelines_chain_end_to_end(catalog):
     cartridge = catalog["cartridge"].load()
     assert isinstance(cartridge, Cartridge) and cartridge.num_tokens == 8
     assert cartridge.info.extra["train_steps"] == 3
+    assert len(cartridge.info.extra["held_out_conversations"]) == 1
+    ((name, swept),) = catalog["cartridge_sweep"].load().items()
+    context_tokens = swept.num_tokens * 4  # p = n / 4, rounded
+    assert name == f"p{swept.num_tokens}" and abs(context_tokens - rows_n(catalog)) <= 4
 
     report = catalog["evaluation_report"].load()
-    assert list(report["method"]) == ["icl", "no_context", "cartridge", "truncated_icl_p8"]
-    rows = report.set_index("method")
+    methods = list(dict.fromkeys(report["method"]))
+    assert methods[:4] == ["icl", "no_context", "cartridge", "truncated_icl_p8"]
+    assert {f"sweep_{name}", "composition"} <= set(methods)  # sizes p, and composed
+    assert set(report["task"]) == {"qa", "multiple_choice", "log_perplexity", "fidelity", "chrf"}
+    rows = report[report["task"] == "qa"].set_index("method")
     cartridge_bytes = 8 * 2 * 2 * 2 * 16 * 4  # p x (K, V) x layers x kv heads x head_dim x fp32
     assert rows.loc["cartridge", "kv_bytes"] == rows.loc["truncated_icl_p8", "kv_bytes"]
     assert rows.loc["cartridge", "kv_bytes"] == cartridge_bytes
@@ -126,6 +144,17 @@ def test_the_four_pipelines_chain_end_to_end(catalog):
         rows.loc["cartridge", "compression_vs_icl"] == rows.loc["icl", "kv_bytes"] / cartridge_bytes
     )
     assert catalog["tradeoff_plot"].load() is not None
+
+
+def rows_n(catalog) -> int:
+    """Tokens of the corpus in context, as the distill_training node counts them."""
+    from cartridges.chat import context_ids
+    from cartridges.corpus import join_documents
+    from cartridges.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(catalog["params:model"].load()["name_or_path"])
+    text = join_documents(list(catalog["corpus"].load()["text"]))
+    return len(context_ids(tokenizer, SYSTEM_PROMPT.format(chunk=text)))
 
 
 def test_document_prep_is_deterministic(catalog):

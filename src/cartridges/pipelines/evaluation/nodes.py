@@ -1,8 +1,10 @@
-"""Nodes of evaluation: ICL, no context, truncated ICL and the cartridge on held-out questions."""
+"""Nodes of evaluation: ICL, no context, truncated ICL and cartridges on the same tasks."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -10,115 +12,172 @@ import matplotlib
 matplotlib.use("Agg")  # headless: the plot is a catalog artifact, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from kedro.io import Version  # noqa: E402
 
 from cartridges.cartridge import Cartridge  # noqa: E402
+from cartridges.chat import context_ids  # noqa: E402
 from cartridges.corpus import join_documents  # noqa: E402
+from cartridges.datasets import CartridgeDataset  # noqa: E402
 from cartridges.evaluation import (  # noqa: E402
-    Question,
-    answer_log_perplexity,
-    answer_questions,
+    EvalConfig,
     build_methods,
-    exact_match,
-    token_f1,
+    context_budget,
+    evaluate,
+    format_report,
+    held_out_conversations,
+    load_questions,
+    prompt_text,
+    question_ids,
+    report_metrics,
 )
+from cartridges.evaluation.methods import Method  # noqa: E402
 from cartridges.modeling import load_model  # noqa: E402
 
 logger = logging.getLogger(__name__)
-
-
-def _questions(table: pd.DataFrame) -> list[Question]:
-    missing = {"question", "answer"} - set(table.columns)
-    if missing:
-        raise ValueError(f"The questions file lacks column(s) {sorted(missing)}.")
-    if table.empty:
-        raise ValueError("The questions file holds no question.")
-    return [Question(str(r.question), str(r.answer)) for r in table.itertuples()]
+_CONFIG_KEYS = {f.name for f in dataclasses.fields(EvalConfig)}
 
 
 def evaluate_methods(
     corpus: pd.DataFrame,
     cartridge: Cartridge,
-    eval_questions: pd.DataFrame,
+    cartridge_sweep: dict[str, Cartridge],
+    conversations: pd.DataFrame,
+    teacher_logprobs: pd.DataFrame,
     params: dict[str, Any],
     model: dict[str, Any],
     system_prompt: str,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Score every method on the questions; one report row per method.
+    """Score and time every method on the selected tasks; one report row per (method, task).
+
+    Args:
+        corpus: documents; ICL puts them all in the system message.
+        cartridge: the catalog's cartridge (latest, or ``--load-versions``), evaluated unless
+            ``cartridge_versions`` lists versions to compare instead.
+        cartridge_sweep: cartridges of several sizes p (``{"p<p>": cartridge}``), evaluated too
+            when ``include_sweep`` is set.
+        conversations: self-study conversations; fidelity uses those held out of training.
+        teacher_logprobs: where the assistant tokens of each conversation are.
+        params: the ``evaluation`` parameters.
 
     Returns:
         ``evaluation_report`` and ``evaluation_metrics`` (kedro-mlflow format).
     """
+    config = EvalConfig(**{k: _tuple(v) for k, v in params.items() if k in _CONFIG_KEYS})
+    questions = load_questions(params["questions_path"]) if config.needs_questions else []
     llm, tokenizer = load_model(model["name_or_path"], model["dtype"], model["device"])
-    questions = _questions(eval_questions)
+    cartridges, versions = _select_cartridges(cartridge, params)
+    if params.get("include_sweep", True):
+        cartridges |= {f"sweep_{name}": swept for name, swept in cartridge_sweep.items()}
     system_text = system_prompt.format(chunk=join_documents(list(corpus["text"])))
+    held_out = []
+    if "fidelity" in config.tasks:
+        held_out = held_out_conversations(
+            conversations,
+            teacher_logprobs,
+            _held_out_ids(cartridges),
+            config.fidelity_conversations,
+        )
+        if not held_out:
+            logger.warning("Fidelity skipped: no held-out conversation with teacher targets.")
+    no_context = Method("no_context", "no_context", None)
+    reserve = max(
+        [len(question_ids(tokenizer, no_context, "", [_user(q)])) for q in questions]
+        + [len(c.token_ids) for c in held_out]
+        + [1]
+    )
+    budget = context_budget(llm, reserve + config.max_new_tokens, params.get("max_context_tokens"))
     methods = build_methods(
         llm,
-        tokenizer,
-        join_documents(list(corpus["text"])),
-        system_prompt,
-        {"cartridge": cartridge},
+        context_ids(tokenizer, system_text),
+        cartridges,
+        budget,
+        versions,
+        params.get("compose", True),
     )
-    icl_bytes = methods[0].kv_bytes
-    rows = []
-    for method in methods:
-        predictions = answer_questions(
-            llm,
-            tokenizer,
-            method,
-            questions,
-            system_text,
-            params["max_new_tokens"],
-            params["batch_size"],
+    report = evaluate(llm, tokenizer, methods, questions, held_out, system_text, config)
+    logger.info("Evaluation report:\n%s", format_report(report))
+    return report, report_metrics(report)
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _user(question) -> dict[str, str]:
+    return {"role": "user", "content": prompt_text(question)}
+
+
+def _select_cartridges(
+    latest: Cartridge, params: dict[str, Any]
+) -> tuple[dict[str, Cartridge], dict[str, str]]:
+    """The cartridges to compare by report name, and their versions.
+
+    No ``cartridge_versions``: the catalog's cartridge, named ``cartridge``. Otherwise each listed
+    version of ``cartridge_filepath``, named ``cartridge_p{p}`` (so sizes can be compared).
+    """
+    listed = [str(v) for v in params.get("cartridge_versions") or []]
+    if not listed:
+        return {"cartridge": latest}, {"cartridge": ""}
+    filepath = params["cartridge_filepath"]
+    cartridges, versions = {}, {}
+    for version in listed:
+        dataset = CartridgeDataset(filepath, version=Version(version, None))
+        if not dataset.exists():
+            found = sorted(p.name for p in Path(filepath).glob("*") if p.is_dir())
+            raise FileNotFoundError(
+                f"Cartridge version {version!r} not found under '{filepath}'; available: {found}."
+            )
+        loaded = dataset.load()
+        name = "cartridge" if len(listed) == 1 else f"cartridge_p{loaded.num_tokens}"
+        if name in cartridges:
+            name = f"{name}_{version}"
+        cartridges[name], versions[name] = loaded, version
+    return cartridges, versions
+
+
+def _held_out_ids(cartridges: dict[str, Cartridge]) -> list[str] | None:
+    """Conversations no selected cartridge trained on; ``None`` (all) when one does not say."""
+    recorded = [c.info.extra.get("held_out_conversations") for c in cartridges.values()]
+    if any(ids is None for ids in recorded):
+        logger.warning(
+            "A cartridge does not record its held-out conversations (trained before they were "
+            "recorded): fidelity is measured on conversations it may have trained on."
         )
-        rows.append(
-            {
-                "method": method.name,
-                "task": "qa",
-                "kv_tokens": method.num_tokens,
-                "kv_bytes": method.kv_bytes,
-                "compression_vs_icl": icl_bytes / method.kv_bytes
-                if method.kv_bytes
-                else float("inf"),
-                "exact_match": sum(map(exact_match, predictions, [q.answer for q in questions]))
-                / len(questions),
-                "token_f1": sum(map(token_f1, predictions, [q.answer for q in questions]))
-                / len(questions),
-                "answer_log_perplexity": answer_log_perplexity(
-                    llm, tokenizer, method, questions, system_text
-                ),
-                "num_questions": len(questions),
-                "note": method.note,
-            }
-        )
-    report = pd.DataFrame(rows)
-    logger.info(
-        "Evaluation report:\n%s",
-        report.drop(columns=["note", "task"]).to_string(index=False, float_format="%.3f"),
-    )
-    metrics = {
-        f"{row.method}.{name}": {"value": float(getattr(row, name)), "step": 0}
-        for row in report.itertuples()
-        for name in ("exact_match", "token_f1", "answer_log_perplexity")
-    }
-    return report, metrics
+        return None
+    return sorted(set.intersection(*(set(ids) for ids in recorded)))
 
 
 def plot_tradeoff(evaluation_report: pd.DataFrame) -> plt.Figure:
-    """Quality versus KV memory (log x), one point per method, as in the paper's figure."""
-    figure, axis = plt.subplots(figsize=(6, 4))
-    with_memory = evaluation_report[evaluation_report["kv_bytes"] > 0]
-    for row in with_memory.itertuples():
-        axis.scatter(row.kv_bytes, row.token_f1, s=40)
-        axis.annotate(
-            row.method, (row.kv_bytes, row.token_f1), textcoords="offset points", xytext=(4, 4)
-        )
-    for row in evaluation_report[evaluation_report["kv_bytes"] == 0].itertuples():
-        axis.axhline(row.token_f1, linestyle="--", color="grey", label=row.method)
-    axis.set_xscale("log")
-    axis.set_xlabel("KV cache bytes (log scale)")
-    axis.set_ylabel("token F1")
-    axis.set_title("Quality versus memory")
-    if len(evaluation_report[evaluation_report["kv_bytes"] == 0]):
-        axis.legend()
+    """Quality versus KV memory (log x), one panel per task, as in the paper's figure.
+
+    Each method and cartridge size is one point; truncated ICL and the cartridges are joined
+    across sizes; no context (no KV at all) is a dashed line.
+    """
+    panels = evaluation_report.dropna(subset=["quality"]).groupby(["task", "metric"], sort=False)
+    figure, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 4))
+    axes = [axes] if not hasattr(axes, "__len__") else list(axes)
+    for axis, ((task, metric), rows) in zip(axes, panels, strict=False):
+        with_memory = rows[rows["kv_bytes"] > 0]
+        for kind, series in with_memory.groupby("kind", sort=False):
+            series = series.sort_values("kv_bytes")
+            marker = {"icl": "*", "truncated_icl": "s", "composition": "D"}.get(kind, "o")
+            axis.plot(series["kv_bytes"], series["quality"], marker=marker, label=kind)
+            for row in series.itertuples():
+                axis.annotate(
+                    row.method,
+                    (row.kv_bytes, row.quality),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                )
+        for row in rows[rows["kv_bytes"] == 0].itertuples():
+            axis.axhline(row.quality, linestyle="--", color="grey", label=row.method)
+        axis.set_xscale("log")
+        axis.set_xlabel("KV cache bytes (log scale)")
+        better = "higher" if rows["higher_is_better"].iloc[0] else "lower"
+        axis.set_ylabel(f"{metric} ({better} is better)")
+        axis.set_title(task)
+        axis.legend(fontsize=7)
+    figure.suptitle("Quality versus memory")
     figure.tight_layout()
     return figure

@@ -1,4 +1,8 @@
-"""evaluation: corpus + cartridge + questions -> evaluation_report + tradeoff_plot."""
+"""evaluation: corpus + cartridges + questions + held-out conversations -> report and plot.
+
+The questions file is a parameter (``evaluation.questions_path``), read by the node's own loader
+so that a malformed line is reported with its number.
+"""
 
 from kedro.pipeline import Node, Pipeline
 
@@ -13,7 +17,9 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=[
                     "corpus",
                     "cartridge",
-                    "eval_questions",
+                    "cartridge_sweep",
+                    "conversations",
+                    "teacher_logprobs",
                     "params:evaluation",
                     "params:model",
                     "params:system_prompt",

@@ -1,0 +1,44 @@
+"""Small evaluation inputs built on the tiny model: corpus, questions, conversations."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from cartridges.chat import continuation_ids
+from tests.conftest import CORPUS
+
+SYSTEM_PROMPT = "Conversation about:\n{chunk}"
+SYSTEM_TEXT = SYSTEM_PROMPT.format(chunk=CORPUS)
+QUESTIONS = [
+    {"question": "Who built the pump?", "answer": "Halvard Industrial"},
+    {"question": "How often is the seal replaced?", "answer": "every 18 months"},
+    {"question": "Which alarm means a seal leak?", "answer": "B", "options": ["E12", "E21"]},
+]
+
+
+def write_questions(path, records=QUESTIONS) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def conversation_tables(tokenizer, count: int = 2) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``conversations`` and ``teacher_logprobs`` as self-study writes them (one target each)."""
+    rows, targets = [], []
+    for index in range(count):
+        messages = [
+            {"role": "user", "content": f"Question {index}: what does E21 mean?"},
+            {"role": "assistant", "content": "A seal leak on the Aurora pump."},
+        ]
+        prompt = continuation_ids(tokenizer, SYSTEM_TEXT, messages[:1], True)
+        token_ids = continuation_ids(tokenizer, SYSTEM_TEXT, messages)
+        cid = f"c{index}"
+        rows.append(
+            {"conversation_id": cid, "messages": json.dumps(messages), "token_ids": token_ids}
+        )
+        targets += [
+            {"conversation_id": cid, "position": p, "token_id": token_ids[p], "logprob": 0.0}
+            for p in range(len(prompt), len(token_ids))
+        ]
+    return pd.DataFrame(rows), pd.DataFrame(targets)

@@ -1,0 +1,138 @@
+"""The evaluation library on the tiny model: exactness, KV bytes, tasks and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cartridges.cartridge import Cartridge, CartridgeInfo, CartridgeMismatchError
+from cartridges.chat import context_ids
+from cartridges.evaluation import (
+    EvalConfig,
+    QuestionsError,
+    build_methods,
+    choose_option,
+    chrf,
+    evaluate,
+    held_out_conversations,
+    load_questions,
+)
+from cartridges.initialization import from_token_ids
+from tests.evaluation.data import SYSTEM_TEXT, conversation_tables, write_questions
+
+FAST = EvalConfig(max_new_tokens=4, batch_size=2, decode_tokens=2, cost_repeats=1)
+
+
+@pytest.fixture()
+def inputs(tiny, tmp_path):
+    model, tokenizer = tiny
+    context = context_ids(tokenizer, SYSTEM_TEXT)
+    conversations, targets = conversation_tables(tokenizer)
+    return {
+        "context": context,
+        "questions": load_questions(write_questions(tmp_path / "questions.jsonl")),
+        "held_out": held_out_conversations(conversations, targets, None, 8),
+    }
+
+
+def test_icl_and_a_cartridge_of_the_whole_context_score_identically(tiny, inputs):
+    model, tokenizer = tiny
+    whole = from_token_ids(model, inputs["context"], num_frozen_tokens=1)
+    small = from_token_ids(model, inputs["context"][:8])
+    methods = build_methods(model, inputs["context"], {"whole": whole, "small": small}, 4000)
+    report = evaluate(
+        model, tokenizer, methods, inputs["questions"], inputs["held_out"], SYSTEM_TEXT, FAST
+    )
+
+    assert set(report["task"]) == {"qa", "multiple_choice", "log_perplexity", "fidelity", "chrf"}
+    quality = report.pivot(index="task", columns="method", values="quality")
+    assert (quality["whole"] == quality["icl"]).all()  # every task, exactly
+    assert quality.loc["fidelity", "icl"] == 0.0 and quality.loc["fidelity", "whole"] == 0.0
+    assert {"no_context", "truncated_icl_p8", "composition"} <= set(report["method"])
+    assert quality.loc["fidelity", "no_context"] > 0
+
+
+def test_kv_bytes_are_exact_and_compression_is_their_ratio(tiny, inputs):
+    model, tokenizer = tiny
+    cartridge = from_token_ids(model, inputs["context"][:8])
+    methods = build_methods(model, inputs["context"], {"cartridge": cartridge}, 4000)
+    config = EvalConfig(tasks=("log_perplexity",), decode_tokens=2, cost_repeats=1)
+    report = evaluate(model, tokenizer, methods, inputs["questions"], [], SYSTEM_TEXT, config)
+    rows = report.set_index("method")
+    c = model.config
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4  # K+V, fp32
+    assert rows.loc["cartridge", "kv_bytes"] == 8 * per_token
+    assert rows.loc["truncated_icl_p8", "kv_bytes"] == 8 * per_token
+    assert rows.loc["icl", "kv_bytes"] == len(inputs["context"]) * per_token
+    assert rows.loc["no_context", "kv_bytes"] == 0
+    assert rows.loc["cartridge", "compression_vs_icl"] == len(inputs["context"]) / 8
+    assert (report["prefill_ms"] > 0).all() and (report["decode_tok_s_b16"] > 0).all()
+
+
+def test_icl_longer_than_the_model_is_cut_and_flagged(tiny, inputs):
+    model, _ = tiny
+    methods = build_methods(model, inputs["context"], {}, budget=16)
+    assert methods[0].num_tokens == 16
+    assert "truncated from" in methods[0].note and "to 16 tokens" in methods[0].note
+
+
+def test_a_cartridge_for_another_model_is_refused(tiny, inputs):
+    model, _ = tiny
+    cartridge = from_token_ids(model, inputs["context"][:4])
+    cartridge.info = CartridgeInfo(model_name="other/llm", model_fingerprint="0123456789abcdef")
+    with pytest.raises(CartridgeMismatchError, match="Refusing to evaluate 'mine'.*other/llm"):
+        build_methods(model, inputs["context"], {"mine": cartridge}, 4000)
+    wrong_shape = Cartridge(torch.zeros(3, 1, 4, 8), torch.zeros(3, 1, 4, 8))
+    with pytest.raises(CartridgeMismatchError, match="does not match"):
+        build_methods(model, inputs["context"], {"mine": wrong_shape}, 4000)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"question": "q", "answer": "a"}\n{"question": "q2", "answer": \n', r"line 2: not valid"),
+        ('\n["q", "a"]\n', r"line 2: expected a JSON object"),
+        ('{"question": "q"}\n', r"line 1: 'answer' must be a non-empty string"),
+        ('{"question": "q", "answer": "a", "options": ["a"]}\n', r"line 1: 'options' has 1 entry"),
+        ('{"question": "q", "answer": "z", "options": ["a", "b"]}\n', r"line 1: answer 'z'"),
+        ("\n  \n", r"holds no question"),
+    ],
+)
+def test_bad_questions_files_name_the_line(tmp_path, content, message):
+    path = tmp_path / "questions.jsonl"
+    path.write_text(content)
+    with pytest.raises(QuestionsError, match=message):
+        load_questions(path)
+
+
+def test_a_missing_questions_file_says_where_to_put_one(tmp_path):
+    with pytest.raises(QuestionsError, match=r"not found.*evaluation.questions_path"):
+        load_questions(tmp_path / "absent.jsonl")
+
+
+def test_an_empty_question_set_is_refused(tiny, inputs):
+    model, tokenizer = tiny
+    methods = build_methods(model, inputs["context"], {}, 4000)
+    with pytest.raises(QuestionsError, match="question set is empty"):
+        evaluate(model, tokenizer, methods, [], [], SYSTEM_TEXT, FAST)
+
+
+def test_unknown_tasks_are_refused():
+    with pytest.raises(ValueError, match=r"Unknown or no evaluation tasks \['bleu'\]"):
+        EvalConfig(tasks=("qa", "bleu"))
+
+
+def test_multiple_choice_letters_and_restated_options():
+    options = ["low suction pressure", "seal leak", "motor over-temperature"]
+    assert choose_option("B", options) == 1
+    assert choose_option("The answer is (C).", options) == 2
+    assert choose_option("a seal leak", options) == 1  # the text, not the article "a"
+    assert choose_option("motor too hot", options) == 2  # closest option
+
+
+def test_chrf_is_sacrebleus():
+    assert chrf(["the seal leaks"], ["the seal leaks"]) == 100.0
+    assert 0 < chrf(["the seal leak"], ["the seal leaks"]) < 100
+    assert math.isclose(chrf(["abc"], ["xyz"]), 0.0)

@@ -1,0 +1,85 @@
+"""notebooks/evaluation.ipynb runs headlessly against a project copy prepared here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+import yaml
+from kedro.io import DataCatalog
+from nbclient import NotebookClient
+
+from cartridges.chat import context_ids
+from cartridges.evaluation import EvalConfig, build_methods, evaluate, load_questions
+from cartridges.initialization import from_token_ids
+from cartridges.modeling import load_model
+from cartridges.pipelines.evaluation.nodes import plot_tradeoff
+
+ROOT = Path(__file__).resolve().parents[2]
+VERSIONS = ("2026-01-01T00.00.00.000Z", "2026-01-02T00.00.00.000Z")
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch) -> Path:
+    """A copy of the project with a corpus, a cartridge, two report versions and a plot."""
+    copy = tmp_path / "project"
+    for name in ("conf", "src", "notebooks", "data/01_raw", "data/06_models/tiny_llama"):
+        shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(ROOT / "pyproject.toml", copy / "pyproject.toml")
+    monkeypatch.chdir(copy)
+    params = yaml.safe_load((copy / "conf/base/parameters.yml").read_text())
+    entries = yaml.safe_load((copy / "conf/base/catalog.yml").read_text())
+    wanted = {k: entries[k] for k in ("corpus", "cartridge", "evaluation_report", "tradeoff_plot")}
+
+    model, tokenizer = load_model(params["model"]["name_or_path"], "float32", "cpu")
+    corpus = "\n\n".join(p.read_text() for p in sorted((copy / "data/01_raw/corpus").glob("*")))
+    system_text = params["system_prompt"].format(chunk=corpus)
+    context = context_ids(tokenizer, system_text)
+    cartridge = from_token_ids(model, context[:16])
+    methods = build_methods(model, context, {"cartridge": cartridge}, 4000)
+    questions = load_questions(copy / "data/01_raw/questions.jsonl")[:2]
+    for version, tokens in zip(VERSIONS, (2, 4), strict=True):
+        config = EvalConfig(tasks=("qa",), max_new_tokens=tokens, decode_tokens=2, cost_repeats=1)
+        report = evaluate(model, tokenizer, methods, questions, [], system_text, config)
+        catalog = DataCatalog.from_config(wanted, save_version=version)
+        catalog.save("corpus", pd.DataFrame({"text": [corpus]}))
+        catalog.save("cartridge", cartridge)
+        catalog.save("evaluation_report", report)
+        catalog.save("tradeoff_plot", plot_tradeoff(report))
+    return copy
+
+
+def _kernel(tmp_path: Path, monkeypatch) -> str:
+    """A kernelspec that runs this very interpreter (the venv's), whatever else is installed."""
+    spec = tmp_path / "jupyter" / "kernels" / "cartridges-test"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    return "cartridges-test"
+
+
+def test_the_notebook_runs(project, tmp_path, monkeypatch):
+    monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    notebook = nbformat.read(project / "notebooks/evaluation.ipynb", as_version=4)
+    client = NotebookClient(
+        notebook,
+        kernel_name=_kernel(tmp_path, monkeypatch),
+        timeout=120,
+        resources={"metadata": {"path": str(project / "notebooks")}},
+    )
+    client.execute()
+
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    text = "".join(o.get("text", "") for o in outputs)
+    html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    assert "image/png" in "".join(str(o.get("data", {}).keys()) for o in outputs)
+    assert "truncated_icl_p16" in html  # the latest report is shown
+    assert f"quality {VERSIONS[0]}" in html and f"quality {VERSIONS[1]}" in html
+    assert text.count("assistant:") == 3  # three greedy turns with the cartridge

@@ -1,0 +1,126 @@
+"""The evaluation pipeline on the tiny model: versioned cartridges, report, PNG plot, metrics."""
+
+from __future__ import annotations
+
+import matplotlib.image
+import pandas as pd
+import pytest
+from kedro.io import DataCatalog, MemoryDataset, Version
+from kedro.runner import SequentialRunner
+from kedro_datasets.matplotlib import MatplotlibDataset
+from kedro_datasets.pandas import CSVDataset
+
+from cartridges.chat import context_ids
+from cartridges.datasets import CartridgeDataset
+from cartridges.initialization import from_token_ids
+from cartridges.pipelines.evaluation import create_pipeline
+from tests.conftest import CORPUS
+from tests.evaluation.data import SYSTEM_PROMPT, SYSTEM_TEXT, conversation_tables, write_questions
+
+
+@pytest.fixture()
+def catalog(tiny, tiny_model_dir, tmp_path):
+    model, tokenizer = tiny
+    context = context_ids(tokenizer, SYSTEM_TEXT)
+    cartridges = tmp_path / "cartridge.safetensors"
+    for version, p in (("2026-01-01T00.00.00.000Z", 8), ("2026-01-02T00.00.00.000Z", 16)):
+        cartridge = from_token_ids(model, context[:p])
+        cartridge.info.extra["held_out_conversations"] = ["c1"]
+        CartridgeDataset(str(cartridges), version=Version(None, version)).save(cartridge)
+    conversations, targets = conversation_tables(tokenizer)
+    catalog = DataCatalog(
+        {
+            "cartridge": CartridgeDataset(str(cartridges), version=Version(None, None)),
+            "evaluation_report": CSVDataset(
+                filepath=str(tmp_path / "report.csv"), version=Version(None, None)
+            ),
+            "tradeoff_plot": MatplotlibDataset(
+                filepath=str(tmp_path / "plot.png"), version=Version(None, None)
+            ),
+            "evaluation_metrics": MemoryDataset(),
+        }
+    )
+    catalog["corpus"] = pd.DataFrame({"text": [CORPUS]})
+    catalog["cartridge_sweep"] = {}
+    catalog["conversations"] = conversations
+    catalog["teacher_logprobs"] = targets
+    catalog["params:model"] = {
+        "name_or_path": str(tiny_model_dir),
+        "dtype": "float32",
+        "device": "cpu",
+    }
+    catalog["params:system_prompt"] = SYSTEM_PROMPT
+    catalog["params:evaluation"] = {
+        "questions_path": write_questions(tmp_path / "questions.jsonl"),
+        "tasks": ["qa", "log_perplexity", "fidelity", "chrf"],
+        "cartridge_filepath": str(cartridges),
+        "cartridge_versions": [],
+        "max_new_tokens": 4,
+        "decode_tokens": 2,
+        "cost_repeats": 1,
+    }
+    return catalog, tmp_path
+
+
+def test_the_latest_cartridge_is_compared_and_the_plot_is_a_png(catalog):
+    catalog, tmp_path = catalog
+    SequentialRunner().run(create_pipeline(), catalog)
+
+    report = catalog["evaluation_report"].load()
+    assert list(dict.fromkeys(report["method"])) == [
+        "icl",
+        "no_context",
+        "cartridge",
+        "truncated_icl_p16",  # the latest version is the p=16 one
+    ]
+    assert (report.groupby("method").size() == 5).all()  # qa, choice, chrf, ppl, fidelity
+    fidelity = report[report["task"] == "fidelity"]
+    assert (fidelity["num_items"] == 1).all()  # only the held-out conversation c1
+    metrics = catalog["evaluation_metrics"].load()
+    assert metrics["cartridge.qa.token_f1"]["step"] == 0
+    assert metrics["icl.fidelity.kl_from_icl"]["value"] == 0.0
+    assert "no_context.compression_vs_icl" not in metrics  # infinite: not a metric
+
+    (png,) = (tmp_path / "plot.png").glob("*/plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(png).shape[0] > 100
+
+
+def test_listed_versions_compare_sizes_and_their_composition(catalog):
+    catalog, _ = catalog
+    params = catalog["params:evaluation"].load()
+    catalog["params:evaluation"] = params | {
+        "tasks": ["log_perplexity"],
+        "cartridge_versions": ["2026-01-01T00.00.00.000Z", "2026-01-02T00.00.00.000Z"],
+    }
+    SequentialRunner().run(create_pipeline(), catalog)
+    report = catalog["evaluation_report"].load().set_index("method")
+    assert list(report.index) == [
+        "icl",
+        "no_context",
+        "cartridge_p8",
+        "truncated_icl_p8",
+        "cartridge_p16",
+        "truncated_icl_p16",
+        "composition",
+        "truncated_icl_p24",
+    ]
+    assert report.loc["cartridge_p8", "cartridge_version"] == "2026-01-01T00.00.00.000Z"
+    assert report.loc["composition", "kv_tokens"] == 24
+    assert "composed of cartridge_p8, cartridge_p16" in report.loc["composition", "note"]
+
+
+def test_an_unknown_version_lists_the_available_ones(catalog):
+    catalog, _ = catalog
+    params = catalog["params:evaluation"].load()
+    catalog["params:evaluation"] = params | {"cartridge_versions": ["2030-01-01T00.00.00.000Z"]}
+    with pytest.raises(FileNotFoundError, match=r"not found.*2026-01-01T00.00.00.000Z"):
+        SequentialRunner().run(create_pipeline(), catalog)
+
+
+def test_a_missing_questions_file_fails_before_the_model_loads(catalog):
+    catalog, tmp_path = catalog
+    params = catalog["params:evaluation"].load()
+    catalog["params:evaluation"] = params | {"questions_path": str(tmp_path / "none.jsonl")}
+    with pytest.raises(ValueError, match="none.jsonl' not found"):
+        SequentialRunner().run(create_pipeline(), catalog)
