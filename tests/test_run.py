@@ -50,9 +50,22 @@ def _run(project: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+# A reduced default run: fewer conversations and steps, no size sweep, QA only. It is the
+# project's regression test that the method works on the embedded toy-world model, not only runs.
+REDUCED = ",".join(
+    [
+        "self_study.num_conversations=768",
+        "distill_training.train.max_steps=700",
+        "distill_training.sweep_compressions=[]",
+        "evaluation.tasks=[qa]",
+        "evaluation.decode_batch_sizes=[1]",
+    ]
+)
+
+
 @pytest.mark.slow
-def test_default_pipeline_runs_from_a_fresh_copy(project):
-    result = _run(project, "run")
+def test_default_pipeline_runs_from_a_fresh_copy_and_the_cartridge_recovers_icl(project):
+    result = _run(project, "run", "--params", REDUCED)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "Evaluation report" in result.stdout + result.stderr
     reports = list(
@@ -60,7 +73,14 @@ def test_default_pipeline_runs_from_a_fresh_copy(project):
     )
     assert len(reports) == 1
     report = pd.read_csv(reports[0])
-    assert {"icl", "no_context", "cartridge"} <= set(report["method"])
+    assert {"icl", "no_context", "cartridge", "truncated_icl_p33"} <= set(report["method"])
+    accuracy = report[report["task"] == "qa"].set_index("method")["exact_match"]
+    assert accuracy["icl"] >= 0.9  # the toy model reads its document
+    assert accuracy["no_context"] <= 0.1  # and cannot guess it
+    # A cartridge 4x smaller than the document keeps most of the in-context accuracy, far
+    # above the document cut to the same size.
+    assert accuracy["cartridge"] >= 0.75 * accuracy["icl"], accuracy.to_dict()
+    assert accuracy["cartridge"] > accuracy["truncated_icl_p33"] + 0.25, accuracy.to_dict()
     assert len(list((project / "data/06_models/cartridge.safetensors").iterdir())) == 1
     assert len(list((project / "data/08_reporting/tradeoff_plot.png").glob("*/*.png"))) == 1
     assert (project / "mlflow.db").exists()  # tracking went to the local sqlite store
@@ -92,7 +112,9 @@ def test_torchrun_trains_with_two_processes_and_rank_zero_writes(project):
             "--pipeline",
             "distill_training",
             "--params",
-            "distill_training.train.micro_batch_size=4",  # 8 rows = 4 per process x 2
+            # 16 rows per step = 4 per micro-batch x 2 accumulation x 2 processes
+            "distill_training.train.micro_batch_size=4,distill_training.train.max_steps=20,"
+            "distill_training.sweep_compressions=[]",
         ],
         cwd=project,
         env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"},

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from cartridges.batching import Batch, Example, make_batch, plan_batches
@@ -35,6 +34,7 @@ from cartridges.cartridge import Cartridge
 from cartridges.losses import kl_from_topk, topk_distillation_loss
 from cartridges.modeling import sliding_window
 from cartridges.prefix import forward_with_prefix
+from cartridges.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def train_cartridge(
         else nullcontext()
     )
     history: list[dict[str, float]] = []
-    progress = tqdm(range(start, total), desc="distill", unit="step", disable=rank != 0)
+    progress = progress_bar(range(start, total), desc="distill", unit="step", disable=rank != 0)
     for step in progress:
         started = time.perf_counter()
         rows = _batch_for_step(examples, config, step, plans)[rank::world_size]

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from cartridges.chat import Message, continuation_ids
+from cartridges.progress import progress_bar
 from cartridges.synthesis.backends import Backend, Completion
 from cartridges.synthesis.seed_prompts import sample_seed, seed_registry, validate_weights
 from cartridges.targets import to_tables
@@ -295,7 +295,7 @@ def run_self_study(
     started, tokens, fresh = time.perf_counter(), 0, 0
     total = config.num_conversations
     initial = sum(config.batch_size(b) for b in done)
-    with tqdm(total=total, initial=initial, desc="self-study", unit="conv") as progress:
+    with progress_bar(total=total, initial=initial, desc="self-study", unit="conv") as progress:
         for batch_index in range(config.num_batches):
             if batch_index in done:
                 continue

@@ -488,3 +488,21 @@ def write_example_corpus(
         questions_path,
     )
     return docs
+
+
+def main() -> None:
+    """Write the example corpus and its held-out questions (the project's default inputs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--corpus-dir", default="data/01_raw/corpus", help="where documents go")
+    parser.add_argument("--questions", default="data/01_raw/questions.jsonl", help="JSONL output")
+    parser.add_argument("--docs", type=int, default=1, help="number of documents")
+    parser.add_argument("--seed", type=int, default=2026, help="seed of the generated world")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    write_example_corpus(args.corpus_dir, args.questions, n_docs=args.docs, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()
