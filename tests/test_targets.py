@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from cartridges.synthesis.self_study import Conversation, truncate_to_mass
-from cartridges.targets import TargetsError, to_examples, to_tables
+from cartridges.targets import (
+    TargetsError,
+    memorization_examples,
+    one_hot,
+    to_examples,
+    to_tables,
+)
 
 
 def _conversation(cid: str, token_ids: list[int], targets) -> Conversation:
@@ -68,3 +74,14 @@ def test_top_k_is_cut_once_the_probability_mass_is_reached():
     assert truncate_to_mass(ids, logprobs, 0.95)[0] == [5, 6, 7]
     assert truncate_to_mass(ids, logprobs, 0.5)[0] == [5]
     assert truncate_to_mass(ids, logprobs, 1.0)[0] == [5, 6, 7, 8]
+
+
+def test_cross_entropy_and_memorization_targets_are_one_hot():
+    conversations, targets = to_tables(CONVERSATIONS)
+    (first, _) = one_hot(to_examples(conversations, targets, vocab_size=10))
+    assert first.teacher_ids.tolist() == [[3], [4]]  # the actual tokens at positions 2 and 3
+    assert first.teacher_logprobs.tolist() == [[0.0], [0.0]]
+    (chunk,) = memorization_examples([[5, 6, 7], [9]])  # a one-token chunk has nothing to predict
+    assert chunk.positions.tolist() == [1, 2] and chunk.teacher_ids.tolist() == [[6], [7]]
+    with pytest.raises(TargetsError, match="No corpus chunk has two tokens"):
+        memorization_examples([[1]])

@@ -122,3 +122,36 @@ def _dense_targets(group: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, tor
         torch.from_numpy(ids),
         torch.from_numpy(logprobs),
     )
+
+
+def one_hot(examples: list[Example]) -> list[Example]:
+    """The same positions with the actual next token as the only target (token cross-entropy).
+
+    With a one-hot teacher the distillation loss is exactly the cross-entropy of the answer
+    tokens: the ablation that distillation is compared with.
+    """
+    return [
+        Example(
+            e.token_ids,
+            e.positions,
+            e.token_ids[e.positions][:, None],
+            torch.zeros((len(e.positions), 1)),
+        )
+        for e in examples
+    ]
+
+
+def memorization_examples(token_ids: list[list[int]]) -> list[Example]:
+    """Next-token prediction on raw corpus chunks: the "memorisation" baseline of the paper."""
+    examples = []
+    for ids in token_ids:
+        if len(ids) < 2:
+            continue
+        tokens = torch.tensor(ids, dtype=torch.long)
+        positions = torch.arange(1, len(ids))
+        examples.append(
+            Example(tokens, positions, tokens[1:, None], torch.zeros((len(ids) - 1, 1)))
+        )
+    if not examples:
+        raise TargetsError("No corpus chunk has two tokens or more to memorise.")
+    return examples

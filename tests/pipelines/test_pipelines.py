@@ -162,3 +162,23 @@ def test_document_prep_is_deterministic(catalog):
     first = catalog["chunk_set"].load()
     SequentialRunner().run(document_prep(), catalog)
     pd.testing.assert_frame_equal(first, catalog["chunk_set"].load())
+
+
+@pytest.mark.parametrize("objective", ["cross_entropy", "memorization"])
+def test_the_ablation_objectives_train_a_cartridge(catalog, objective):
+    params = catalog["params:distill_training"].load()
+    catalog["params:distill_training"] = {
+        **params,
+        "objective": objective,
+        "sweep_compressions": [],
+    }
+    SequentialRunner().run(document_prep() + self_study() + distill_training(), catalog)
+    cartridge = catalog["cartridge"].load()
+    assert cartridge.info.extra["train_steps"] == 3
+
+
+def test_an_unknown_objective_is_refused(catalog):
+    params = catalog["params:distill_training"].load()
+    catalog["params:distill_training"] = {**params, "objective": "poetry"}
+    with pytest.raises(ValueError, match=r"Unknown objective 'poetry'"):
+        SequentialRunner().run(document_prep() + self_study() + distill_training(), catalog)

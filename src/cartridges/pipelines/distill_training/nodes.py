@@ -17,7 +17,7 @@ from cartridges.corpus import join_documents
 from cartridges.distributed import process_group
 from cartridges.initialization import from_random_tokens, from_random_vectors, from_token_ids
 from cartridges.modeling import load_model
-from cartridges.targets import to_examples
+from cartridges.targets import memorization_examples, one_hot, to_examples
 from cartridges.training import TrainConfig, evaluate_kl, train_cartridge
 
 logger = logging.getLogger(__name__)
@@ -69,10 +69,19 @@ def initialize_cartridge(
     return _initial(llm, tokenizer, context, sha256, cartridge_size(params, len(context)), params)
 
 
-def _split(conversations, teacher_logprobs, params, vocab_size: int):
+OBJECTIVES = ("distillation", "cross_entropy", "memorization")
+
+
+def _split(conversations, teacher_logprobs, chunk_set, params, tokenizer):
+    """Training and held-out examples (and the held-out conversation ids) for ``objective``."""
     config = TrainConfig(**params["train"])
-    examples = to_examples(conversations, teacher_logprobs, vocab_size)
-    ids = list(
+    examples = to_examples(conversations, teacher_logprobs, len(tokenizer))
+    objective = params.get("objective", "distillation")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"Unknown objective {objective!r}; use one of {list(OBJECTIVES)}.")
+    if objective == "cross_entropy":
+        examples = one_hot(examples)
+    conversation_ids = list(
         conversations["conversation_id"][
             conversations["conversation_id"].isin(set(teacher_logprobs["conversation_id"]))
         ]
@@ -81,11 +90,12 @@ def _split(conversations, teacher_logprobs, params, vocab_size: int):
     random.Random(config.seed).shuffle(order)
     count = max(1, int(len(order) * params["held_out_fraction"])) if len(order) > 1 else 0
     held_out, train = order[:count], order[count:]
-    return (
-        [examples[i] for i in train],
-        [examples[i] for i in held_out],
-        [ids[i] for i in held_out],
-    )
+    training = [examples[i] for i in train]
+    if objective == "memorization":
+        # The baseline trains on the raw chunks; held-out KL is still measured on conversations.
+        chunks = tokenizer(list(chunk_set["text"]), add_special_tokens=False)["input_ids"]
+        training = memorization_examples(chunks)
+    return training, [examples[i] for i in held_out], [conversation_ids[i] for i in held_out]
 
 
 def _train(llm, tokenizer, initial, train, held_out, held_out_ids, params):
@@ -134,6 +144,7 @@ def _train(llm, tokenizer, initial, train, held_out, held_out_ids, params):
 
 def distill_cartridge(
     initial: Cartridge,
+    chunk_set: pd.DataFrame,
     conversations: pd.DataFrame,
     teacher_logprobs: pd.DataFrame,
     params: dict[str, Any],
@@ -141,11 +152,17 @@ def distill_cartridge(
 ) -> tuple[Cartridge, dict[str, Any]]:
     """Train the cartridge on the teacher targets; hold some conversations out to measure KL.
 
+    ``objective`` picks the targets: ``distillation`` (the teacher's top-k, the method),
+    ``cross_entropy`` (the answer tokens only) or ``memorization`` (next-token prediction on
+    the raw chunks); the last two are the paper's ablations.
+
     Returns:
         The trained ``cartridge`` and ``training_metrics`` in kedro-mlflow's history format.
     """
     llm, tokenizer = load_model(model["name_or_path"], model["dtype"], model["device"])
-    train, held_out, held_out_ids = _split(conversations, teacher_logprobs, params, len(tokenizer))
+    train, held_out, held_out_ids = _split(
+        conversations, teacher_logprobs, chunk_set, params, tokenizer
+    )
     cartridge, history, kl_before, kl_after = _train(
         llm, tokenizer, initial, train, held_out, held_out_ids, params
     )
@@ -160,6 +177,7 @@ def distill_cartridge(
 
 def distill_cartridge_sweep(
     corpus: pd.DataFrame,
+    chunk_set: pd.DataFrame,
     conversations: pd.DataFrame,
     teacher_logprobs: pd.DataFrame,
     params: dict[str, Any],
@@ -176,7 +194,9 @@ def distill_cartridge_sweep(
         return {}
     llm, tokenizer = load_model(model["name_or_path"], model["dtype"], model["device"])
     context, sha256 = _corpus_context(corpus, tokenizer, system_prompt)
-    train, held_out, held_out_ids = _split(conversations, teacher_logprobs, params, len(tokenizer))
+    train, held_out, held_out_ids = _split(
+        conversations, teacher_logprobs, chunk_set, params, tokenizer
+    )
     sweep = {}
     for compression in compressions:
         p = cartridge_size(

@@ -27,6 +27,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 distill_cartridge,
                 inputs=[
                     "initial_cartridge",
+                    "chunk_set",
                     "conversations",
                     "teacher_logprobs",
                     "params:distill_training",
@@ -39,6 +40,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 distill_cartridge_sweep,
                 inputs=[
                     "corpus",
+                    "chunk_set",
                     "conversations",
                     "teacher_logprobs",
                     "params:distill_training",
