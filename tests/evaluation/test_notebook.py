@@ -28,7 +28,8 @@ VERSIONS = ("2026-01-01T00.00.00.000Z", "2026-01-02T00.00.00.000Z")
 def project(tmp_path, monkeypatch) -> Path:
     """A copy of the project with a corpus, a cartridge, two report versions and a plot."""
     copy = tmp_path / "project"
-    for name in ("conf", "src", "notebooks", "data/01_raw", "data/06_models/tiny_llama"):
+    models = ("data/06_models/tiny_llama", "data/06_models/toy_world")
+    for name in ("conf", "src", "notebooks", "data/01_raw", *models):
         shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(ROOT / "pyproject.toml", copy / "pyproject.toml")
     monkeypatch.chdir(copy)
