@@ -23,8 +23,8 @@ import logging
 import time
 
 import torch
+from models import build_model
 from peft import CartridgeConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from cartridges.batching import Example
 from cartridges.initialization import from_token_ids
@@ -33,20 +33,6 @@ from cartridges.training import TrainConfig, train_cartridge
 
 logger = logging.getLogger("benchmark")
 TOP_K = 20
-
-
-def build_model(vocab: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=256,
-        intermediate_size=704,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
-    )
-    return LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from models import build_model
 
 from cartridges.chat import chat_ids
 from cartridges.modeling import load_tokenizer
@@ -26,20 +26,6 @@ from cartridges.synthesis.backends import LocalBackend
 
 logger = logging.getLogger("benchmark")
 TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "06_models" / "tiny_llama"
-
-
-def build_model(vocab: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=256,
-        intermediate_size=704,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
-    )
-    return LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
 def main() -> None:
