@@ -182,3 +182,25 @@ def test_an_unknown_objective_is_refused(catalog):
     catalog["params:distill_training"] = {**params, "objective": "poetry"}
     with pytest.raises(ValueError, match=r"Unknown objective 'poetry'"):
         SequentialRunner().run(document_prep() + self_study() + distill_training(), catalog)
+
+
+def test_the_toy_world_pipeline_pretrains_and_saves_a_loadable_model(tmp_path):
+    from cartridges.datasets import PretrainedModelDataset
+    from cartridges.pipelines.toy_world import create_pipeline as toy_world
+
+    catalog = DataCatalog({"toy_world_model": PretrainedModelDataset(str(tmp_path / "toy"))})
+    catalog["params:toy_world"] = {
+        "steps": 3,
+        "batch_size": 4,
+        "curriculum": [4],
+        "eval_every": 100,
+        "eval_questions": 4,
+        "checkpoint_every": 100,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+    }
+    SequentialRunner().run(toy_world(), catalog)
+    model, tokenizer = catalog["toy_world_model"].load()
+    assert model.config.model_type == "toy_world_llama" and tokenizer.chat_template
+    metrics = catalog["toy_world_metrics"].load()
+    assert metrics and all(0.0 <= m["value"] <= 1.0 and m["step"] == 3 for m in metrics.values())

@@ -3,5 +3,11 @@
 from cartridges.datasets.cartridge_dataset import CartridgeDataset
 from cartridges.datasets.cartridge_set_dataset import CartridgeSetDataset
 from cartridges.datasets.parquet_shards_dataset import ParquetShardsDataset
+from cartridges.datasets.pretrained_model_dataset import PretrainedModelDataset
 
-__all__ = ["CartridgeDataset", "CartridgeSetDataset", "ParquetShardsDataset"]
+__all__ = [
+    "CartridgeDataset",
+    "CartridgeSetDataset",
+    "ParquetShardsDataset",
+    "PretrainedModelDataset",
+]
