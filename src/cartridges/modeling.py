@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -160,9 +161,21 @@ def _not_found(name_or_path: str | os.PathLike, error: Exception) -> ModelNotFou
     )
 
 
-@torch.no_grad()
+# Per-model results of kv_layout and model_fingerprint: models are frozen, and both are asked
+# for on hot paths (every prefix built during self-study, every compatibility check).
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def kv_layout(model: PreTrainedModel) -> KVLayout:
     """Read the KV layout from a one-token forward pass, so that no naming convention is assumed."""
+    if model not in _LAYOUTS:
+        _LAYOUTS[model] = _read_kv_layout(model)
+    return _LAYOUTS[model]
+
+
+@torch.no_grad()
+def _read_kv_layout(model: PreTrainedModel) -> KVLayout:
     ids = torch.zeros((1, 1), dtype=torch.long, device=model.device)
     cache = model(input_ids=ids, use_cache=True).cache
     shapes = {tuple(layer.keys.shape[1:]) for layer in cache.layers} | {
@@ -202,6 +215,12 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     works on the other. The weight sample is rounded to bfloat16 first, so that the same
     checkpoint loaded in float32 or bfloat16 keeps its fingerprint.
     """
+    if model not in _FINGERPRINTS:
+        _FINGERPRINTS[model] = _compute_fingerprint(model)
+    return _FINGERPRINTS[model]
+
+
+def _compute_fingerprint(model: PreTrainedModel) -> str:
     config = {
         key: value
         for key, value in model.config.to_dict().items()

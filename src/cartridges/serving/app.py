@@ -384,6 +384,11 @@ def _sse(payload: dict | str) -> str:
 
 
 # --------------------------------------------------------------------------- the app
+def _response_head(kind: str, model_id: str) -> dict:
+    """The fields every (chat) completion response and stream chunk starts with."""
+    return {"id": f"{kind}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
+
+
 def create_app(
     config: ServingConfig,
     model: PreTrainedModel | None = None,
@@ -485,11 +490,7 @@ def create_app(
         stops = request.stop_strings()
         rendered = [service.render(row, stops) for row in rows]
         usage = _usage([prompt], rendered, prefix_tokens)
-        head = {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "created": int(time.time()),
-            "model": config.model_id,
-        }
+        head = _response_head("chatcmpl", config.model_id)
         as_ids = request.return_tokens_as_token_ids
         if request.stream:
             return _stream(_chat_chunks(service, request, head, rendered, usage, as_ids))
@@ -536,11 +537,7 @@ def create_app(
         stops = request.stop_strings()
         rendered = [service.render(row, stops) for row in rows]
         usage = _usage(prompts, rendered, prefix_tokens)
-        head = {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "created": int(time.time()),
-            "model": config.model_id,
-        }
+        head = _response_head("cmpl", config.model_id)
         as_ids = request.return_tokens_as_token_ids
         if request.stream:
             return _stream(_completion_chunks(service, request, head, rendered, usage, as_ids))
