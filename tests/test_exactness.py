@@ -8,7 +8,7 @@ import transformers
 
 from cartridges.generation import generate
 from cartridges.initialization import from_token_ids
-from cartridges.prefix import forward_with_prefix
+from cartridges.prefix import forward_with_prefix, head_only_at
 from tests.architectures import ARCHITECTURES, VOCAB_SIZE, _llama_like, build_model
 
 DOC_LEN = 40
@@ -51,6 +51,22 @@ def test_cartridge_of_whole_document_equals_document_in_context(architecture, si
     document = _random_ids(generator, DOC_LEN)
     queries = [_random_ids(generator, n) for n in QUERY_LENGTHS]
     assert _max_logit_error(model, document, queries, side) <= 1e-4
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_head_only_at_targets_equals_full_logits_gathered(architecture):
+    """Training's gathered head gives the logits the full head gives at the same positions."""
+    model = build_model(architecture)
+    generator = torch.Generator().manual_seed(2)
+    cartridge = from_token_ids(model, _random_ids(generator, DOC_LEN))
+    ids, mask, _ = _padded([_random_ids(generator, n) for n in QUERY_LENGTHS], "right")
+    rows, columns = torch.tensor([0, 2, 1, 0, 1]), torch.tensor([4, 0, 8, 1, 3])
+    full = forward_with_prefix(model, cartridge.as_cache(3, model.config), ids, mask).logits
+    with head_only_at(model, rows, columns):
+        gathered = forward_with_prefix(model, cartridge.as_cache(3, model.config), ids, mask)
+    assert gathered.logits.shape == (1, len(rows), model.config.vocab_size)
+    assert (gathered.logits[0] - full[rows, columns]).abs().max() <= 1e-5
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is gone afterwards
 
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))

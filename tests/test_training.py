@@ -54,6 +54,24 @@ def test_training_lowers_the_kl_to_the_teacher(data):
     assert torch.equal(trained.frozen_keys, cartridge.frozen_keys)
 
 
+def test_evaluation_hooks_run_every_eval_every_steps_on_the_current_cartridge(data):
+    model, _, examples, cartridge = data
+    seen = []
+    trained, history = train_cartridge(
+        model,
+        from_cartridge(cartridge),
+        examples,
+        TrainConfig(global_batch_size=4, micro_batch_size=4, max_steps=5, eval_every=2),
+        pad_token_id=0,
+        held_out=examples[:2],
+        on_eval=lambda c, step: seen.append((step, c.trainable_keys.detach().clone())),
+    )
+    assert [step for step, _ in seen] == [2, 4]
+    assert [("held_out_kl" in h) for h in history] == [False, True, False, True, False]
+    assert not torch.equal(seen[0][1], seen[1][1])  # the cartridge as trained so far
+    assert not torch.equal(seen[1][1], trained.trainable_keys)
+
+
 def test_packed_rows_never_attend_across_conversations(data):
     model, _, examples, cartridge = data
     rows = [[0, 1, 2], [3, 4]]

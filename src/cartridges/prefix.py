@@ -8,6 +8,8 @@ whether they derive positions from the mask, and a prefix must shift them either
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from transformers import Cache, PreTrainedModel
 
@@ -83,3 +85,26 @@ def forward_with_prefix(
         use_cache=use_cache or cache is not None,
         **kwargs,
     )
+
+
+@contextmanager
+def head_only_at(model: PreTrainedModel, rows: torch.Tensor, columns: torch.Tensor):
+    """Within the block, the output head runs only at hidden positions ``(rows, columns)``.
+
+    Training needs logits only where the teacher has targets. Gathering the final hidden states
+    before the head, rather than the logits after it, skips the head's work elsewhere and never
+    builds the ``[B, T, V]`` logits (gigabytes with a real vocabulary); the model's own head
+    post-processing (e.g. logit soft-capping) still applies. Logits come out as ``[1, N, V]``.
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"Model '{model.name_or_path}' has no output embeddings (lm head).")
+
+    def gather(_module, args):
+        return (args[0][rows, columns].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()

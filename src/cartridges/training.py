@@ -33,7 +33,7 @@ from cartridges.batching import Batch, Example, make_batch, plan_batches
 from cartridges.cartridge import Cartridge
 from cartridges.losses import kl_from_topk, topk_distillation_loss
 from cartridges.modeling import sliding_window
-from cartridges.prefix import forward_with_prefix
+from cartridges.prefix import forward_with_prefix, head_only_at
 from cartridges.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -129,15 +129,15 @@ def _loss_sum(
 ) -> torch.Tensor:
     """Sum over the batch's distilled positions of the loss (or of the top-k KL)."""
     cache = cartridge.as_cache(batch.input_ids.shape[0], model.config)
-    logits = forward_with_prefix(
-        model,
-        cache,
-        batch.input_ids,
-        batch.attention_mask,
-        use_cache=False,
-        position_ids=batch.position_ids,
-    ).logits  # [B, T, V]
-    student = logits[batch.rows, batch.columns]  # [N, V]
+    with head_only_at(model, batch.rows, batch.columns):
+        student = forward_with_prefix(
+            model,
+            cache,
+            batch.input_ids,
+            batch.attention_mask,
+            use_cache=False,
+            position_ids=batch.position_ids,
+        ).logits[0]  # [N, V]
     loss_fn = kl_from_topk if kl else topk_distillation_loss
     return loss_fn(student, batch.teacher_ids, batch.teacher_logprobs) * len(batch.rows)
 
@@ -230,6 +230,7 @@ def train_cartridge(
     checkpoint_dir: str | os.PathLike | None = None,
     held_out: Sequence[Example] = (),
     on_step: Callable[[dict[str, float], int], None] | None = None,
+    on_eval: Callable[[Cartridge, int], None] | None = None,
 ) -> tuple[Cartridge, list[dict[str, float]]]:
     """Optimise the trainable part of ``cartridge``; return it and the per-step history.
 
@@ -243,6 +244,8 @@ def train_cartridge(
             run (inputs and parameters) gets its own subdirectory, so runs never clobber.
         held_out: conversations for the periodic held-out KL.
         on_step: called with ``(metrics, step)`` after every step (rank 0 only), e.g. to log.
+        on_eval: called with ``(cartridge, steps done)`` every ``eval_every`` steps (rank 0
+            only), e.g. to log sample generations.
     """
     if not examples:
         raise ValueError("No training conversations: the conversations table is empty.")
@@ -325,10 +328,13 @@ def train_cartridge(
             "tokens_per_s": tokens / (time.perf_counter() - started),
         }
         done = step + 1
-        if held_out and config.eval_every and done % config.eval_every == 0 and rank == 0:
-            metrics["held_out_kl"] = evaluate_kl(
-                model, cartridge, held_out, config.micro_batch_size, pad_token_id
-            )
+        if config.eval_every and done % config.eval_every == 0 and rank == 0:
+            if held_out:
+                metrics["held_out_kl"] = evaluate_kl(
+                    model, cartridge, held_out, config.micro_batch_size, pad_token_id
+                )
+            if on_eval is not None:
+                on_eval(cartridge, done)
         history.append(metrics)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}")
         if on_step is not None and rank == 0:

@@ -27,7 +27,7 @@ from cartridges.chat import Message, chat_ids, continuation_ids
 from cartridges.evaluation.methods import Method
 from cartridges.evaluation.questions import Question, prompt_text
 from cartridges.generation import generate
-from cartridges.prefix import forward_with_prefix
+from cartridges.prefix import forward_with_prefix, head_only_at
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +117,10 @@ def _logprobs(
     """``[N, V]`` float32 log-probabilities of the tokens at ``positions``, after the prefix."""
     ids = torch.tensor([list(token_ids)], device=model.device)
     cache = method.prefix.as_cache(1, model.config) if method.prefix is not None else None
-    logits = forward_with_prefix(model, cache, ids, use_cache=False).logits[0]  # [T, V]
-    rows = torch.tensor([p - 1 for p in positions], device=logits.device)  # i-1 predicts i
-    return torch.log_softmax(logits[rows].float(), dim=-1)
+    columns = torch.tensor([p - 1 for p in positions], device=model.device)  # i-1 predicts i
+    with head_only_at(model, torch.zeros_like(columns), columns):
+        logits = forward_with_prefix(model, cache, ids, use_cache=False).logits[0]  # [N, V]
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 # --------------------------------------------------------------------------- fidelity
