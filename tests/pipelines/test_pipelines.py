@@ -204,3 +204,44 @@ def test_the_toy_world_pipeline_pretrains_and_saves_a_loadable_model(tmp_path):
     assert model.config.model_type == "toy_world_llama" and tokenizer.chat_template
     metrics = catalog["toy_world_metrics"].load()
     assert metrics and all(0.0 <= m["value"] <= 1.0 and m["step"] == 3 for m in metrics.values())
+
+
+def test_training_logs_the_cartridges_greedy_answers_to_held_out_questions(
+    catalog, monkeypatch, tiny
+):
+    from cartridges.generation import generate
+    from cartridges.pipelines.distill_training import nodes
+
+    logged = {}
+    monkeypatch.setattr(nodes.mlflow, "active_run", lambda: True)
+    monkeypatch.setattr(nodes.mlflow, "log_metrics", lambda *args, **kwargs: None)
+    monkeypatch.setattr(nodes.mlflow, "log_text", lambda text, path: logged.update({path: text}))
+    params = catalog["params:distill_training"].load()
+    catalog["params:distill_training"] = {
+        **params,
+        "sweep_compressions": [],
+        "eval_generations": 1,
+        "eval_max_new_tokens": 5,
+        "train": {**params["train"], "eval_every": 2},
+    }
+    SequentialRunner().run(document_prep() + self_study() + distill_training(), catalog)
+
+    assert sorted(logged) == ["generations/p8/step_000002.md", "generations/p8/step_000003.md"]
+    cartridge = catalog["cartridge"].load()
+    (held_out,) = cartridge.info.extra["held_out_conversations"]
+    conversations = catalog["conversations"].load().set_index("conversation_id")
+    row = conversations.loc[held_out]
+    question, teacher = json.loads(row["messages"])[:2]
+    model, tokenizer = tiny
+    (answer,) = generate(
+        model,
+        [list(row["token_ids"][: row["answer_start"]])],
+        prefix=cartridge,
+        max_new_tokens=5,
+        stop_token_ids=[tokenizer.eos_token_id],
+    )
+    final = logged["generations/p8/step_000003.md"]
+    assert f"### Question\n{question['content']}\n" in final
+    assert f"### Teacher (chunk in context)\n{teacher['content']}\n" in final
+    expected = tokenizer.decode(answer.token_ids, skip_special_tokens=True)
+    assert final.endswith(f"### Cartridge (p=8, greedy)\n{expected}\n")

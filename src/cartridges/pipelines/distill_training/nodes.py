@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
 import mlflow
@@ -15,6 +17,7 @@ from cartridges.cartridge import Cartridge
 from cartridges.chat import context_ids
 from cartridges.corpus import join_documents
 from cartridges.distributed import process_group
+from cartridges.generation import generate
 from cartridges.initialization import from_random_tokens, from_random_vectors, from_token_ids
 from cartridges.modeling import load_model
 from cartridges.targets import memorization_examples, one_hot, to_examples
@@ -98,9 +101,60 @@ def _split(conversations, teacher_logprobs, chunk_set, params, tokenizer):
     return training, [examples[i] for i in held_out], [conversation_ids[i] for i in held_out]
 
 
-def _train(llm, tokenizer, initial, train, held_out, held_out_ids, params):
+def sample_generations(
+    llm, tokenizer, conversations: pd.DataFrame, conversation_ids: list[str], max_new_tokens: int
+) -> Callable[[Cartridge], str]:
+    """A report writer: the cartridge's greedy answers to the first question of conversations.
+
+    Reading a few answers next to the teacher's (which saw the chunk) shows early whether
+    training goes somewhere a loss curve cannot tell, e.g. fluent but off-corpus answers.
+    """
+    rows = conversations.set_index("conversation_id").loc[conversation_ids]
+    prompts = [list(row.token_ids[: row.answer_start]) for row in rows.itertuples()]
+    messages = [json.loads(row.messages) for row in rows.itertuples()]
+
+    def report(cartridge: Cartridge) -> str:
+        answers = generate(
+            llm,
+            prompts,
+            prefix=cartridge,
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=[tokenizer.eos_token_id],
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
+        sections = []
+        for conversation, answer in zip(messages, answers, strict=True):
+            text = tokenizer.decode(answer.token_ids, skip_special_tokens=True)
+            sections.append(
+                f"### Question\n{conversation[0]['content']}\n\n"
+                f"### Teacher (chunk in context)\n{conversation[1]['content']}\n\n"
+                f"### Cartridge (p={cartridge.num_tokens}, greedy)\n{text}\n"
+            )
+        return "\n---\n\n".join(sections)
+
+    return report
+
+
+def _train(llm, tokenizer, initial, train, held_out, held_out_ids, params, conversations):
     config = TrainConfig(**params["train"])
     pad = tokenizer.pad_token_id or 0
+    count = int(params.get("eval_generations", 0))
+    report = (
+        sample_generations(
+            llm,
+            tokenizer,
+            conversations,
+            held_out_ids[:count],
+            int(params.get("eval_max_new_tokens", 64)),
+        )
+        if count and held_out_ids
+        else None
+    )
+
+    def log_generations(cartridge: Cartridge, step: int) -> None:
+        if report is not None and mlflow.active_run() is not None:
+            path = f"generations/p{cartridge.num_tokens}/step_{step:06d}.md"
+            mlflow.log_text(report(cartridge), path)
 
     def held_out_kl(cartridge: Cartridge) -> float:
         if not held_out:
@@ -123,8 +177,11 @@ def _train(llm, tokenizer, initial, train, held_out, held_out_ids, params):
             checkpoint_dir=params.get("checkpoint_dir"),
             held_out=held_out,
             on_step=log_step,
+            on_eval=log_generations,
         )
     kl_after = held_out_kl(cartridge)
+    if not config.eval_every or len(history) % config.eval_every:
+        log_generations(cartridge, len(history))
     logger.info(
         "p=%d: held-out top-k KL to the teacher %.4f initial -> %.4f trained",
         cartridge.num_tokens,
@@ -164,7 +221,7 @@ def distill_cartridge(
         conversations, teacher_logprobs, chunk_set, params, tokenizer
     )
     cartridge, history, kl_before, kl_after = _train(
-        llm, tokenizer, initial, train, held_out, held_out_ids, params
+        llm, tokenizer, initial, train, held_out, held_out_ids, params, conversations
     )
     metrics = {
         "held_out_kl_initial": {"value": kl_before, "step": 0},
@@ -203,5 +260,7 @@ def distill_cartridge_sweep(
             {**params, "num_cartridge_tokens": None, "compression": compression}, len(context)
         )
         initial = _initial(llm, tokenizer, context, sha256, p, params)
-        sweep[f"p{p}"] = _train(llm, tokenizer, initial, train, held_out, held_out_ids, params)[0]
+        sweep[f"p{p}"] = _train(
+            llm, tokenizer, initial, train, held_out, held_out_ids, params, conversations
+        )[0]
     return sweep
