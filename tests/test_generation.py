@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cartridges.generation import generate, left_pad
+from cartridges.generation import Step, generate, left_pad
 from cartridges.initialization import from_text
+from cartridges.modeling import sliding_window
+from tests.architectures import build_model
 from tests.conftest import CORPUS
 
 
@@ -62,3 +64,55 @@ def test_left_pad():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def generate_reporting_steps(model, prompts, **kwargs):
+    """``generate``'s outputs and what ``on_step`` saw: the steps, and each row's tokens."""
+    steps: list[Step] = []
+    tokens: dict[int, list[int]] = {row: [] for row in range(len(prompts))}
+
+    def on_step(step: Step) -> None:
+        steps.append(step)
+        for row, token in zip(step.rows, step.token_ids.tolist(), strict=True):
+            tokens[row].append(token)
+
+    return generate(model, prompts, on_step=on_step, **kwargs), steps, tokens
+
+
+def test_on_step_reports_the_tokens_generate_returns(tiny):
+    model, tokenizer = tiny
+    prompts = [tokenizer(text)["input_ids"] for text in ("pump", "the seal", "Alarm E21 signals")]
+    free = generate(model, prompts, max_new_tokens=6)
+    stop = free[1].token_ids[1]  # ends row 1 (at least) early, the others decode on
+    kwargs = dict(max_new_tokens=6, stop_token_ids=[stop], top_logprobs=3)
+    plain = generate(model, prompts, **kwargs)
+    reported, steps, tokens = generate_reporting_steps(model, prompts, **kwargs)
+    assert [tokens[row] for row in range(3)] == [g.token_ids for g in plain]
+    assert any(len(step.rows) < 3 for step in steps)  # a stopped row is no longer reported
+    for ours, theirs in zip(reported, plain, strict=True):  # the callback changes nothing
+        assert ours.token_ids == theirs.token_ids and ours.stopped == theirs.stopped
+        assert torch.equal(ours.top_ids, theirs.top_ids)
+        assert torch.equal(ours.top_logprobs, theirs.top_logprobs)
+    for step in steps:
+        assert step.index == steps.index(step)
+        for i, row in enumerate(step.rows):
+            assert torch.equal(step.top_ids[i], plain[row].top_ids[step.index])
+            assert step.logprobs[i] == plain[row].top_logprobs[step.index, 0]  # greedy: top-1
+
+
+def test_on_step_maps_sliding_window_groups_back_to_their_rows():
+    model = build_model("gemma2")
+    assert sliding_window(model.config) is not None
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14, 15], [16, 17, 18, 19, 20]]
+    free = generate(model, prompts, max_new_tokens=5)
+    stop = free[2].token_ids[1]
+    plain = generate(model, prompts, max_new_tokens=5, stop_token_ids=[stop])
+    reported, steps, tokens = generate_reporting_steps(
+        model, prompts, max_new_tokens=5, stop_token_ids=[stop]
+    )
+    assert [tokens[row] for row in range(4)] == [g.token_ids for g in plain]
+    assert [g.token_ids for g in reported] == [g.token_ids for g in plain]
+    assert steps[0].rows == [0, 2]  # equal-length prompts decode together, one group after another
+    assert [0] in [step.rows for step in steps]  # row 2 stopped, row 0 went on
+    assert {row for step in steps for row in step.rows} == {0, 1, 2, 3}
+    assert all(step.logprobs.numel() == 0 for step in steps)  # none asked

@@ -8,8 +8,8 @@ is built once per batch, prompts are left-padded, and each step feeds one token 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -35,6 +35,30 @@ class Generation:
     stopped: bool
     top_ids: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0, dtype=torch.long))
     top_logprobs: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0))
+
+
+@dataclass
+class Step:
+    """The tokens that one decoding step chose, as ``generate`` hands them to ``on_step``.
+
+    Only rows still decoding are listed, so each row's tokens over the steps are exactly its
+    :attr:`Generation.token_ids`.
+
+    Attributes:
+        index: the step; a row's first generated token comes at step 0.
+        rows: those rows, as indices into ``generate``'s ``prompts``.
+        token_ids: ``(len(rows),)`` the token each of them chose (a stop token included).
+        logprobs: ``(len(rows),)`` its log-probability (float32; empty when ``top_logprobs=0``).
+        top_ids: ``(len(rows), k)`` the most likely ids at this position.
+        top_logprobs: ``(len(rows), k)`` their log-probabilities.
+    """
+
+    index: int
+    rows: list[int]
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -125,6 +149,7 @@ def generate(
     pad_token_id: int = 0,
     top_logprobs: int = 0,
     generator: torch.Generator | None = None,
+    on_step: Callable[[Step], None] | None = None,
 ) -> list[Generation]:
     """Continue each prompt after an optional shared prefix (a cartridge or a prefilled text).
 
@@ -138,6 +163,8 @@ def generate(
         pad_token_id: filler for finished rows and left padding (never attended to).
         top_logprobs: record the ``k`` most likely tokens and log-probabilities per position.
         generator: random source for sampling (CPU generator), for reproducible runs.
+        on_step: called with each step's tokens as soon as they are chosen (before the next
+            forward), so that a server can stream them; it runs on the decoding thread.
     """
     if not prompts:
         return []
@@ -160,6 +187,7 @@ def generate(
                 pad_token_id=pad_token_id,
                 top_logprobs=top_logprobs,
                 generator=generator,
+                on_step=_in_rows(on_step, rows) if on_step is not None else None,
             )
             for row, output in zip(rows, outputs, strict=True):
                 results[row] = output
@@ -176,7 +204,7 @@ def generate(
     done = torch.zeros(batch_size, dtype=torch.bool, device=model.device)
     tokens, top_ids, top_values = [], [], []
     logits = outputs.logits[:, -1]
-    for _ in range(max_new_tokens):
+    for index in range(max_new_tokens):
         if top_logprobs:
             logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
             values, ids = logprobs.topk(top_logprobs, dim=-1)
@@ -185,6 +213,9 @@ def generate(
         next_ids = _next_tokens(logits, temperature, generator)
         next_ids = torch.where(done, torch.full_like(next_ids, pad_token_id), next_ids)
         tokens.append(next_ids.cpu())
+        if on_step is not None:
+            chosen = logprobs.gather(-1, next_ids[:, None]).squeeze(-1) if top_logprobs else None
+            on_step(_step(index, ~done, tokens[-1], chosen, top_ids, top_values))
         step_mask = (~done).long()
         done = done | torch.isin(next_ids, stop)
         if bool(done.all()):
@@ -201,6 +232,38 @@ def generate(
         cache = outputs.cache
         logits = outputs.logits[:, -1]
     return _collect(tokens, top_ids, top_values, stop.cpu(), batch_size)
+
+
+def _step(
+    index: int,
+    active: torch.Tensor,
+    token_ids: torch.Tensor,
+    chosen: torch.Tensor | None,
+    top_ids: list[torch.Tensor],
+    top_values: list[torch.Tensor],
+) -> Step:
+    """This step's tokens (and log-probabilities, when recorded) of the ``active`` rows."""
+    rows = active.nonzero().squeeze(-1).cpu()
+    if chosen is None:
+        unrecorded = torch.empty(0, 0)
+        return Step(index, rows.tolist(), token_ids[rows], torch.empty(0), unrecorded, unrecorded)
+    return Step(
+        index,
+        rows.tolist(),
+        token_ids[rows],
+        chosen.cpu()[rows],
+        top_ids[-1][rows],
+        top_values[-1][rows],
+    )
+
+
+def _in_rows(on_step: Callable[[Step], None], rows: list[int]) -> Callable[[Step], None]:
+    """``on_step`` for a sub-batch made of ``rows``: its row indices are mapped back."""
+
+    def report(step: Step) -> None:
+        on_step(replace(step, rows=[rows[row] for row in step.rows]))
+
+    return report
 
 
 def _collect(tokens, top_ids, top_values, stop, batch_size) -> list[Generation]:

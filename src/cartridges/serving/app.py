@@ -5,8 +5,8 @@ the system message that would carry the corpus (:func:`cartridges.chat.continuat
 that names none is a plain chat. Decoding is batched across requests by
 :class:`~cartridges.serving.engine.BatchEngine`.
 
-Streaming sends OpenAI's SSE chunks, one per generated token, once the request's batch has
-finished decoding: ``generate`` has no per-step callback, so tokens cannot leave earlier.
+Streaming sends OpenAI's SSE chunks, one per generated token, as the model decodes them: the
+engine hands each step's tokens over while the batch goes on decoding.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from cartridges.chat import chat_ids, continuation_ids
 from cartridges.modeling import load_model
 from cartridges.serving.config import ServingConfig
-from cartridges.serving.engine import BatchEngine, Job, Row
+from cartridges.serving.engine import BatchEngine, Job, Row, StreamToken
 from cartridges.serving.protocol import (
     BaseCompletionRequest,
     ChatCompletionRequest,
@@ -151,18 +151,69 @@ class _Guard:
 # --------------------------------------------------------------------------- the served model
 @dataclass
 class _Rendered:
-    """A row ready to send: tokens kept, text pieces per token, and why it ended."""
+    """A row ready to send: tokens kept, text pieces per token, and why it ended.
+
+    Streamed, it holds one token, and ``finish_reason`` is ``None`` but on its choice's last.
+    """
 
     token_ids: list[int]
     deltas: list[str]
     logprobs: list[float]
     top_ids: list[list[int]]
     top_logprobs: list[list[float]]
-    finish_reason: str
+    finish_reason: str | None
 
     @property
     def text(self) -> str:
         return "".join(self.deltas)
+
+
+class _TextStream:
+    """One streamed choice's text, released as soon as no later token can change it.
+
+    The tokens are decoded cumulatively, as :meth:`_Service.render` does, so that the pieces join
+    to the non-streamed text: a token that ends inside a UTF-8 character (U+FFFD) releases
+    nothing until the character is complete, and a tail that could begin a stop string waits
+    until the string is ruled out (then it is sent) or completed (then the text ends before it).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: list[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, stops
+        self.longest = max((len(stop) for stop in stops), default=0)
+        self.ids: list[int] = []
+        self.text = ""  # the decoded text so far, an incomplete last character left out
+        self.sent = 0  # characters of it released
+        self.finish_reason: str | None = None
+
+    def push(self, token: StreamToken) -> str:
+        """Add the choice's next token; returns the text that can be sent now."""
+        self.ids.append(token.token_id)
+        full = self.tokenizer.decode(
+            self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        if full.endswith("\ufffd") and token.finish_reason is None:
+            return ""
+        start = max(0, len(self.text) - self.longest)
+        self.text += full[len(self.text) :] if full.startswith(self.text) else ""
+        hits = [p for p in (self.text.find(stop, start) for stop in self.stops) if p >= 0]
+        if hits:
+            self.finish_reason = "stop"
+            return self._release(min(hits))
+        if token.finish_reason is not None:
+            self.finish_reason = token.finish_reason
+            return self._release(len(self.text))
+        return self._release(len(self.text) - self._stop_prefix())
+
+    def _stop_prefix(self) -> int:
+        """Length of the longest tail of the text that begins a stop string."""
+        for size in range(min(self.longest - 1, len(self.text)), 0, -1):
+            if any(stop.startswith(self.text[-size:]) for stop in self.stops):
+                return size
+        return 0
+
+    def _release(self, end: int) -> str:
+        piece, self.sent = self.text[self.sent : end], end
+        return piece
 
 
 class _Service:
@@ -287,8 +338,10 @@ class _Service:
                 text += delta
                 hits = [p for p in (text.find(s, start) for s in stops) if p >= 0]
                 if hits:
-                    keep, finish = i + 1, "stop"
-                    deltas[i] = delta[: len(delta) - (len(text) - min(hits))]
+                    keep, finish, sent = i + 1, "stop", 0
+                    for j in range(keep):  # the stop string may begin in an earlier piece
+                        deltas[j] = deltas[j][: max(0, min(hits) - sent)]
+                        sent += len(deltas[j])
                     break
         top_ids = row.top_ids.tolist() if row.top_ids is not None else []
         top_values = row.top_logprobs.tolist() if row.top_logprobs is not None else []
@@ -309,9 +362,9 @@ class _Service:
     def token_bytes_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def chat_logprobs(self, rendered: _Rendered, start: int, stop: int, as_ids: bool) -> list:
+    def chat_logprobs(self, rendered: _Rendered, as_ids: bool) -> list:
         entries = []
-        for i in range(start, stop):
+        for i in range(len(rendered.token_ids)):
             token_id = rendered.token_ids[i]
             token = self.token_text(token_id, as_ids)
             top = []
@@ -336,28 +389,24 @@ class _Service:
             )
         return entries
 
-    def completion_logprobs(
-        self, rendered: _Rendered, start: int, stop: int, as_ids: bool, offset: int
-    ) -> dict:
-        tokens = [self.token_text(t, as_ids) for t in rendered.token_ids[start:stop]]
+    def completion_logprobs(self, rendered: _Rendered, as_ids: bool, offset: int) -> dict:
+        tokens = [self.token_text(t, as_ids) for t in rendered.token_ids]
         offsets = []
-        for delta in rendered.deltas[start:stop]:
+        for delta in rendered.deltas:
             offsets.append(offset)
             offset += len(delta)
         top = [
             {self.token_text(t, as_ids): v for t, v in zip(ids, values, strict=True)}
-            for ids, values in zip(
-                rendered.top_ids[start:stop], rendered.top_logprobs[start:stop], strict=True
-            )
+            for ids, values in zip(rendered.top_ids, rendered.top_logprobs, strict=True)
         ]
         return {
             "tokens": tokens,
-            "token_logprobs": rendered.logprobs[start:stop],
+            "token_logprobs": rendered.logprobs,
             "top_logprobs": top,
             "text_offset": offsets,
-            "token_ids": rendered.token_ids[start:stop],
-            "top_token_ids": rendered.top_ids[start:stop],
-            "top_token_logprobs": rendered.top_logprobs[start:stop],
+            "token_ids": rendered.token_ids,
+            "top_token_ids": rendered.top_ids,
+            "top_token_logprobs": rendered.top_logprobs,
         }
 
 
@@ -367,8 +416,7 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def _usage(prompts: list[list[int]], rendered: list[_Rendered], prefix_tokens: int) -> dict:
-    completion = sum(len(r.token_ids) for r in rendered)
+def _usage(prompts: list[list[int]], completion: int, prefix_tokens: int) -> dict:
     prompt = sum(len(p) for p in prompts)
     return {
         "prompt_tokens": prompt,
@@ -486,20 +534,20 @@ def create_app(
             logprobs=request.logprobs,
             top_logprobs=top_k if request.logprobs else 0,
         )
+        head = _response_head("chatcmpl", config.model_id)
+        if request.stream:
+            return _stream(_chat_chunks(service, request, job, head, [prompt], prefix_tokens))
         rows = await service.engine.submit(job)
         stops = request.stop_strings()
         rendered = [service.render(row, stops) for row in rows]
-        usage = _usage([prompt], rendered, prefix_tokens)
-        head = _response_head("chatcmpl", config.model_id)
+        usage = _usage([prompt], sum(len(r.token_ids) for r in rendered), prefix_tokens)
         as_ids = request.return_tokens_as_token_ids
-        if request.stream:
-            return _stream(_chat_chunks(service, request, head, rendered, usage, as_ids))
         choices = []
         for index, r in enumerate(rendered):
             choice = {
                 "index": index,
                 "message": {"role": "assistant", "content": r.text},
-                "logprobs": {"content": service.chat_logprobs(r, 0, len(r.token_ids), as_ids)}
+                "logprobs": {"content": service.chat_logprobs(r, as_ids)}
                 if request.logprobs
                 else None,
                 "finish_reason": r.finish_reason,
@@ -533,20 +581,20 @@ def create_app(
             logprobs=request.logprobs is not None,
             top_logprobs=top_k,
         )
+        head = _response_head("cmpl", config.model_id)
+        if request.stream:
+            return _stream(_completion_chunks(service, request, job, head, prompts, prefix_tokens))
         rows = await service.engine.submit(job)
         stops = request.stop_strings()
         rendered = [service.render(row, stops) for row in rows]
-        usage = _usage(prompts, rendered, prefix_tokens)
-        head = _response_head("cmpl", config.model_id)
+        usage = _usage(prompts, sum(len(r.token_ids) for r in rendered), prefix_tokens)
         as_ids = request.return_tokens_as_token_ids
-        if request.stream:
-            return _stream(_completion_chunks(service, request, head, rendered, usage, as_ids))
         choices = []
         for index, r in enumerate(rendered):
             choice = {
                 "index": index,
                 "text": r.text,
-                "logprobs": service.completion_logprobs(r, 0, len(r.token_ids), as_ids, 0)
+                "logprobs": service.completion_logprobs(r, as_ids, 0)
                 if request.logprobs is not None
                 else None,
                 "finish_reason": r.finish_reason,
@@ -573,48 +621,100 @@ def _completion_prompts(prompt, tokenizer, with_bos: bool) -> list[list[int]]:
     return [tokenizer(text, add_special_tokens=with_bos)["input_ids"] for text in prompt]
 
 
-def _stream(chunks: Iterator[str]) -> StreamingResponse:
+def _stream(chunks: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(
-        chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        _ending_errors(chunks),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
     )
 
 
-def _chat_chunks(service, request, head, rendered, usage, as_ids) -> Iterator[str]:
+async def _ending_errors(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The chunks; a failure is sent as an OpenAI error event, the 200 status having gone out."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception:  # noqa: BLE001 - the client is told, and the log has the details
+        logger.exception("A streamed response failed")
+        message = "Internal server error; see the server log."
+        error = {"message": message, "type": "server_error", "param": None, "code": None}
+        yield _sse({"error": error})
+        yield _sse("[DONE]")
+
+
+async def _released(
+    service: _Service, job: Job, stops: list[str]
+) -> AsyncIterator[tuple[int, int, _Rendered]]:
+    """``(choice, offset, piece)`` for each token of ``job`` as it is decoded, until all end.
+
+    ``piece`` holds one kept token, the text it releases and, on its choice's last token, the
+    finish reason; ``offset`` characters of that choice were released before it.
+    """
+    texts = [_TextStream(service.tokenizer, stops) for _ in job.prompts]
+    async with aclosing(service.engine.stream(job)) as stream:
+        async for tokens in stream:
+            for token in tokens:
+                text = texts[token.choice]
+                if text.finish_reason is not None:  # decoded on past a stop string
+                    continue
+                offset = text.sent
+                piece = _Rendered(
+                    token_ids=[token.token_id],
+                    deltas=[text.push(token)],
+                    logprobs=[token.logprob],
+                    top_ids=[token.top_ids],
+                    top_logprobs=[token.top_logprobs],
+                    finish_reason=text.finish_reason,
+                )
+                yield token.choice, offset, piece
+            if all(text.finish_reason is not None for text in texts):
+                return
+
+
+async def _chat_chunks(service, request, job, head, prompts, prefix_tokens) -> AsyncIterator[str]:
     head = {**head, "object": "chat.completion.chunk"}
-    for index, r in enumerate(rendered):
+    as_ids = request.return_tokens_as_token_ids
+    for index in range(len(job.prompts)):
         delta = {"role": "assistant", "content": ""}
         yield _sse({**head, "choices": [_chunk_choice(index, delta)]})
-        for i, piece in enumerate(r.deltas):
-            logprobs = None
-            if request.logprobs:
-                logprobs = {"content": service.chat_logprobs(r, i, i + 1, as_ids)}
-            choice = _chunk_choice(index, {"content": piece}, logprobs)
-            if request.return_token_ids:
-                choice["token_ids"] = [r.token_ids[i]]
-            yield _sse({**head, "choices": [choice]})
-        yield _sse({**head, "choices": [_chunk_choice(index, {}, None, r.finish_reason)]})
+    completion = 0
+    async for index, _, piece in _released(service, job, request.stop_strings()):
+        completion += 1
+        logprobs = None
+        if request.logprobs:
+            logprobs = {"content": service.chat_logprobs(piece, as_ids)}
+        choice = _chunk_choice(index, {"content": piece.text}, logprobs)
+        if request.return_token_ids:
+            choice["token_ids"] = piece.token_ids
+        yield _sse({**head, "choices": [choice]})
+        if piece.finish_reason is not None:
+            yield _sse({**head, "choices": [_chunk_choice(index, {}, None, piece.finish_reason)]})
     if request.stream_options and request.stream_options.include_usage:
-        yield _sse({**head, "choices": [], "usage": usage})
+        yield _sse({**head, "choices": [], "usage": _usage(prompts, completion, prefix_tokens)})
     yield _sse("[DONE]")
 
 
-def _completion_chunks(service, request, head, rendered, usage, as_ids) -> Iterator[str]:
+async def _completion_chunks(
+    service, request, job, head, prompts, prefix_tokens
+) -> AsyncIterator[str]:
     head = {**head, "object": "text_completion"}
-    for index, r in enumerate(rendered):
-        offset = 0
-        for i, piece in enumerate(r.deltas):
-            logprobs = None
-            if request.logprobs is not None:
-                logprobs = service.completion_logprobs(r, i, i + 1, as_ids, offset)
-            offset += len(piece)
-            choice = {"index": index, "text": piece, "logprobs": logprobs, "finish_reason": None}
-            if request.return_token_ids:
-                choice["token_ids"] = [r.token_ids[i]]
-            yield _sse({**head, "choices": [choice]})
-        final = {"index": index, "text": "", "logprobs": None, "finish_reason": r.finish_reason}
-        yield _sse({**head, "choices": [final]})
+    as_ids = request.return_tokens_as_token_ids
+    completion = 0
+    async for index, offset, piece in _released(service, job, request.stop_strings()):
+        completion += 1
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = service.completion_logprobs(piece, as_ids, offset)
+        choice = {"index": index, "text": piece.text, "logprobs": logprobs, "finish_reason": None}
+        if request.return_token_ids:
+            choice["token_ids"] = piece.token_ids
+        yield _sse({**head, "choices": [choice]})
+        if piece.finish_reason is not None:
+            final = {"index": index, "text": "", "logprobs": None}
+            final["finish_reason"] = piece.finish_reason
+            yield _sse({**head, "choices": [final]})
     if request.stream_options and request.stream_options.include_usage:
-        yield _sse({**head, "choices": [], "usage": usage})
+        yield _sse({**head, "choices": [], "usage": _usage(prompts, completion, prefix_tokens)})
     yield _sse("[DONE]")
 
 

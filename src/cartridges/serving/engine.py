@@ -7,6 +7,9 @@ group on a single worker thread, so that the event loop keeps accepting requests
 decodes. Rows of one call share the cartridge's KV as a broadcast view: that is where serving a
 cartridge saves memory over a document in context.
 
+A streamed job gets its tokens step by step: ``generate``'s ``on_step`` callback, on the model
+thread, hands them to the job's asyncio queue through ``loop.call_soon_threadsafe``.
+
 All model work (decoding and the cartridge compatibility check) runs on that one thread.
 """
 
@@ -16,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -25,7 +28,7 @@ import torch
 from transformers import PreTrainedModel
 
 from cartridges.cartridge import Cartridge
-from cartridges.generation import generate
+from cartridges.generation import Step, generate
 from cartridges.prefix import forward_with_prefix
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,28 @@ class Row:
 
 
 @dataclass
+class StreamToken:
+    """One token of a streamed choice, sent as soon as the model has chosen it.
+
+    Attributes:
+        choice: index of its row in the job's ``prompts``.
+        token_id: the token.
+        logprob: its log-probability (``None`` if not asked).
+        top_ids: the ``top_logprobs`` most likely ids at its position.
+        top_logprobs: their log-probabilities.
+        finish_reason: ``"stop"`` (a stop token) or ``"length"`` (``max_tokens``) on the
+            choice's last token, else ``None``.
+    """
+
+    choice: int
+    token_id: int
+    logprob: float | None = None
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
 class Job:
     """One request's rows (``n`` choices per prompt) and its sampling settings."""
 
@@ -64,6 +89,8 @@ class Job:
     logprobs: bool = False
     top_logprobs: int = 0
     future: asyncio.Future | None = None
+    # A streamed job's new tokens per step, then None (or the decoding error).
+    tokens: asyncio.Queue[list[StreamToken] | Exception | None] | None = None
 
     @property
     def group_key(self) -> tuple:
@@ -110,12 +137,14 @@ class BatchEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cartridges-model")
         self._queue: asyncio.Queue[Job] | None = None
         self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Start the batcher on the running event loop (the app's lifespan calls this)."""
         self._queue = asyncio.Queue()
-        self._task = asyncio.get_running_loop().create_task(self._batch_forever())
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._batch_forever())
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -134,12 +163,31 @@ class BatchEngine:
 
     async def submit(self, job: Job) -> list[Row]:
         """Queue ``job`` and wait for its rows."""
+        await self._enqueue(job)
+        return await job.future
+
+    async def stream(self, job: Job) -> AsyncIterator[list[StreamToken]]:
+        """Queue ``job`` and yield its new tokens after each decoding step, until all choices end.
+
+        A decoding error is raised here. Leaving early (a client that went away) withdraws the
+        job if its batch has not started yet.
+        """
+        job.tokens = asyncio.Queue()
+        await self._enqueue(job)
+        try:
+            while (tokens := await job.tokens.get()) is not None:
+                if isinstance(tokens, Exception):
+                    raise tokens
+                yield tokens
+        finally:
+            job.future.cancel()
+
+    async def _enqueue(self, job: Job) -> None:
         if self._queue is None:
             raise RuntimeError("BatchEngine.start() was not called (is the app's lifespan on?)")
         job.future = asyncio.get_running_loop().create_future()
         self.stats.requests += 1
         await self._queue.put(job)
-        return await job.future
 
     # ------------------------------------------------------------------ batching
     async def _batch_forever(self) -> None:
@@ -181,7 +229,9 @@ class BatchEngine:
         except Exception as error:  # noqa: BLE001 - handed to every waiting request
             logger.exception("Decoding a batch of %d requests failed", len(group))
             for job in group:
-                if not job.future.done():
+                if job.tokens is not None:
+                    job.tokens.put_nowait(error)
+                elif not job.future.done():
                     job.future.set_exception(error)
             return
         for job, rows in zip(group, results, strict=True):
@@ -195,6 +245,7 @@ class BatchEngine:
         prompts = [prompt for job in group for prompt in job.prompts]
         top_k = max(job.top_logprobs for job in group)
         want_logprobs = any(job.logprobs for job in group)
+        streamed = any(job.tokens is not None for job in group)
         generator = None
         if first.temperature > 0 and first.seed is not None:
             generator = torch.Generator().manual_seed(first.seed)
@@ -209,6 +260,7 @@ class BatchEngine:
             pad_token_id=self.pad_token_id,
             top_logprobs=max(top_k, 1) if want_logprobs else 0,
             generator=generator,
+            on_step=_Streamer(group, self.stop_token_ids, self._loop) if streamed else None,
         )
         results, offset = [], 0
         for job in group:
@@ -236,7 +288,7 @@ class BatchEngine:
         cut = output.token_ids[: job.max_tokens]
         stopped = output.stopped and len(cut) == len(output.token_ids)
         row = Row(token_ids=cut, stopped=stopped)
-        if job.logprobs:
+        if job.logprobs and job.tokens is None:  # a streamed job had them step by step
             top_ids = output.top_ids[: len(cut)]
             top_values = output.top_logprobs[: len(cut)]
             row.top_ids = top_ids[:, : job.top_logprobs]
@@ -267,3 +319,48 @@ class BatchEngine:
             logits = forward_with_prefix(self.model, cache, ids).logits[0, len(prompt) - 1 :]
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
         return logprobs.gather(-1, chosen.to(logprobs.device)).squeeze(-1).tolist()
+
+
+class _Streamer:
+    """``on_step`` for a batch: sends each streamed job its new tokens (on the model thread).
+
+    A row ends at a stop token or at its own job's ``max_tokens`` (the batch decodes to the
+    largest); once all its rows have ended, the job gets ``None``, even while others decode on.
+    """
+
+    def __init__(
+        self, group: list[Job], stop_token_ids: Sequence[int], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.jobs, self.stop, self.loop = group, set(stop_token_ids), loop
+        self.owners = [
+            (j, choice) for j, job in enumerate(group) for choice in range(len(job.prompts))
+        ]
+        self.left = [job.max_tokens for job in group for _ in job.prompts]  # tokens still to send
+        self.open_rows = [len(job.prompts) for job in group]
+
+    def __call__(self, step: Step) -> None:
+        new: dict[int, list[StreamToken]] = {}
+        for i, row in enumerate(step.rows):
+            j, choice = self.owners[row]
+            job = self.jobs[j]
+            if job.tokens is None or self.left[row] == 0:
+                continue
+            self.left[row] -= 1
+            token = StreamToken(choice=choice, token_id=int(step.token_ids[i]))
+            if token.token_id in self.stop:
+                token.finish_reason = "stop"
+            elif self.left[row] == 0:
+                token.finish_reason = "length"
+            if token.finish_reason is not None:
+                self.left[row] = 0
+                self.open_rows[j] -= 1
+            if job.logprobs:
+                token.logprob = float(step.logprobs[i])
+                token.top_ids = step.top_ids[i, : job.top_logprobs].tolist()
+                token.top_logprobs = step.top_logprobs[i, : job.top_logprobs].tolist()
+            new.setdefault(j, []).append(token)
+        for j, tokens in new.items():
+            queue = self.jobs[j].tokens
+            self.loop.call_soon_threadsafe(queue.put_nowait, tokens)
+            if self.open_rows[j] == 0:
+                self.loop.call_soon_threadsafe(queue.put_nowait, None)
