@@ -5,8 +5,9 @@ temporary folder, then runs ``load_documents``, ``chunk_documents`` and ``summar
 with the configured model's tokenizer, as ``kedro run --pipeline document_prep`` does. Prints
 throughput and memory, and as its last line one JSON object with the headline figures.
 
-Memory: inputs are read one at a time, so the growth of peak RSS over the baseline should stay
-near the size of the corpus table (the clean text), whatever the size of the raw files.
+Memory: inputs are read one at a time and texts move to Arrow as they come, so peak RSS should
+grow with the corpus only by the corpus table (the clean text) itself. Each of two sizes (half,
+full) runs in a fresh process; the marginal RSS per MB of table between them should be ~1.
 
     python benchmarks/document_prep.py [--mb 50] [--model data/06_models/tiny_llama]
 """
@@ -21,6 +22,8 @@ import os
 import random
 import re
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +34,7 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+logger = logging.getLogger("benchmark")
 # Share of the corpus bytes per format; PDFs are few, as text extraction from them is slow.
 MIX = {"txt": 0.33, "md": 0.25, "jsonl": 0.15, "html": 0.15, "tex": 0.1, "pdf": 0.02}
 FILE_BYTES = 100_000
@@ -145,13 +149,8 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mb", type=float, default=50, help="corpus size to generate, in MB")
-    parser.add_argument("--model", default=None, help="tokenizer; default: conf/base model")
-    parser.add_argument("--chunks", type=int, default=256, help="token windows to draw")
-    parser.add_argument("--method", default="token_windows", help="or structural")
-    args = parser.parse_args()
+def measure(args: argparse.Namespace) -> dict:
+    """Generate ``args.mb`` of documents and run the three nodes on them, in this process."""
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("cartridges.corpus").setLevel(logging.ERROR)
 
@@ -208,7 +207,7 @@ def main() -> None:
         "rss_growth_mb": round(peak - baseline, 1),
         "corpus_table_mb": round(table_mb, 1),
     }
-    print(  # noqa: T201
+    logger.info(
         f"{files} files, {mb:.1f} MB (generated in {generate_s:.1f} s) -> "
         f"{report['num_documents']} documents, {report['total_tokens']:,} tokens, "
         f"{report['num_chunks']} chunks in {total_s:.1f} s: {result['mb_per_s']} MB/s "
@@ -216,7 +215,46 @@ def main() -> None:
         f"peak RSS {peak:.0f} MB, {peak - baseline:.0f} MB over the {baseline:.0f} MB baseline; "
         f"corpus table {table_mb:.0f} MB"
     )
-    print(json.dumps(result))  # noqa: T201
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mb", type=float, default=50, help="corpus size to generate, in MB")
+    parser.add_argument("--model", default=None, help="tokenizer; default: conf/base model")
+    parser.add_argument("--chunks", type=int, default=256, help="token windows to draw")
+    parser.add_argument("--method", default="token_windows", help="or structural")
+    parser.add_argument("--single", action="store_true", help="one size, in this process")
+    args = parser.parse_args()
+    if args.single:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        print(json.dumps(measure(args)))  # noqa: T201
+        return
+    # Peak RSS only grows within a process, so each size runs in a fresh one.
+    runs = []
+    for mb in (args.mb / 2, args.mb):
+        command = [sys.executable, __file__, "--single", "--mb", str(mb), "--chunks"]
+        command += [str(args.chunks), "--method", args.method]
+        command += ["--model", args.model] if args.model else []
+        output = subprocess.run(command, check=True, capture_output=True, text=True)
+        sys.stderr.write(output.stderr[-2000:])
+        runs.append(json.loads(output.stdout.strip().splitlines()[-1]))
+    half, full = runs
+    excess = {r["corpus_mb"]: round(r["rss_growth_mb"] - r["corpus_table_mb"], 1) for r in runs}
+    full["rss_over_table_mb_by_corpus_mb"] = excess
+    # Memory added per MB of corpus table as the corpus doubles: 1.0 means only the table grows.
+    full["marginal_rss_per_table_mb"] = round(
+        (full["rss_growth_mb"] - half["rss_growth_mb"])
+        / (full["corpus_table_mb"] - half["corpus_table_mb"]),
+        2,
+    )
+    logger.info(
+        "RSS over the table: %s MB at %s MB of corpus; marginal RSS per MB of table: %.2f",
+        list(excess.values()),
+        list(excess),
+        full["marginal_rss_per_table_mb"],
+    )
+    print(json.dumps(full))  # noqa: T201
 
 
 if __name__ == "__main__":

@@ -192,26 +192,20 @@ def _inputs(config: CorpusConfig) -> Iterator[tuple[str, _Reader]]:
 # ---------------------------------------------------------------------------- loading
 
 
-def load_corpus(
+def iter_corpus(
     config: CorpusConfig, count_tokens: Callable[[str], int] | None = None
-) -> tuple[list[Document], list[Skipped]]:
-    """Read every input; skip bad ones with a warning (or fail if ``config.strict``).
+) -> Iterator[Document | Skipped]:
+    """Read the inputs one at a time, yielding each as a document or as a skip with its reason.
 
-    A document whose text equals an earlier one's is skipped as a duplicate: it would get the
-    same id and be sampled twice as often.
-
-    Args:
-        config: sources and policy.
-        count_tokens: tokens of one text under the model's tokenizer; ``n_tokens`` stays
-            ``None`` without it.
-
-    Returns:
-        the documents in input order, and the skipped inputs with their reasons.
+    Only one input's raw bytes are held at a time, so a caller that stores the texts compactly
+    keeps memory near the size of the clean text. A document whose text equals an earlier
+    one's is skipped as a duplicate: it would get the same id and be sampled twice as often.
 
     Raises:
-        CorpusError: nothing usable remains, or any skip under ``strict``.
+        CorpusError: any skip under ``config.strict``, or no usable document at the end.
     """
-    documents, skipped, seen = [], [], {}
+    seen: dict[str, str] = {}
+    skipped: list[Skipped] = []
     for source, read in _inputs(config):
         try:
             raw, kind, charset = read()
@@ -227,19 +221,39 @@ def load_corpus(
                 raise CorpusError(f"Cannot use '{source}': {error} (strict: true).") from None
             logger.warning("Skipping '%s': %s", source, error)
             skipped.append(Skipped(source, str(error)))
+            yield skipped[-1]
             continue
         seen[digest] = source
         n_tokens = count_tokens(text) if count_tokens else None
-        documents.append(
-            Document(digest[:16], source, kind, title, text, digest, len(text), n_tokens)
-        )
-    if not documents:
+        yield Document(digest[:16], source, kind, title, text, digest, len(text), n_tokens)
+    if not seen:
         raise CorpusError(
             f"No usable document (corpus_dir={config.corpus_dir!r}, include={config.include}, "
             f"exclude={config.exclude}, {len(config.paths)} paths, {len(config.urls)} urls); "
             f"skipped {len(skipped)}" + "".join(f"\n  {s.source}: {s.reason}" for s in skipped[:10])
         )
-    logger.info("Loaded %d documents, skipped %d inputs", len(documents), len(skipped))
+    logger.info("Loaded %d documents, skipped %d inputs", len(seen), len(skipped))
+
+
+def load_corpus(
+    config: CorpusConfig, count_tokens: Callable[[str], int] | None = None
+) -> tuple[list[Document], list[Skipped]]:
+    """Read every input; skip bad ones with a warning (or fail if ``config.strict``).
+
+    Args:
+        config: sources and policy.
+        count_tokens: tokens of one text under the model's tokenizer; ``n_tokens`` stays
+            ``None`` without it.
+
+    Returns:
+        the documents in input order, and the skipped inputs with their reasons.
+
+    Raises:
+        CorpusError: nothing usable remains, or any skip under ``strict``.
+    """
+    documents, skipped = [], []
+    for item in iter_corpus(config, count_tokens):
+        (documents if isinstance(item, Document) else skipped).append(item)
     return documents, skipped
 
 

@@ -142,3 +142,22 @@ def test_catalog_versions_the_outputs_and_logs_metrics_to_mlflow():
     assert catalog["document_prep_metrics"]["type"] == metrics_type
     params = yaml.safe_load((ROOT / "conf/base/parameters_document_prep.yml").read_text())
     assert params["document_prep"]["chunking"]["method"] in ("token_windows", "structural")
+
+
+def test_the_corpus_table_keeps_every_text_exactly_across_arrow_flushes(monkeypatch):
+    from cartridges.corpus import Document
+    from cartridges.pipelines.document_prep.nodes import _CorpusTable
+
+    texts = ["Grüße, 世界 🙂", "plain", "a\nb\x00c", "é" * 7, "last one"]
+    documents = [
+        Document(f"id{i}", f"s{i}", "txt", f"t{i}", text, "0" * 64, len(text), i)
+        for i, text in enumerate(texts)
+    ]
+    monkeypatch.setattr(_CorpusTable, "FLUSH_CHARS", 10)  # several Arrow chunks
+    table = _CorpusTable()
+    for document in documents:
+        table.add(document)
+    frame = table.frame()
+    expected = pd.DataFrame([vars(d) for d in documents], columns=CORPUS_COLUMNS)
+    pd.testing.assert_frame_equal(frame, expected)
+    assert frame["text"].dtype == pd.Series(["x"]).dtype  # pandas' default string dtype

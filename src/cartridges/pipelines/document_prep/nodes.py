@@ -7,11 +7,13 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
 from cartridges.chunking import ChunkingConfig, Encode, chunk_corpus
-from cartridges.corpus import CorpusConfig, corpus_statistics, load_corpus
+from cartridges.corpus import CorpusConfig, Document, corpus_statistics, iter_corpus
 from cartridges.modeling import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,60 @@ def _token_counter(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], int]:
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+class _CorpusTable:
+    """The corpus table, filled one document at a time with its texts kept in Arrow buffers.
+
+    Keeping Python strings until the end costs them plus pandas' Arrow copy; moving them to
+    Arrow every few megabytes frees each one early, so peak memory stays near the size of
+    the table itself however large the corpus.
+    """
+
+    FLUSH_CHARS = 8_000_000
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list] = {name: [] for name in CORPUS_COLUMNS if name != "text"}
+        self.text_chunks: list[pa.Array] = []
+        self.pending: list[str] = []
+        self.pending_chars = 0
+
+    def add(self, document: Document) -> None:
+        for name, values in self.columns.items():
+            values.append(getattr(document, name))
+        self.pending.append(document.text)
+        self.pending_chars += len(document.text)
+        if self.pending_chars >= self.FLUSH_CHARS:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Move the pending texts into one exactly sized Arrow array.
+
+        ``pa.array`` grows its buffer by doubling and keeps the slack; building the UTF-8 data
+        and offsets buffers directly allocates each byte once.
+        """
+        if self.pending:
+            encoded = [text.encode() for text in self.pending]
+            self.pending.clear()
+            offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+            np.cumsum([len(data) for data in encoded], out=offsets[1:])
+            data = b"".join(encoded)
+            del encoded
+            self.text_chunks.append(
+                pa.LargeStringArray.from_buffers(
+                    len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data)
+                )
+            )
+        self.pending_chars = 0
+
+    def frame(self) -> pd.DataFrame:
+        self._flush()
+        texts = pa.chunked_array(self.text_chunks, type=pa.large_string())
+        columns = dict(
+            self.columns,
+            text=pd.Series(texts, dtype=pd.StringDtype("pyarrow", na_value=float("nan"))),
+        )
+        return pd.DataFrame(columns, columns=CORPUS_COLUMNS)
+
+
 def load_documents(
     params: dict[str, Any], model: dict[str, Any]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -85,9 +141,13 @@ def load_documents(
     """
     config = _config(CorpusConfig, params, ignore=["chunking"])
     tokenizer = load_tokenizer(model["name_or_path"])
-    documents, skipped = load_corpus(config, _token_counter(tokenizer))
-    corpus = pd.DataFrame([vars(d) for d in documents], columns=CORPUS_COLUMNS)
-    return corpus, pd.DataFrame([vars(s) for s in skipped], columns=["source", "reason"])
+    table, skipped = _CorpusTable(), []
+    for item in iter_corpus(config, _token_counter(tokenizer)):
+        if isinstance(item, Document):
+            table.add(item)
+        else:
+            skipped.append(vars(item))
+    return table.frame(), pd.DataFrame(skipped, columns=["source", "reason"])
 
 
 def chunk_documents(
