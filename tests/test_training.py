@@ -135,7 +135,9 @@ def test_a_non_finite_loss_stops_with_the_step_and_last_checkpoint(data, tmp_pat
         torch.full_like(bad.teacher_logprobs, math.nan),
     )
     config = TrainConfig(global_batch_size=24, micro_batch_size=24, max_steps=2, checkpoint_every=1)
-    with pytest.raises(FloatingPointError, match=r"at step 0; the cartridge was not updated"):
+    with pytest.raises(
+        FloatingPointError, match=r"at step 0; the trainable tensors were not updated"
+    ):
         train_cartridge(
             model, from_cartridge(cartridge), poisoned, config, 0, checkpoint_dir=tmp_path
         )

@@ -10,6 +10,9 @@ distilled positions and divided by the global count, so any split gives the same
 single process. Every ``checkpoint_every`` steps the cartridge, the optimiser and the step are
 written atomically; a restarted run with the same inputs resumes from there and ends with the
 same cartridge. Data order and the learning rate are pure functions of the seed and the step.
+
+The loop trains a :class:`Student`: the frozen model plus trainable tensors in some form. The
+cartridge is the method; a LoRA adapter (``cartridges.lora``) is the parameterisation ablation.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -38,7 +42,15 @@ from cartridges.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Example", "TrainConfig", "evaluate_kl", "train_cartridge"]
+__all__ = [
+    "CartridgeStudent",
+    "Example",
+    "Student",
+    "TrainConfig",
+    "evaluate_kl",
+    "train",
+    "train_cartridge",
+]
 
 
 @dataclass
@@ -142,21 +154,76 @@ def _loss_sum(
     return loss_fn(student, batch.teacher_ids, batch.teacher_logprobs) * len(batch.rows)
 
 
-def _check_packing(model: PreTrainedModel, cartridge: Cartridge, config: TrainConfig) -> None:
-    window = sliding_window(model.config)
+class Student(Protocol):
+    """What the loop trains: a frozen model plus trainable tensors, scored on a batch."""
+
+    model: PreTrainedModel
+
+    @property
+    def prefix_len(self) -> int:
+        """KV positions before each row's tokens (packed masks must let rows attend to them)."""
+        ...
+
+    def trainable(self) -> list[torch.Tensor]:
+        """The tensors the optimiser updates (and checkpoints hold), in a fixed order."""
+        ...
+
+    def loss_sum(self, batch: Batch, kl: bool = False) -> torch.Tensor:
+        """Sum over the batch's distilled positions of the loss (or of the top-k KL)."""
+        ...
+
+
+@dataclass
+class CartridgeStudent:
+    """The method: the frozen model reads a trainable cartridge before every conversation."""
+
+    model: PreTrainedModel
+    cartridge: Cartridge
+
+    def __post_init__(self) -> None:
+        self.cartridge.to(self.model.device)
+
+    @property
+    def prefix_len(self) -> int:
+        return self.cartridge.num_tokens
+
+    def trainable(self) -> list[torch.Tensor]:
+        return [p for p in self.cartridge.parameters() if p.requires_grad]
+
+    def loss_sum(self, batch: Batch, kl: bool = False) -> torch.Tensor:
+        return _loss_sum(self.model, self.cartridge, batch, kl)
+
+
+def _check_packing(student: Student, config: TrainConfig) -> None:
+    window = sliding_window(student.model.config)
     if (
         config.pack_length
         and window is not None
-        and cartridge.num_tokens + config.pack_length > window
+        and student.prefix_len + config.pack_length > window
     ):
         raise ValueError(
-            f"Packing rows of {config.pack_length} tokens after a {cartridge.num_tokens}-token "
+            f"Packing rows of {config.pack_length} tokens after a {student.prefix_len}-token "
             f"cartridge exceeds the model's sliding window ({window}); a packed attention mask "
             "cannot express the window. Set pack_length: null to batch by length instead."
         )
 
 
 @torch.no_grad()
+def held_out_kl(
+    student: Student, examples: Sequence[Example], batch_size: int, pad_token_id: int
+) -> float:
+    """Mean top-k KL from the teacher to the student per distilled position."""
+    total, count = 0.0, 0
+    model = student.model
+    for start in range(0, len(examples), batch_size):
+        plan = [[i] for i in range(start, min(start + batch_size, len(examples)))]
+        batch = make_batch(examples, plan, pad_token_id, student.prefix_len, model.dtype)
+        batch = batch.to(model.device)
+        total += student.loss_sum(batch, kl=True).item()
+        count += len(batch.rows)
+    return total / max(count, 1)
+
+
 def evaluate_kl(
     model: PreTrainedModel,
     cartridge: Cartridge,
@@ -165,28 +232,23 @@ def evaluate_kl(
     pad_token_id: int,
 ) -> float:
     """Mean top-k KL from the teacher to ``model + cartridge`` per distilled position."""
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        plan = [[i] for i in range(start, min(start + batch_size, len(examples)))]
-        batch = make_batch(examples, plan, pad_token_id, cartridge.num_tokens, model.dtype)
-        batch = batch.to(model.device)
-        total += _loss_sum(model, cartridge, batch, kl=True).item()
-        count += len(batch.rows)
-    return total / max(count, 1)
+    return held_out_kl(CartridgeStudent(model, cartridge), examples, batch_size, pad_token_id)
 
 
 # --------------------------------------------------------------------------- checkpoints
-def run_key(config: TrainConfig, cartridge: Cartridge, examples: Sequence[Example]) -> str:
+def run_key(config: TrainConfig, student: Student, examples: Sequence[Example]) -> str:
     """Identifies a run: a checkpoint is resumed only by a run with the same key."""
     digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
-    digest.update(cartridge.keys.detach().float().cpu().numpy().tobytes()[: 1 << 16])
+    digest.update(type(student).__name__.encode())
+    for tensor in student.trainable():
+        digest.update(tensor.detach().float().cpu().numpy().tobytes()[: 1 << 16])
     for example in examples:
         digest.update(example.token_ids.numpy().tobytes())
         digest.update(example.teacher_logprobs.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
-def save_state(directory: Path, key: str, step: int, cartridge: Cartridge, optimizer) -> None:
+def save_state(directory: Path, key: str, step: int, student: Student, optimizer) -> None:
     """Atomically write everything needed to resume after ``step`` optimiser steps."""
     directory.mkdir(parents=True, exist_ok=True)
     temporary = directory / "state.pt.tmp"
@@ -194,8 +256,7 @@ def save_state(directory: Path, key: str, step: int, cartridge: Cartridge, optim
         {
             "key": key,
             "step": step,
-            "trainable_keys": cartridge.trainable_keys.detach().cpu(),
-            "trainable_values": cartridge.trainable_values.detach().cpu(),
+            "trainable": [tensor.detach().cpu() for tensor in student.trainable()],
             "optimizer": optimizer.state_dict(),
         },
         temporary,
@@ -203,8 +264,8 @@ def save_state(directory: Path, key: str, step: int, cartridge: Cartridge, optim
     os.replace(temporary, directory / "state.pt")
 
 
-def load_state(directory: Path, key: str, cartridge: Cartridge, optimizer) -> int:
-    """Restore a matching checkpoint into ``cartridge`` and ``optimizer``; return its step."""
+def load_state(directory: Path, key: str, student: Student, optimizer) -> int:
+    """Restore a matching checkpoint into ``student`` and ``optimizer``; return its step."""
     path = directory / "state.pt"
     if not path.exists():
         return 0
@@ -213,8 +274,8 @@ def load_state(directory: Path, key: str, cartridge: Cartridge, optimizer) -> in
         logger.warning("Ignoring checkpoint %s: it belongs to a different run.", path)
         return 0
     with torch.no_grad():
-        cartridge.trainable_keys.copy_(state["trainable_keys"])
-        cartridge.trainable_values.copy_(state["trainable_values"])
+        for tensor, saved in zip(student.trainable(), state["trainable"], strict=True):
+            tensor.copy_(saved)
     optimizer.load_state_dict(state["optimizer"])
     logger.info("Resuming from %s at step %d", path, state["step"])
     return int(state["step"])
@@ -247,20 +308,47 @@ def train_cartridge(
         on_eval: called with ``(cartridge, steps done)`` every ``eval_every`` steps (rank 0
             only), e.g. to log sample generations.
     """
+    history = train(
+        CartridgeStudent(model, cartridge),
+        examples,
+        config,
+        pad_token_id,
+        checkpoint_dir,
+        held_out,
+        on_step,
+        (lambda _student, step: on_eval(cartridge, step)) if on_eval is not None else None,
+    )
+    return cartridge, history
+
+
+def train(
+    student: Student,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    pad_token_id: int,
+    checkpoint_dir: str | os.PathLike | None = None,
+    held_out: Sequence[Example] = (),
+    on_step: Callable[[dict[str, float], int], None] | None = None,
+    on_eval: Callable[[Student, int], None] | None = None,
+) -> list[dict[str, float]]:
+    """Optimise ``student.trainable()`` in place on the teacher targets; return the history.
+
+    Arguments as for :func:`train_cartridge`, with ``on_eval`` given the student.
+    """
     if not examples:
         raise ValueError("No training conversations: the conversations table is empty.")
     rank, world_size = _world()
     accumulation = config.accumulation_steps(world_size)
-    _check_packing(model, cartridge, config)
-    cartridge.to(model.device)
-    trainable = [p for p in cartridge.parameters() if p.requires_grad]
+    _check_packing(student, config)
+    model = student.model
+    trainable = student.trainable()
     optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, weight_decay=0.0)
     plans: dict[int, list] = {}
     rows_per_epoch = len(_epoch_plan(examples, config, 0))
     total = config.max_steps or max(1, math.ceil(config.epochs * rows_per_epoch))
-    key = run_key(config, cartridge, examples)
+    key = run_key(config, student, examples)
     directory = Path(checkpoint_dir) / key if checkpoint_dir is not None else None
-    start = load_state(directory, key, cartridge, optimizer) if directory else 0
+    start = load_state(directory, key, student, optimizer) if directory else 0
     autocast = (
         torch.autocast(model.device.type, dtype=torch.bfloat16)
         if config.mixed_precision == "bfloat16"
@@ -278,7 +366,7 @@ def train_cartridge(
         micro += [[]] * (accumulation - len(micro))  # a short last batch: idle micro-steps
         batches = [
             make_batch(
-                examples, plan, pad_token_id, cartridge.num_tokens, model.dtype, config.pack_length
+                examples, plan, pad_token_id, student.prefix_len, model.dtype, config.pack_length
             ).to(model.device)
             for plan in micro
             if plan
@@ -297,7 +385,7 @@ def train_cartridge(
         loss_total = torch.zeros((), dtype=torch.float64)
         for batch in batches:
             with autocast:
-                loss = _loss_sum(model, cartridge, batch) / positions
+                loss = student.loss_sum(batch) / positions
             loss.backward()
             loss_total += loss.detach().double().cpu()
         for parameter in trainable:
@@ -316,8 +404,8 @@ def train_cartridge(
             )
             raise FloatingPointError(
                 f"Non-finite loss ({loss_total.item()}) or gradient norm ({grad_norm.item()}) at "
-                f"step {step}; the cartridge was not updated. Last good checkpoint: {last}. "
-                "Lower learning_rate or check the teacher targets."
+                f"step {step}; the trainable tensors were not updated. Last good checkpoint: "
+                f"{last}. Lower learning_rate or check the teacher targets."
             )
         optimizer.step()
         metrics = {
@@ -330,15 +418,15 @@ def train_cartridge(
         done = step + 1
         if config.eval_every and done % config.eval_every == 0 and rank == 0:
             if held_out:
-                metrics["held_out_kl"] = evaluate_kl(
-                    model, cartridge, held_out, config.micro_batch_size, pad_token_id
+                metrics["held_out_kl"] = held_out_kl(
+                    student, held_out, config.micro_batch_size, pad_token_id
                 )
             if on_eval is not None:
-                on_eval(cartridge, done)
+                on_eval(student, done)
         history.append(metrics)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}")
         if on_step is not None and rank == 0:
             on_step(metrics, step)
         if directory and rank == 0 and (done % config.checkpoint_every == 0 or done == total):
-            save_state(directory, key, done, cartridge, optimizer)
-    return cartridge, history
+            save_state(directory, key, done, student, optimizer)
+    return history

@@ -245,3 +245,38 @@ def test_training_logs_the_cartridges_greedy_answers_to_held_out_questions(
     assert f"### Teacher (chunk in context)\n{teacher['content']}\n" in final
     expected = tokenizer.decode(answer.token_ids, skip_special_tokens=True)
     assert final.endswith(f"### Cartridge (p=8, greedy)\n{expected}\n")
+
+
+def test_the_lora_baseline_trains_an_adapter_of_the_cartridges_size(catalog, tmp_path, tiny):
+    from peft import PeftModel
+
+    from cartridges.datasets import AdapterDataset
+    from cartridges.pipelines.lora_baseline import create_pipeline as lora_baseline
+
+    catalog["lora_baseline"] = AdapterDataset(str(tmp_path / "lora"))
+    catalog["lora_baseline_report"] = PickleDataset(filepath=str(tmp_path / "report.pkl"))
+    catalog["params:lora_baseline"] = {
+        "target_modules": ["q_proj", "v_proj"],
+        "train": {"learning_rate": 0.01},
+    }
+    params = catalog["params:distill_training"].load()
+    catalog["params:distill_training"] = {**params, "sweep_compressions": []}
+    pipeline = document_prep() + self_study() + distill_training() + lora_baseline()
+    SequentialRunner().run(pipeline, catalog)
+
+    report = catalog["lora_baseline_report"].load()
+    cartridge = catalog["cartridge"].load()
+    assert report["cartridge_tokens"] == cartridge.num_tokens == 8
+    assert report["cartridge_trainable_parameters"] == 7 * 2 * 2 * 2 * 16  # (p - 1) K,V L H D
+    assert 0 < report["lora_trainable_parameters"] <= report["cartridge_trainable_parameters"]
+    assert report["train_steps"] == 3 and report["learning_rate"] == 0.01
+    assert report["held_out_conversations"] == len(cartridge.info.extra["held_out_conversations"])
+    assert report["held_out_kl_cartridge"] == pytest.approx(
+        cartridge.info.extra["held_out_kl"], rel=1e-4
+    )  # the same held-out conversations as distill_training's
+    model, _ = tiny
+    adapter = PeftModel.from_pretrained(model, str(tmp_path / "lora"))  # plain PEFT reads it
+    try:
+        assert adapter.peft_config["default"].r == report["lora_rank"]
+    finally:
+        adapter.unload()

@@ -75,7 +75,7 @@ def initialize_cartridge(
 OBJECTIVES = ("distillation", "cross_entropy", "memorization")
 
 
-def _split(conversations, teacher_logprobs, chunk_set, params, tokenizer):
+def split_examples(conversations, teacher_logprobs, chunk_set, params, tokenizer):
     """Training and held-out examples (and the held-out conversation ids) for ``objective``."""
     config = TrainConfig(**params["train"])
     examples = to_examples(conversations, teacher_logprobs, len(tokenizer))
@@ -217,7 +217,7 @@ def distill_cartridge(
         The trained ``cartridge`` and ``training_metrics`` in kedro-mlflow's history format.
     """
     llm, tokenizer = load_model(model["name_or_path"], model["dtype"], model["device"])
-    train, held_out, held_out_ids = _split(
+    train, held_out, held_out_ids = split_examples(
         conversations, teacher_logprobs, chunk_set, params, tokenizer
     )
     cartridge, history, kl_before, kl_after = _train(
@@ -251,7 +251,7 @@ def distill_cartridge_sweep(
         return {}
     llm, tokenizer = load_model(model["name_or_path"], model["dtype"], model["device"])
     context, sha256 = _corpus_context(corpus, tokenizer, system_prompt)
-    train, held_out, held_out_ids = _split(
+    train, held_out, held_out_ids = split_examples(
         conversations, teacher_logprobs, chunk_set, params, tokenizer
     )
     sweep = {}
