@@ -20,8 +20,7 @@ from transformers import PreTrainedModel
 
 from cartridges.batching import Batch
 from cartridges.cartridge import Cartridge
-from cartridges.losses import kl_from_topk, topk_distillation_loss
-from cartridges.prefix import forward_with_prefix, head_only_at
+from cartridges.training import loss_sum
 
 
 def trainable_parameters(cartridge: Cartridge) -> int:
@@ -92,17 +91,7 @@ class LoraStudent:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def loss_sum(self, batch: Batch, kl: bool = False) -> torch.Tensor:
-        with head_only_at(self.model, batch.rows, batch.columns):
-            student = forward_with_prefix(
-                self.model,
-                None,
-                batch.input_ids,
-                batch.attention_mask,
-                use_cache=False,
-                position_ids=batch.position_ids,
-            ).logits[0]  # [N, V]
-        loss_fn = kl_from_topk if kl else topk_distillation_loss
-        return loss_fn(student, batch.teacher_ids, batch.teacher_logprobs) * len(batch.rows)
+        return loss_sum(self.model, None, batch, kl)
 
 
 def adapter_files(peft_model: PeftModel) -> dict[str, bytes]:

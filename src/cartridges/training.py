@@ -31,7 +31,7 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
-from transformers import PreTrainedModel
+from transformers import Cache, PreTrainedModel
 
 from cartridges.batching import Batch, Example, make_batch, plan_batches
 from cartridges.cartridge import Cartridge
@@ -140,7 +140,13 @@ def _loss_sum(
     model: PreTrainedModel, cartridge: Cartridge, batch: Batch, kl: bool = False
 ) -> torch.Tensor:
     """Sum over the batch's distilled positions of the loss (or of the top-k KL)."""
-    cache = cartridge.as_cache(batch.input_ids.shape[0], model.config)
+    return loss_sum(model, cartridge.as_cache(batch.input_ids.shape[0], model.config), batch, kl)
+
+
+def loss_sum(
+    model: PreTrainedModel, cache: Cache | None, batch: Batch, kl: bool = False
+) -> torch.Tensor:
+    """The batch's summed loss (or top-k KL) with ``model`` reading ``cache`` as a prefix."""
     with head_only_at(model, batch.rows, batch.columns):
         student = forward_with_prefix(
             model,
