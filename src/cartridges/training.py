@@ -430,7 +430,7 @@ def train(
             if on_eval is not None:
                 on_eval(student, done)
         history.append(metrics)
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)  # drawn with the bar
         if on_step is not None and rank == 0:
             on_step(metrics, step)
         if directory and rank == 0 and (done % config.checkpoint_every == 0 or done == total):

@@ -307,7 +307,9 @@ def run_self_study(
             tokens += int(conversations["num_tokens"].sum())
             fresh += len(conversations)
             progress.update(len(conversations))
-            progress.set_postfix(tok_per_s=f"{tokens / (time.perf_counter() - started):.0f}")
+            progress.set_postfix(
+                tok_per_s=f"{tokens / (time.perf_counter() - started):.0f}", refresh=False
+            )
     seconds = time.perf_counter() - started
     conversations = pd.concat(
         [
