@@ -245,3 +245,51 @@ def test_a_client_that_leaves_mid_stream_does_not_stop_the_server(client):
         assert next(iter(stream)).choices[0].text == "ump"
     answer = client.completions.create(model="tiny", prompt="pump", max_tokens=3, temperature=0)
     assert answer.choices[0].text == "ump" * 3
+
+
+def _metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (leading-space marker, byte fallback), built offline."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(content=" ", left=1, right=0),
+        ]
+    )
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"])
+    backend.train_from_iterator(["the pump seal leaks when the pump runs dry"] * 20, trainer)
+    spec = json.loads(backend.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):  # byte tokens as ordinary pieces, as SentencePiece has them
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), unk_token="<unk>"
+    )
+
+
+@pytest.mark.parametrize("stops", [[], ["seal"]])
+def test_text_stream_matches_the_full_decode_with_a_leading_space_tokenizer(stops):
+    tokenizer = _metaspace_tokenizer()
+    text = "the pump seal ☃ leaks naïve 漢 when dry"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids[1]).startswith("\u2581")  # the marker case
+    full = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    stream, pieces = _TextStream(tokenizer, stops), []
+    for i, token_id in enumerate(ids):
+        finish_reason = "length" if i == len(ids) - 1 else None
+        pieces.append(stream.push(StreamToken(0, token_id, finish_reason=finish_reason)))
+        if stream.finish_reason is not None:
+            break
+    expected = full[: full.find("seal")] if stops else full
+    assert "".join(pieces) == expected
+    assert not any("\ufffd" in piece for piece in pieces)

@@ -171,8 +171,11 @@ class _Rendered:
 class _TextStream:
     """One streamed choice's text, released as soon as no later token can change it.
 
-    The tokens are decoded cumulatively, as :meth:`_Service.render` does, so that the pieces join
-    to the non-streamed text: a token that ends inside a UTF-8 character (U+FFFD) releases
+    Each token is decoded in a short window after the already decoded text, not with the whole
+    answer, so a long answer costs linear time on the event loop: the window starts one decoded
+    piece earlier, so that tokenizers that treat a sequence's first token specially (e.g. a
+    leading-space marker) decode the new tokens as they do inside the full text, and the pieces
+    join to the non-streamed text. A token that ends inside a UTF-8 character (U+FFFD) releases
     nothing until the character is complete, and a tail that could begin a stop string waits
     until the string is ruled out (then it is sent) or completed (then the text ends before it).
     """
@@ -181,20 +184,27 @@ class _TextStream:
         self.tokenizer, self.stops = tokenizer, stops
         self.longest = max((len(stop) for stop in stops), default=0)
         self.ids: list[int] = []
+        self.window = 0  # first id of the decoding window (one decoded piece back)
+        self.decoded = 0  # ids decoded into ``text``
         self.text = ""  # the decoded text so far, an incomplete last character left out
         self.sent = 0  # characters of it released
         self.finish_reason: str | None = None
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
     def push(self, token: StreamToken) -> str:
         """Add the choice's next token; returns the text that can be sent now."""
         self.ids.append(token.token_id)
-        full = self.tokenizer.decode(
-            self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
-        if full.endswith("\ufffd") and token.finish_reason is None:
+        before = self._decode(self.ids[self.window : self.decoded])
+        after = self._decode(self.ids[self.window :])
+        if after.endswith("\ufffd") and token.finish_reason is None:
             return ""
         start = max(0, len(self.text) - self.longest)
-        self.text += full[len(self.text) :] if full.startswith(self.text) else ""
+        self.text += after[len(before) :] if after.startswith(before) else ""
+        self.window, self.decoded = self.decoded, len(self.ids)
         hits = [p for p in (self.text.find(stop, start) for stop in self.stops) if p >= 0]
         if hits:
             self.finish_reason = "stop"
