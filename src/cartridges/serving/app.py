@@ -168,43 +168,58 @@ class _Rendered:
         return "".join(self.deltas)
 
 
-class _TextStream:
-    """One streamed choice's text, released as soon as no later token can change it.
+class _Detokenizer:
+    """The text of a growing token sequence, one piece per token, in linear time.
 
-    Each token is decoded in a short window after the already decoded text, not with the whole
-    answer, so a long answer costs linear time on the event loop: the window starts one decoded
-    piece earlier, so that tokenizers that treat a sequence's first token specially (e.g. a
-    leading-space marker) decode the new tokens as they do inside the full text, and the pieces
-    join to the non-streamed text. A token that ends inside a UTF-8 character (U+FFFD) releases
-    nothing until the character is complete, and a tail that could begin a stop string waits
-    until the string is ruled out (then it is sent) or completed (then the text ends before it).
+    Each token is decoded in a short window after the text decoded so far, not with the whole
+    sequence. The window starts one decoded piece back, so that tokenizers that treat a
+    sequence's first token specially (e.g. a leading-space marker) decode the new tokens as they
+    do inside the full text, and the pieces join to the full decode. A token that ends inside a
+    UTF-8 character (U+FFFD) gives an empty piece until the character is complete.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: list[str]) -> None:
-        self.tokenizer, self.stops = tokenizer, stops
-        self.longest = max((len(stop) for stop in stops), default=0)
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.window = 0  # first id of the decoding window (one decoded piece back)
-        self.decoded = 0  # ids decoded into ``text``
-        self.text = ""  # the decoded text so far, an incomplete last character left out
-        self.sent = 0  # characters of it released
-        self.finish_reason: str | None = None
+        self.decoded = 0  # ids decoded into pieces so far
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
             ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
 
-    def push(self, token: StreamToken) -> str:
-        """Add the choice's next token; returns the text that can be sent now."""
-        self.ids.append(token.token_id)
+    def push(self, token_id: int, last: bool = False) -> str:
+        """The text that ``token_id`` completes (all that is left when ``last``)."""
+        self.ids.append(token_id)
         before = self._decode(self.ids[self.window : self.decoded])
         after = self._decode(self.ids[self.window :])
-        if after.endswith("\ufffd") and token.finish_reason is None:
+        if after.endswith("\ufffd") and not last:
             return ""
-        start = max(0, len(self.text) - self.longest)
-        self.text += after[len(before) :] if after.startswith(before) else ""
         self.window, self.decoded = self.decoded, len(self.ids)
+        return after[len(before) :] if after.startswith(before) else ""
+
+
+class _TextStream:
+    """One streamed choice's text, released as soon as no later token can change it.
+
+    Pieces come from a :class:`_Detokenizer`, as :meth:`_Service.render` gets them, so that they
+    join to the non-streamed text. A tail that could begin a stop string waits until the string
+    is ruled out (then it is sent) or completed (then the text ends before it).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: list[str]) -> None:
+        self.pieces, self.stops = _Detokenizer(tokenizer), stops
+        self.longest = max((len(stop) for stop in stops), default=0)
+        self.text = ""  # the decoded text so far, an incomplete last character left out
+        self.sent = 0  # characters of it released
+        self.finish_reason: str | None = None
+
+    def push(self, token: StreamToken) -> str:
+        """Add the choice's next token; returns the text that can be sent now."""
+        piece = self.pieces.push(token.token_id, last=token.finish_reason is not None)
+        start = max(0, len(self.text) - self.longest)
+        self.text += piece
         hits = [p for p in (self.text.find(stop, start) for stop in self.stops) if p >= 0]
         if hits:
             self.finish_reason = "stop"
@@ -330,16 +345,8 @@ class _Service:
     # ------------------------------------------------------------------ rendering
     def render(self, row: Row, stops: list[str]) -> _Rendered:
         """Split a row's text into per-token pieces and apply stop strings."""
-        ids, deltas, emitted = row.token_ids, [], ""
-        for i in range(len(ids)):
-            full = self.tokenizer.decode(
-                ids[: i + 1], skip_special_tokens=True, clean_up_tokenization_spaces=False
-            )
-            if full.endswith("\ufffd") and i < len(ids) - 1:
-                deltas.append("")  # an incomplete UTF-8 character: wait for its other bytes
-                continue
-            deltas.append(full[len(emitted) :] if full.startswith(emitted) else "")
-            emitted += deltas[-1]
+        ids, pieces = row.token_ids, _Detokenizer(self.tokenizer)
+        deltas = [pieces.push(token_id, last=i == len(ids) - 1) for i, token_id in enumerate(ids)]
         keep, finish = len(ids), "stop" if row.stopped else "length"
         if stops:
             text = ""
