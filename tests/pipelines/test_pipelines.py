@@ -274,6 +274,11 @@ def test_the_lora_baseline_trains_an_adapter_of_the_cartridges_size(catalog, tmp
     assert report["held_out_kl_cartridge"] == pytest.approx(
         cartridge.info.extra["held_out_kl"], rel=1e-4
     )  # the same held-out conversations as distill_training's
+    scores = report["question_scores"]
+    assert set(scores) == {"lora", "cartridge"}
+    for method in scores.values():
+        assert set(method) == {"qa", "qa_exact_match", "multiple_choice", "log_perplexity"}
+        assert 0 <= method["qa"] <= 1 and method["log_perplexity"] > 0
     model, _ = tiny
     adapter = PeftModel.from_pretrained(model, str(tmp_path / "lora"))  # plain PEFT reads it
     try:

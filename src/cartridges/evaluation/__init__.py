@@ -8,7 +8,14 @@ decoding, and ``report`` puts it all into one row per (method, task). No Kedro, 
 from cartridges.evaluation.cost import measure_cost
 from cartridges.evaluation.methods import Method, build_methods, context_budget
 from cartridges.evaluation.questions import Question, QuestionsError, load_questions, prompt_text
-from cartridges.evaluation.report import TASKS, EvalConfig, evaluate, format_report, report_metrics
+from cartridges.evaluation.report import (
+    TASKS,
+    EvalConfig,
+    evaluate,
+    format_report,
+    report_metrics,
+    score_method,
+)
 from cartridges.evaluation.scoring import (
     choose_option,
     chrf,
@@ -49,5 +56,6 @@ __all__ = [
     "prompt_text",
     "question_ids",
     "report_metrics",
+    "score_method",
     "token_f1",
 ]

@@ -106,7 +106,7 @@ def evaluate(
     rows = []
     for method in methods:
         common = _costs(model, tokenizer, method, icl, questions, system_text, config)
-        for row in _scores(model, tokenizer, method, questions, system_text, config):
+        for row in score_method(model, tokenizer, method, questions, system_text, config):
             rows.append(row | common)
         if method.name in fidelity:
             rows.append(
@@ -117,7 +117,19 @@ def evaluate(
     return pd.DataFrame(rows, columns=[*COLUMNS[:-2], *decode, *COLUMNS[-2:]])
 
 
-def _scores(model, tokenizer, method, questions, system_text, config) -> list[dict[str, Any]]:
+def score_method(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    method: Method,
+    questions: Sequence[Question],
+    system_text: str,
+    config: EvalConfig,
+) -> list[dict[str, Any]]:
+    """Report rows of ``method`` on the question tasks of ``config`` (qa, chrf, log_perplexity).
+
+    ``model`` may be the frozen model with an adapter (the LoRA baseline): it answers after the
+    method's prefix like any other.
+    """
     rows = []
     open_questions = [q for q in questions if q.options is None]
     choice_questions = [q for q in questions if q.options is not None]

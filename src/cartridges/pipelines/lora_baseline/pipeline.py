@@ -11,13 +11,16 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 train_lora_baseline,
                 inputs=[
+                    "corpus",
                     "cartridge",
                     "chunk_set",
                     "conversations",
                     "teacher_logprobs",
                     "params:distill_training",
                     "params:lora_baseline",
+                    "params:evaluation",
                     "params:model",
+                    "params:system_prompt",
                 ],
                 outputs=["lora_baseline", "lora_baseline_report"],
                 name="train_lora_baseline_node",
