@@ -16,7 +16,9 @@ Throughput is conversation tokens trained per second. The achieved FLOP rate of 
 reported as a fraction of a large float32 matmul's rate measured in the same run. The last line
 printed is one JSON object with the headline figures.
 
-Usage: ``python benchmarks/distill_training.py [--p 256] [--global-batch 32] [--micro-batch 8]``"""
+Usage: ``python benchmarks/distill_training.py [--p 256] [--global-batch 32] [--micro-batch 8]``;
+on a GPU, e.g. ``--device cuda --dtype bfloat16 --hidden 2048 --layers 16 --vocab 32000``, with
+``--pack-length 2048`` to train on packed rows."""
 
 from __future__ import annotations
 
@@ -53,9 +55,10 @@ def make_data(model, count: int, generator: torch.Generator, batch: int = 16):
     examples = []
     for start in range(0, count, batch):
         group = conversations[start : start + batch]
-        ids, mask = _padded_ids(group)
-        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits, dim=-1)
-        values, top = logprobs.topk(TOP_K, dim=-1)  # [B, T, K]
+        ids, mask = (t.to(model.device) for t in _padded_ids(group))
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        values, top = torch.log_softmax(logits, dim=-1).topk(TOP_K, dim=-1)  # [B, T, K]
+        values, top = values.cpu(), top.cpu()
         for row, tokens in enumerate(group):
             n = len(tokens)
             examples.append(
@@ -86,7 +89,7 @@ def _peft_model(model, document, p: int):
         model, CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=p, num_frozen_tokens=1)
     )
     with torch.no_grad():
-        cache = model(input_ids=document[:p][None], use_cache=True).cache
+        cache = model(input_ids=document[:p][None].to(model.device), use_cache=True).cache
         flat = torch.stack(
             [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]
         )  # [L, 2, H, p, D]
@@ -108,12 +111,13 @@ def _padded_ids(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
 
 def _peft_loss(model, peft_model, document, batch, online: bool) -> tuple[torch.Tensor, int]:
     """Summed top-k loss of one padded micro-batch, and its count of distilled positions."""
-    ids, mask = _padded_ids([e.token_ids for e in batch])
+    device = model.device
+    ids, mask = (t.to(device) for t in _padded_ids([e.token_ids for e in batch]))
     if online:
         with torch.no_grad(), peft_model.disable_adapter():
-            teacher_ids = torch.cat([document.expand(len(batch), -1), ids], dim=1)
+            teacher_ids = torch.cat([document.to(device).expand(len(batch), -1), ids], dim=1)
             teacher_mask = torch.cat(
-                [torch.ones(len(batch), len(document), dtype=torch.long), mask], 1
+                [torch.ones(len(batch), len(document), dtype=torch.long, device=device), mask], 1
             )
             teacher = model(input_ids=teacher_ids, attention_mask=teacher_mask).logits
             teacher = torch.log_softmax(teacher[:, len(document) : -1].float(), dim=-1)
@@ -122,10 +126,10 @@ def _peft_loss(model, peft_model, document, batch, online: bool) -> tuple[torch.
     rows, columns, target_ids, target_values = [], [], [], []
     for row, e in enumerate(batch):
         n = len(e.token_ids) - 1
-        rows.append(torch.full((n,), row))
-        columns.append(torch.arange(n))
-        target_ids.append(top[row, :n] if online else e.teacher_ids)
-        target_values.append(values[row, :n] if online else e.teacher_logprobs)
+        rows.append(torch.full((n,), row, device=device))
+        columns.append(torch.arange(n, device=device))
+        target_ids.append(top[row, :n] if online else e.teacher_ids.to(device))
+        target_values.append(values[row, :n] if online else e.teacher_logprobs.to(device))
     rows, columns = torch.cat(rows), torch.cat(columns)
     loss = topk_distillation_loss(
         student[rows, columns], torch.cat(target_ids), torch.cat(target_values)
@@ -140,6 +144,7 @@ def run_peft(model, document, examples, p: int, args, online: bool) -> dict:
     steps = args.online_steps if online else args.steps
     tokens, padded, seconds = 0, 0, 0.0
     for index in range(steps + 1):
+        _synchronize(model.device)
         started = time.perf_counter()
         step = examples[index * args.global_batch : (index + 1) * args.global_batch]
         micro = [step[i : i + args.micro_batch] for i in range(0, len(step), args.micro_batch)]
@@ -149,6 +154,7 @@ def run_peft(model, document, examples, p: int, args, online: bool) -> dict:
             loss, _ = _peft_loss(model, peft_model, document, batch, online)
             (loss / positions).backward()
         optimizer.step()
+        _synchronize(model.device)
         if index:  # the first step warms up
             seconds += time.perf_counter() - started
             tokens += sum(len(e.token_ids) for e in step)
@@ -156,12 +162,22 @@ def run_peft(model, document, examples, p: int, args, online: bool) -> dict:
     return {"tokens": tokens, "seconds": seconds, "padding": padded / tokens - 1}
 
 
-def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops_per_s(
+    device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5
+) -> float:
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, b)
+    _synchronize(device)
     started = time.perf_counter()
     for _ in range(repeats):
         torch.mm(a, b)
+    _synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - started)
 
 
@@ -185,7 +201,12 @@ def training_flops_per_token(model, p: int, examples) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--p", type=int, default=256, help="cartridge tokens; the document is 8p")
-    parser.add_argument("--pack-length", type=int, default=0, help="packed row length (0: buckets)")
+    parser.add_argument(
+        "--pack-length",
+        type=int,
+        default=0,
+        help="ours: packed row length; batches then count rows",
+    )
     parser.add_argument(
         "--global-batch", type=int, default=32, help="conversations per step (paper: 32-64)"
     )
@@ -198,13 +219,20 @@ def main() -> None:
         "--online-steps", type=int, default=1, help="timed steps of the (slow) online teacher"
     )
     parser.add_argument("--vocab", type=int, default=2048, help="vocabulary size of the model")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the model")
+    parser.add_argument("--layers", type=int, default=4, help="layers of the model")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("cartridges").setLevel(logging.WARNING)
 
-    model = build_model(args.vocab)
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.vocab, args.hidden, args.layers).to(args.device, dtype)
     generator = torch.Generator().manual_seed(0)
     document = torch.randint(0, args.vocab, (8 * args.p,), generator=generator)
+    if args.dtype != "float32" and args.device == "cpu":
+        parser.error("--dtype bfloat16 is for GPUs; CPU matrix products in bfloat16 are emulated")
     needed = args.global_batch * (max(args.steps, args.online_steps) + 1)
     if args.conversations < needed:
         parser.error(f"--conversations must be at least {needed} for the steps asked")
@@ -216,7 +244,7 @@ def main() -> None:
     }
     rate = {name: r["tokens"] / r["seconds"] for name, r in results.items()}
     achieved = training_flops_per_token(model, args.p, examples) * rate["ours"]
-    peak = matmul_flops_per_s()
+    peak = matmul_flops_per_s(model.device, dtype)
     for name, value in rate.items():
         logger.info("%-12s %8.0f conversation tokens/s", name, value)
     figures = {
@@ -225,6 +253,8 @@ def main() -> None:
         "document_tokens": 8 * args.p,
         "global_batch": args.global_batch,
         "micro_batch": args.micro_batch,
+        "device": str(model.device),
+        "dtype": args.dtype,
         "model_parameters": sum(q.numel() for q in model.parameters()),
         "tokens_per_s": {k: round(v, 1) for k, v in rate.items()},
         "peft_padding_fraction": round(results["peft_topk"]["padding"], 3),

@@ -1,4 +1,4 @@
-"""The frozen model the benchmarks share: a random 4M-parameter Llama (4 layers, hidden 256)."""
+"""The frozen model the benchmarks share: a random Llama, 4M parameters by default."""
 
 from __future__ import annotations
 
@@ -6,16 +6,19 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-def build_model(vocab: int) -> LlamaForCausalLM:
-    """Big enough that matrix products dominate, small enough to run on a laptop CPU."""
+def build_model(vocab: int, hidden_size: int = 256, layers: int = 4) -> LlamaForCausalLM:
+    """Big enough that matrix products dominate, small enough to run on a laptop CPU.
+
+    ``hidden_size`` and ``layers`` scale it up for a GPU (heads of 64 dimensions).
+    """
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=256,
-        intermediate_size=704,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden_size // 64,
+        num_key_value_heads=hidden_size // 64,
         max_position_embeddings=4096,
     )
     return LlamaForCausalLM(config).eval().requires_grad_(False)
