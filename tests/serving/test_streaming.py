@@ -124,6 +124,17 @@ def test_streamed_chat_with_a_stop_string_equals_the_whole_answer(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
 
 
+def _stream(stream: _TextStream, ids: list[int]) -> list[str]:
+    """The pieces a stream releases token by token, the last token ending it by length."""
+    pieces = []
+    for i, token_id in enumerate(ids):
+        finish_reason = "length" if i == len(ids) - 1 else None
+        pieces.append(stream.push(StreamToken(0, token_id, finish_reason=finish_reason)))
+        if stream.finish_reason is not None:
+            break
+    return pieces
+
+
 @pytest.mark.parametrize("stops", [[], ["☃"], ["漢字"], ["ïv"], ["e ☃x", "seal"], ["字 s"]])
 def test_text_stream_waits_for_whole_characters_and_joins_to_the_rendered_text(server, tiny, stops):
     _, tokenizer = tiny
@@ -131,12 +142,8 @@ def test_text_stream_waits_for_whole_characters_and_joins_to_the_rendered_text(s
     ids = tokenizer("Pümp ☃ naïve – 漢字 seal", add_special_tokens=False)["input_ids"]
     assert any(tokenizer.decode([i]) == "\ufffd" for i in ids)  # tokens inside a character
     rendered = service.render(Row(token_ids=ids, stopped=False), stops)
-    text, pieces = _TextStream(tokenizer, stops), []
-    for i, token_id in enumerate(ids):
-        finish_reason = "length" if i == len(ids) - 1 else None
-        pieces.append(text.push(StreamToken(0, token_id, finish_reason=finish_reason)))
-        if text.finish_reason is not None:
-            break
+    text = _TextStream(tokenizer, stops)
+    pieces = _stream(text, ids)
     assert "".join(pieces) == rendered.text
     assert not any("\ufffd" in piece for piece in pieces)
     assert len(pieces) == len(rendered.token_ids)
@@ -284,12 +291,7 @@ def test_text_stream_matches_the_full_decode_with_a_leading_space_tokenizer(stop
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.convert_ids_to_tokens(ids[1]).startswith("\u2581")  # the marker case
     full = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    stream, pieces = _TextStream(tokenizer, stops), []
-    for i, token_id in enumerate(ids):
-        finish_reason = "length" if i == len(ids) - 1 else None
-        pieces.append(stream.push(StreamToken(0, token_id, finish_reason=finish_reason)))
-        if stream.finish_reason is not None:
-            break
+    pieces = _stream(_TextStream(tokenizer, stops), ids)
     expected = full[: full.find("seal")] if stops else full
     assert "".join(pieces) == expected
     assert not any("\ufffd" in piece for piece in pieces)
