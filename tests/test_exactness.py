@@ -115,3 +115,47 @@ def test_prefix_longer_than_sliding_window_stays_exact(architecture):
             torch.tensor([document + prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None
         )[0, DOC_LEN + len(prompt) :]
         assert generation.token_ids == reference.tolist()
+
+
+def _random_batch(model, generator: torch.Generator, prefix_len: int):
+    from cartridges.batching import Example, make_batch
+
+    examples = []
+    for length in (7, 12, 5):
+        ids = torch.tensor(_random_ids(generator, length))
+        values, top = torch.randn(length - 1, 4, generator=generator).log_softmax(-1).topk(3)
+        examples.append(Example(ids, torch.arange(1, length), top, values))
+    return make_batch(examples, [[0], [1], [2]], 0, prefix_len, model.dtype)
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_the_chunked_loss_equals_the_whole_loss_and_its_gradient(architecture):
+    from cartridges.training import loss_sum
+
+    # A soft cap small enough to matter, so that the chunked logits must reproduce it.
+    capped = {"final_logit_softcapping": 0.5} if architecture.startswith("gemma") else {}
+    model = build_model(architecture, **capped)
+    generator = torch.Generator().manual_seed(3)
+    cartridge = from_token_ids(model, _random_ids(generator, DOC_LEN))
+    batch = _random_batch(model, generator, cartridge.num_tokens)
+    results = []
+    for chunk_size in (0, 4):  # 21 targets: one piece, or six chunks
+        cartridge.trainable_keys.grad = None
+        loss = loss_sum(model, cartridge.as_cache(3, model.config), batch, chunk_size=chunk_size)
+        loss.backward()
+        results.append((loss.detach(), cartridge.trainable_keys.grad.clone()))
+    (whole, whole_grad), (chunked, chunked_grad) = results
+    assert torch.allclose(chunked, whole, rtol=1e-5)
+    assert torch.allclose(chunked_grad, whole_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_a_model_whose_logits_are_not_reproduced_is_refused_by_the_chunked_loss():
+    from cartridges.training import loss_sum
+
+    model = build_model("llama")
+    model.config.final_logit_softcapping = 0.5  # Llama ignores it; the chunked loss would not
+    generator = torch.Generator().manual_seed(3)
+    cartridge = from_token_ids(model, _random_ids(generator, DOC_LEN))
+    batch = _random_batch(model, generator, cartridge.num_tokens)
+    with pytest.raises(ValueError, match=r"post-processes its logits .* loss_chunk_size: 0"):
+        loss_sum(model, cartridge.as_cache(3, model.config), batch, chunk_size=4)

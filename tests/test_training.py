@@ -100,11 +100,13 @@ def test_packed_rows_never_attend_across_conversations(data):
     )
 
 
-def test_packing_and_accumulation_do_not_change_the_result(data):
-    reference, _ = _train(data)
-    accumulated, _ = _train(data, micro_batch_size=2)
+def test_packing_accumulation_and_loss_chunks_do_not_change_the_result(data):
+    reference, _ = _train(data, loss_chunk_size=0)
+    accumulated, _ = _train(data, micro_batch_size=2, loss_chunk_size=0)
+    chunked, _ = _train(data, loss_chunk_size=5)  # head and loss five targets at a time
     packed, _ = _train(data, pack_length=32)
     assert torch.allclose(accumulated.keys, reference.keys, atol=1e-5)
+    assert torch.allclose(chunked.keys, reference.keys, atol=1e-5)
     assert packed.keys.shape == reference.keys.shape  # packing changes the batches, not the model
 
 
@@ -152,6 +154,8 @@ def test_bad_batch_settings_are_refused():
         TrainConfig(lr_schedule="step")
     with pytest.raises(ValueError, match="longer than pack_length=8"):
         pack_rows([4, 12], 8)
+    with pytest.raises(ValueError, match="loss_chunk_size must be >= 0, got -1"):
+        TrainConfig(loss_chunk_size=-1)
 
 
 def test_first_fit_packing():

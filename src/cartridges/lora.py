@@ -82,6 +82,7 @@ class LoraStudent:
     """The ablation: the model with a LoRA adapter reads each conversation with no prefix."""
 
     model: PeftModel
+    loss_chunk_size: int = 0
 
     @property
     def prefix_len(self) -> int:
@@ -91,7 +92,7 @@ class LoraStudent:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def loss_sum(self, batch: Batch, kl: bool = False) -> torch.Tensor:
-        return loss_sum(self.model, None, batch, kl)
+        return loss_sum(self.model, None, batch, kl, self.loss_chunk_size)
 
 
 def adapter_files(peft_model: PeftModel) -> dict[str, bytes]:

@@ -31,6 +31,7 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 from transformers import Cache, PreTrainedModel
 
 from cartridges.batching import Batch, Example, make_batch, plan_batches
@@ -67,6 +68,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     pack_length: int | None = None  # tokens per packed row; None: padded length buckets
     mixed_precision: str = "none"  # none | bfloat16 (autocast; the cartridge stays float32)
+    loss_chunk_size: int = 2048  # target positions per head + loss chunk (0: all at once)
     checkpoint_every: int = 50
     eval_every: int = 0  # held-out KL every N steps (0: only at the end)
     seed: int = 0
@@ -87,6 +89,8 @@ class TrainConfig:
             raise ValueError(
                 f"mixed_precision must be none or bfloat16, got {self.mixed_precision!r}."
             )
+        if self.loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size must be >= 0, got {self.loss_chunk_size}.")
         if self.max_steps is None and self.epochs <= 0:
             raise ValueError(f"epochs must be > 0 when max_steps is not set, got {self.epochs}.")
 
@@ -137,27 +141,114 @@ def _batch_for_step(examples, config, step, plans: dict[int, list]) -> list[list
 
 
 def _loss_sum(
-    model: PreTrainedModel, cartridge: Cartridge, batch: Batch, kl: bool = False
+    model: PreTrainedModel,
+    cartridge: Cartridge,
+    batch: Batch,
+    kl: bool = False,
+    chunk_size: int = 0,
 ) -> torch.Tensor:
     """Sum over the batch's distilled positions of the loss (or of the top-k KL)."""
-    return loss_sum(model, cartridge.as_cache(batch.input_ids.shape[0], model.config), batch, kl)
+    cache = cartridge.as_cache(batch.input_ids.shape[0], model.config)
+    return loss_sum(model, cache, batch, kl, chunk_size)
 
 
 def loss_sum(
-    model: PreTrainedModel, cache: Cache | None, batch: Batch, kl: bool = False
+    model: PreTrainedModel,
+    cache: Cache | None,
+    batch: Batch,
+    kl: bool = False,
+    chunk_size: int = 0,
 ) -> torch.Tensor:
-    """The batch's summed loss (or top-k KL) with ``model`` reading ``cache`` as a prefix."""
-    with head_only_at(model, batch.rows, batch.columns):
-        student = forward_with_prefix(
-            model,
-            cache,
-            batch.input_ids,
-            batch.attention_mask,
-            use_cache=False,
-            position_ids=batch.position_ids,
-        ).logits[0]  # [N, V]
+    """The batch's summed loss (or top-k KL) with ``model`` reading ``cache`` as a prefix.
+
+    With ``chunk_size`` smaller than the number of targets, the output head and the loss run a
+    chunk of target positions at a time and are recomputed in the backward pass, so at most
+    ``chunk_size x vocabulary`` logits exist at once instead of ``targets x vocabulary``.
+    """
     loss_fn = kl_from_topk if kl else topk_distillation_loss
+    if chunk_size and len(batch.rows) > chunk_size:
+        return _chunked_loss_sum(model, cache, batch, loss_fn, chunk_size)
+    with head_only_at(model, batch.rows, batch.columns):
+        student = _forward(model, cache, batch).logits[0]  # [N, V]
     return loss_fn(student, batch.teacher_ids, batch.teacher_logprobs) * len(batch.rows)
+
+
+def _forward(model: PreTrainedModel, cache: Cache | None, batch: Batch):
+    return forward_with_prefix(
+        model,
+        cache,
+        batch.input_ids,
+        batch.attention_mask,
+        use_cache=False,
+        position_ids=batch.position_ids,
+    )
+
+
+def logit_postprocessing(config) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What causal LMs do to their head's output before returning logits (known conventions)."""
+    config = config.get_text_config(decoder=True)
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2 and later
+    scale = getattr(config, "logit_scale", None)  # Cohere
+    divisor = getattr(config, "logits_scaling", None)  # Granite
+
+    def postprocess(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if divisor is not None:
+            logits = logits / divisor
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return postprocess
+
+
+def _chunked_loss_sum(model, cache, batch: Batch, loss_fn, chunk_size: int) -> torch.Tensor:
+    """The loss over chunks of target positions, each chunk's logits recomputed in backward.
+
+    The model's forward still runs its own head at one target position; the chunked logits
+    at that position must equal it, so a model whose logit post-processing is not reproduced
+    here is refused rather than trained on wrong logits.
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"Model '{model.name_or_path}' has no output embeddings (lm head).")
+    captured: list[torch.Tensor] = []
+
+    def capture(_module, args):
+        captured.append(args[0][batch.rows, batch.columns])  # [N, H]
+        return (captured[-1][:1].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(capture)
+    try:
+        reference = _forward(model, cache, batch).logits[0, 0].detach()  # [V]
+    finally:
+        handle.remove()
+    hidden = captured[-1]
+    postprocess = logit_postprocessing(model.config)
+
+    def chunk_loss(states, teacher_ids, teacher_logprobs):
+        logits = postprocess(head(states))
+        return loss_fn(logits, teacher_ids, teacher_logprobs) * len(states)
+
+    with torch.no_grad():
+        mine = postprocess(head(hidden[:1]))[0]
+    if not torch.allclose(mine.float(), reference.float(), rtol=1e-3, atol=1e-3):
+        raise ValueError(
+            f"Model '{model.name_or_path}' post-processes its logits in a way the chunked loss "
+            "does not reproduce; set loss_chunk_size: 0 to compute the loss in one piece."
+        )
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(hidden), chunk_size):
+        end = start + chunk_size
+        total = total + checkpoint(
+            chunk_loss,
+            hidden[start:end],
+            batch.teacher_ids[start:end],
+            batch.teacher_logprobs[start:end],
+            use_reentrant=False,
+        )
+    return total
 
 
 class Student(Protocol):
@@ -185,6 +276,7 @@ class CartridgeStudent:
 
     model: PreTrainedModel
     cartridge: Cartridge
+    loss_chunk_size: int = 0
 
     def __post_init__(self) -> None:
         self.cartridge.to(self.model.device)
@@ -197,7 +289,7 @@ class CartridgeStudent:
         return [p for p in self.cartridge.parameters() if p.requires_grad]
 
     def loss_sum(self, batch: Batch, kl: bool = False) -> torch.Tensor:
-        return _loss_sum(self.model, self.cartridge, batch, kl)
+        return _loss_sum(self.model, self.cartridge, batch, kl, self.loss_chunk_size)
 
 
 def _check_packing(student: Student, config: TrainConfig) -> None:
@@ -315,7 +407,7 @@ def train_cartridge(
             only), e.g. to log sample generations.
     """
     history = train(
-        CartridgeStudent(model, cartridge),
+        CartridgeStudent(model, cartridge, config.loss_chunk_size),
         examples,
         config,
         pad_token_id,

@@ -80,7 +80,7 @@ def train_lora_baseline(
     pad = tokenizer.pad_token_id or 0
     system_text = system_prompt.format(chunk=join_documents(list(corpus["text"])))
     with lora_adapter(llm, lora) as peft_model:
-        student = LoraStudent(peft_model)
+        student = LoraStudent(peft_model, config.loss_chunk_size)
         kl_before = held_out_kl(student, held_out, config.micro_batch_size, pad)
         with process_group(distill_params.get("distributed_backend", "gloo")):
             history = train(
