@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
 
-from kedro.io import AbstractVersionedDataset, Version
+from cartridges.datasets.versioned_folder import VersionedFolderDataset
 
 
-class AdapterDataset(AbstractVersionedDataset[dict[str, bytes], dict[str, bytes]]):
+class AdapterDataset(VersionedFolderDataset[dict[str, bytes]]):
     """Saves ``{file name: bytes}`` (what ``PeftModel.save_pretrained`` writes) as a directory.
 
     The saved directory is what ``PeftModel.from_pretrained(model, path)`` reads.
@@ -17,21 +16,9 @@ class AdapterDataset(AbstractVersionedDataset[dict[str, bytes], dict[str, bytes]
 
         lora_baseline:
           type: cartridges.datasets.AdapterDataset
-          path: data/06_models/lora_baseline
+          filepath: data/06_models/lora_baseline
           versioned: true
     """
-
-    def __init__(
-        self, path: str, version: Version | None = None, metadata: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(
-            filepath=PurePosixPath(path), version=version, exists_function=self._exists_path
-        )
-        self.metadata = metadata
-
-    @staticmethod
-    def _exists_path(path: str) -> bool:
-        return (Path(path) / "adapter_config.json").is_file()
 
     def load(self) -> dict[str, bytes]:
         directory = Path(self._get_load_path())
@@ -40,19 +27,11 @@ class AdapterDataset(AbstractVersionedDataset[dict[str, bytes], dict[str, bytes]
     def save(self, data: dict[str, bytes]) -> None:
         if "adapter_config.json" not in data:
             raise ValueError(f"Not a PEFT adapter: no adapter_config.json among {sorted(data)}.")
-        directory = Path(self._get_save_path())
-        directory.mkdir(parents=True, exist_ok=True)
-        for name, content in data.items():
-            if Path(name).name != name:
-                raise ValueError(f"Adapter file names must be plain names, got {name!r}.")
-            (directory / name).write_bytes(content)
+        for name in data:
+            self._check_file_name(name, "Adapter file")
 
-    def _exists(self) -> bool:
-        try:
-            path = self._get_load_path()
-        except Exception:  # noqa: BLE001 - no version saved yet
-            return False
-        return self._exists_path(str(path))
+        def write(folder: Path) -> None:
+            for name, content in data.items():
+                (folder / name).write_bytes(content)
 
-    def _describe(self) -> dict[str, Any]:
-        return {"path": self._filepath, "version": self._version}
+        self._save_folder(write)
