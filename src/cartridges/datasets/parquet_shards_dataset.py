@@ -7,16 +7,16 @@ version folder appears only once every shard is written).
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from kedro.io import AbstractVersionedDataset, Version
+from kedro.io import Version
+
+from cartridges.datasets.versioned_folder import VersionedFolderDataset
 
 
-class ParquetShardsDataset(AbstractVersionedDataset[pd.DataFrame, pd.DataFrame]):
+class ParquetShardsDataset(VersionedFolderDataset[pd.DataFrame]):
     """Saves a DataFrame as ``part-00000.parquet, part-00001.parquet, ...`` in one folder.
 
     Example catalog entry::
@@ -37,13 +37,8 @@ class ParquetShardsDataset(AbstractVersionedDataset[pd.DataFrame, pd.DataFrame])
     ) -> None:
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}.")
-        super().__init__(
-            filepath=PurePosixPath(filepath),
-            version=version,
-            exists_function=lambda path: Path(path).is_dir(),
-        )
+        super().__init__(filepath, version, metadata)
         self._rows_per_shard = rows_per_shard
-        self.metadata = metadata
 
     def shards(self) -> list[Path]:
         """The shard files of the version that would be loaded, in order."""
@@ -56,25 +51,13 @@ class ParquetShardsDataset(AbstractVersionedDataset[pd.DataFrame, pd.DataFrame])
         return pd.concat([pd.read_parquet(path) for path in shards], ignore_index=True)
 
     def save(self, data: pd.DataFrame) -> None:
-        target = Path(self._get_save_path())
-        temporary = target.with_name(target.name + ".tmp")
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-        starts = range(0, max(len(data), 1), self._rows_per_shard)
-        for index, start in enumerate(starts):
-            shard = data.iloc[start : start + self._rows_per_shard]
-            shard.to_parquet(temporary / f"part-{index:05d}.parquet", index=False)
-        os.replace(temporary, target)
+        def write(folder: Path) -> None:
+            starts = range(0, max(len(data), 1), self._rows_per_shard)
+            for index, start in enumerate(starts):
+                shard = data.iloc[start : start + self._rows_per_shard]
+                shard.to_parquet(folder / f"part-{index:05d}.parquet", index=False)
 
-    def _exists(self) -> bool:
-        try:
-            return Path(self._get_load_path()).is_dir()
-        except Exception:  # noqa: BLE001 - no version saved yet
-            return False
+        self._save_folder(write)
 
     def _describe(self) -> dict[str, Any]:
-        return {
-            "filepath": self._filepath,
-            "rows_per_shard": self._rows_per_shard,
-            "version": self._version,
-        }
+        return super()._describe() | {"rows_per_shard": self._rows_per_shard}
