@@ -3,13 +3,17 @@
 Teacher targets are stored flat, one row per kept top-k entry: ``(conversation_id, position,
 token_id, logprob)``. Positions index the conversation's ``token_ids``; a position may keep
 fewer than k entries (the cut at ``min_prob_mass``), so the flat form wastes nothing.
+
+Tables on disk (:class:`~cartridges.tables.ShardedTable`) become lazily read examples
+(:mod:`cartridges.target_store`); DataFrames, for small data and tests, become dense tensors at
+once. Both give the same tensors.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,9 +21,11 @@ import pandas as pd
 import torch
 
 from cartridges.batching import Example
+from cartridges.tables import ShardedTable
 
 if TYPE_CHECKING:
     from cartridges.synthesis.self_study import Conversation
+    from cartridges.target_store import LazyExamples
 
 CONVERSATION_COLUMNS = [
     "conversation_id",
@@ -69,9 +75,25 @@ def to_tables(conversations: Iterable[Conversation]) -> tuple[pd.DataFrame, pd.D
 
 
 def to_examples(
-    conversations: pd.DataFrame, teacher_logprobs: pd.DataFrame, vocab_size: int
-) -> list[Example]:
-    """Rebuild training examples, refusing tables that do not belong together."""
+    conversations: pd.DataFrame | ShardedTable,
+    teacher_logprobs: pd.DataFrame | ShardedTable,
+    vocab_size: int,
+) -> list[Example] | LazyExamples:
+    """Rebuild training examples, refusing tables that do not belong together.
+
+    Two :class:`ShardedTable` handles give :class:`~cartridges.target_store.LazyExamples`
+    (indexed now, read a micro-batch at a time); two DataFrames give dense examples at once.
+    """
+    if isinstance(conversations, ShardedTable) and isinstance(teacher_logprobs, ShardedTable):
+        from cartridges.target_store import LazyExamples
+
+        return LazyExamples.open(conversations, teacher_logprobs, vocab_size)
+    if isinstance(conversations, ShardedTable) or isinstance(teacher_logprobs, ShardedTable):
+        raise TypeError(
+            "conversations and teacher_logprobs must both be ShardedTable handles or both be "
+            f"DataFrames, got {type(conversations).__name__} and "
+            f"{type(teacher_logprobs).__name__}."
+        )
     if conversations.empty:
         raise TargetsError("The conversations table is empty: run self_study first.")
     if teacher_logprobs.empty:
@@ -107,16 +129,27 @@ def to_examples(
 
 
 def _dense_targets(group: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[N]`` positions and ``[N, K]`` ids / logprobs, padded with -inf log-probabilities."""
-    positions, inverse = np.unique(group["position"].to_numpy(), return_inverse=True)
+    return dense_targets(
+        group["position"].to_numpy(), group["token_id"].to_numpy(), group["logprob"].to_numpy()
+    )
+
+
+def dense_targets(
+    position: np.ndarray, token_id: np.ndarray, logprob: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[N]`` positions and ``[N, K]`` ids / logprobs, padded with -inf log-probabilities.
+
+    Entries of one position keep their stored order (the teacher's, most probable first).
+    """
+    positions, inverse = np.unique(position, return_inverse=True)
     counts = np.bincount(inverse)
-    width = int(counts.max())
+    width = int(counts.max()) if len(counts) else 0
     ids = np.zeros((len(positions), width), dtype=np.int64)
     logprobs = np.full((len(positions), width), -math.inf, dtype=np.float32)
     order = np.argsort(inverse, kind="stable")
     slot = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
-    ids[inverse[order], slot] = group["token_id"].to_numpy()[order]
-    logprobs[inverse[order], slot] = group["logprob"].to_numpy()[order]
+    ids[inverse[order], slot] = token_id[order]
+    logprobs[inverse[order], slot] = logprob[order]
     return (
         torch.from_numpy(positions.astype(np.int64)),
         torch.from_numpy(ids),
@@ -124,12 +157,14 @@ def _dense_targets(group: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, tor
     )
 
 
-def one_hot(examples: list[Example]) -> list[Example]:
+def one_hot(examples: Sequence[Example]) -> Sequence[Example]:
     """The same positions with the actual next token as the only target (token cross-entropy).
 
     With a one-hot teacher the distillation loss is exactly the cross-entropy of the answer
-    tokens: the ablation that distillation is compared with.
+    tokens: the ablation that distillation is compared with. Lazy examples stay lazy.
     """
+    if hasattr(examples, "as_one_hot"):
+        return examples.as_one_hot()
     return [
         Example(
             e.token_ids,

@@ -31,6 +31,6 @@ def test_parquet_shards_split_and_reassemble(tmp_path):
     )
     dataset.save(table)
     assert len(dataset.shards()) == 3
-    pd.testing.assert_frame_equal(dataset.load(), table)
+    pd.testing.assert_frame_equal(dataset.load().to_pandas(), table)
     with pytest.raises(ValueError, match="rows_per_shard must be >= 1"):
         ParquetShardsDataset(str(tmp_path / "u"), rows_per_shard=0)

@@ -1,0 +1,300 @@
+"""A lazy, read-only handle on a table stored as an ordered list of parquet files.
+
+Teacher targets of a real run are 10^8-10^9 rows: they must never be one DataFrame. A
+:class:`ShardedTable` only knows its files; row counts and the schema come from parquet
+footers, and rows are read on demand (whole, as record batches, or one row range of one file).
+Nothing here caches data, so a handle costs the same memory for a thousand rows or a billion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+__all__ = ["ShardError", "ShardedTable"]
+
+_SAMPLE = 1 << 20  # bytes at each end of a file that its fingerprint hashes
+
+
+class ShardError(ValueError):
+    """A shard file is missing, unreadable or does not match the table it belongs to."""
+
+
+class ShardedTable:
+    """An ordered list of parquet files read as one table, lazily.
+
+    Args:
+        files: the shard files, in table order. They must exist and share one schema.
+        attrs: small JSON-able metadata that travels with the table (like ``DataFrame.attrs``):
+            the self-study run id, the lineage record. ``ParquetShardsDataset`` persists it.
+    """
+
+    def __init__(self, files: Sequence[str | Path], attrs: dict[str, Any] | None = None) -> None:
+        if isinstance(files, (str, Path)):
+            raise TypeError("ShardedTable takes a sequence of files, not a single path.")
+        self.attrs: dict[str, Any] = dict(attrs or {})
+        self._files = [Path(f) for f in files]
+        missing = [str(f) for f in self._files if not f.is_file()]
+        if missing:
+            raise ShardError(f"Shard file(s) not found: {missing[:3]}.")
+
+    @classmethod
+    def from_dataframe(cls, data: pd.DataFrame, path: str | Path) -> ShardedTable:
+        """Write ``data`` as one parquet file at ``path`` (small tables and tests)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data.to_parquet(path, index=False)
+        return cls([path], attrs=data.attrs)
+
+    # ------------------------------------------------------------------ metadata only
+    @property
+    def files(self) -> list[Path]:
+        """The shard files, in table order."""
+        return list(self._files)
+
+    @cached_property
+    def file_num_rows(self) -> list[int]:
+        """Rows of each file, from the parquet footers (no data read)."""
+        return [self.metadata(i).num_rows for i in range(len(self._files))]
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the whole table, from the parquet footers (no data read)."""
+        return sum(self.file_num_rows)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    @cached_property
+    def schema(self) -> pa.Schema:
+        """The arrow schema shared by every shard; a mismatch names the offending file."""
+        if not self._files:
+            raise ShardError("A ShardedTable with no file has no schema.")
+        first = self._schema_of(0)
+        for index in range(1, len(self._files)):
+            other = self._schema_of(index)
+            if not other.remove_metadata().equals(first.remove_metadata()):
+                raise ShardError(
+                    f"Shard '{self._files[index]}' has schema {other.remove_metadata()} which "
+                    f"differs from '{self._files[0]}': {first.remove_metadata()}."
+                )
+        return first
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.schema.names)
+
+    def _schema_of(self, index: int) -> pa.Schema:
+        return self.metadata(index).schema.to_arrow_schema()
+
+    def metadata(self, index: int) -> pq.FileMetaData:
+        """The parquet footer of file ``index``; a missing or truncated file names itself."""
+        path = self._files[index]
+        try:
+            return pq.read_metadata(path)
+        except FileNotFoundError as error:
+            raise ShardError(
+                f"Shard '{path}' disappeared since the table was listed: the data was moved or "
+                "deleted after it was written."
+            ) from error
+        except (pa.ArrowInvalid, OSError) as error:
+            raise ShardError(
+                f"Shard '{path}' is not a readable parquet file (truncated or corrupted?): {error}"
+            ) from error
+
+    def fingerprint(self) -> str:
+        """A digest that changes when any shard's content does, reading no more than 2 MiB each.
+
+        Footers (row counts, per-column sizes and statistics), file sizes and the first and last
+        MiB of every file: a changed shard virtually always differs in one of them, and the
+        rows of a billion-row table are never read.
+        """
+        digest = hashlib.sha256()
+        for index, path in enumerate(self._files):
+            footer = self.metadata(index)
+            size = os.path.getsize(path)
+            digest.update(str(size).encode())
+            with open(path, "rb") as handle:
+                digest.update(handle.read(_SAMPLE))
+                handle.seek(max(size - _SAMPLE, 0))
+                digest.update(handle.read(_SAMPLE))
+            digest.update(str(footer.num_rows).encode())
+            digest.update(footer.schema.to_arrow_schema().remove_metadata().to_string().encode())
+            for group in range(footer.num_row_groups):
+                row_group = footer.row_group(group)
+                digest.update(str(row_group.num_rows).encode())
+                for column in range(row_group.num_columns):
+                    chunk = row_group.column(column)
+                    stats = chunk.statistics
+                    digest.update(
+                        repr(
+                            (
+                                chunk.total_compressed_size,
+                                chunk.total_uncompressed_size,
+                                stats.min if stats is not None and stats.has_min_max else None,
+                                stats.max if stats is not None and stats.has_min_max else None,
+                            )
+                        ).encode()
+                    )
+        return digest.hexdigest()
+
+    # ------------------------------------------------------------------ reading rows
+    def to_pandas(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """The whole table as one DataFrame: only for tables known to be small."""
+        if not self._files:
+            return pd.DataFrame(columns=list(columns or []))
+        try:
+            table = ds.dataset(
+                [str(f) for f in self._files], format="parquet", schema=self.schema
+            ).to_table(columns=list(columns) if columns is not None else None)
+        except (FileNotFoundError, pa.ArrowInvalid, OSError) as error:
+            raise ShardError(f"Cannot read table of {self._describe()}: {error}") from error
+        return table.to_pandas()
+
+    def iter_batches(
+        self, columns: Sequence[str] | None = None, batch_size: int = 65_536
+    ) -> Iterator[pa.RecordBatch]:
+        """Record batches of at most ``batch_size`` rows, file after file, in table order."""
+        for index, path in enumerate(self._files):
+            self.metadata(index)  # a clear error for a missing or truncated file
+            try:
+                parquet = pq.ParquetFile(path)
+                yield from parquet.iter_batches(
+                    batch_size=batch_size, columns=list(columns) if columns is not None else None
+                )
+            except (FileNotFoundError, pa.ArrowInvalid, OSError) as error:
+                raise ShardError(f"Cannot read shard '{path}': {error}") from error
+
+    @cached_property
+    def file_offsets(self) -> np.ndarray:
+        """``[files + 1]`` first global row of each file, then the total row count."""
+        return np.concatenate([[0], np.cumsum(self.file_num_rows, dtype=np.int64)])
+
+    def read_rows(
+        self, index: int, start: int, stop: int, columns: Sequence[str] | None = None
+    ) -> pa.Table:
+        """Rows ``[start, stop)`` of file ``index``, reading only the row groups they span."""
+        return self._read_file_ranges(index, [(start, stop)], columns)[0]
+
+    def take_ranges(
+        self, ranges: Sequence[tuple[int, int]], columns: Sequence[str] | None = None
+    ) -> list[pa.Table]:
+        """The rows of each global ``[start, stop)`` range, in the order asked.
+
+        A range may span files. Each file is opened once and each row group decoded once, however
+        many ranges fall in it, so reading a micro-batch costs the row groups it touches.
+        """
+        offsets = self.file_offsets
+        pieces: dict[int, list[tuple[int, int, int]]] = {}  # file -> (range, start, stop)
+        for which, (start, stop) in enumerate(ranges):
+            if not 0 <= start <= stop <= offsets[-1]:
+                raise ShardError(
+                    f"Rows [{start}, {stop}) are outside the {offsets[-1]} rows of "
+                    f"{self._describe()}."
+                )
+            if start == stop:
+                continue
+            first = int(np.searchsorted(offsets, start, side="right")) - 1
+            last = int(np.searchsorted(offsets, stop - 1, side="right")) - 1
+            for index in range(first, last + 1):
+                lo, hi = max(start, offsets[index]), min(stop, offsets[index + 1])
+                if hi > lo:
+                    pieces.setdefault(index, []).append(
+                        (which, int(lo - offsets[index]), int(hi - offsets[index]))
+                    )
+        parts: list[list[pa.Table]] = [[] for _ in ranges]
+        for index, wanted in sorted(pieces.items()):
+            tables = self._read_file_ranges(index, [(lo, hi) for _, lo, hi in wanted], columns)
+            for (which, _, _), table in zip(wanted, tables, strict=True):
+                parts[which].append(table)
+        return [
+            pa.concat_tables(p) if len(p) > 1 else p[0] if p else self._empty(columns)
+            for p in parts
+        ]
+
+    def filter_rows(
+        self, column: str, values: Sequence, columns: Sequence[str] | None = None
+    ) -> pd.DataFrame:
+        """The rows whose ``column`` is among ``values``; a streaming scan holds only matches."""
+        wanted = pa.array(list(values), self.schema.field(column).type)
+        try:
+            table = ds.dataset(
+                [str(f) for f in self._files], format="parquet", schema=self.schema
+            ).to_table(
+                columns=list(columns) if columns is not None else None,
+                filter=pc.field(column).isin(wanted),
+            )
+        except (FileNotFoundError, pa.ArrowInvalid, OSError) as error:
+            raise ShardError(f"Cannot read {self._describe()}: {error}") from error
+        return table.to_pandas()
+
+    def _empty(self, columns: Sequence[str] | None) -> pa.Table:
+        table = self.schema.empty_table()
+        return table.select(list(columns)) if columns is not None else table
+
+    def _read_file_ranges(
+        self, index: int, ranges: Sequence[tuple[int, int]], columns: Sequence[str] | None
+    ) -> list[pa.Table]:
+        path = self._files[index]
+        try:
+            parquet = pq.ParquetFile(path)
+            meta = parquet.metadata
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+            bad = [(lo, hi) for lo, hi in ranges if not 0 <= lo <= hi <= meta.num_rows]
+            if bad:
+                raise ShardError(
+                    f"Rows {bad[0]} are outside shard '{path}' of {meta.num_rows} rows: the file "
+                    "changed since it was indexed."
+                )
+            groups = sorted(
+                {
+                    g
+                    for lo, hi in ranges
+                    if hi > lo
+                    for g in range(
+                        int(np.searchsorted(starts, lo, side="right")) - 1,
+                        int(np.searchsorted(starts, hi - 1, side="right")),
+                    )
+                }
+            )
+            cols = list(columns) if columns is not None else None
+            table = parquet.read_row_groups(groups, columns=cols) if groups else None
+        except FileNotFoundError as error:
+            raise ShardError(
+                f"Shard '{path}' disappeared since the table was listed: the data was moved or "
+                "deleted after it was written."
+            ) from error
+        except (pa.ArrowInvalid, OSError) as error:
+            raise ShardError(
+                f"Shard '{path}' is not a readable parquet file (truncated or corrupted?): {error}"
+            ) from error
+        # Row ``r`` of the file is row ``r - starts[g] + read_start[g]`` of what was read.
+        read_start = dict(zip(groups, np.cumsum([0] + [sizes[g] for g in groups]), strict=False))
+        out = []
+        for lo, hi in ranges:
+            if hi <= lo or table is None:
+                out.append(self._empty(columns))
+                continue
+            g = int(np.searchsorted(starts, lo, side="right")) - 1
+            out.append(table.slice(int(lo - starts[g] + read_start[g]), hi - lo))
+        return out
+
+    def _describe(self) -> str:
+        if len(self._files) == 1:
+            return f"'{self._files[0]}'"
+        return f"{len(self._files)} shards in '{self._files[0].parent}'" if self._files else "[]"
+
+    def __repr__(self) -> str:
+        return f"ShardedTable({self._describe()})"

@@ -1,0 +1,96 @@
+"""ParquetShardsDataset: lazy loads, streamed saves of handles, refusal of damaged versions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from kedro.io import DatasetError, Version
+
+from cartridges.datasets import ParquetShardsDataset
+from cartridges.tables import ShardedTable
+
+# Kedro wraps a dataset's errors in DatasetError, keeping the message.
+FRAME = pd.DataFrame({"conversation_id": [f"c{i // 3}" for i in range(10)], "x": np.arange(10)})
+
+
+def _dataset(tmp_path, **kwargs) -> ParquetShardsDataset:
+    return ParquetShardsDataset(str(tmp_path / "table"), version=Version(None, None), **kwargs)
+
+
+def test_dataframe_round_trip_through_a_lazy_handle(tmp_path):
+    dataset = _dataset(tmp_path, rows_per_shard=4, row_group_size=3)
+    dataset.save(FRAME)
+    table = ParquetShardsDataset(str(tmp_path / "table"), version=Version(None, None)).load()
+    assert isinstance(table, ShardedTable)
+    assert [p.name for p in table.files] == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    assert table.num_rows == 10 and table.file_num_rows == [4, 4, 2]
+    assert max(table.metadata(0).row_group(g).num_rows for g in range(2)) == 3
+    pd.testing.assert_frame_equal(table.to_pandas(), FRAME)
+
+
+def test_handle_with_any_file_names_is_linked_not_read(tmp_path):
+    source = tmp_path / "shards"
+    source.mkdir()
+    files = []
+    for index, start in enumerate((0, 6)):
+        files.append(source / f"targets-{index:06d}.parquet")
+        pq.write_table(pa.Table.from_pandas(FRAME.iloc[start : start + 6]), files[-1])
+    dataset = _dataset(tmp_path)
+    dataset.save(ShardedTable(files))
+    loaded = dataset.load()
+    assert [p.stat().st_ino for p in loaded.files] == [p.stat().st_ino for p in files]
+    pd.testing.assert_frame_equal(loaded.to_pandas(), FRAME)
+
+
+def test_handle_with_large_row_groups_is_rewritten_in_bounded_groups(tmp_path):
+    path = tmp_path / "one.parquet"
+    pq.write_table(pa.Table.from_pandas(FRAME), path)  # a single row group of 10 rows
+    dataset = _dataset(tmp_path, row_group_size=4)
+    dataset.save(ShardedTable([path]))
+    loaded = dataset.load()
+    footer = loaded.metadata(0)
+    assert [footer.row_group(g).num_rows for g in range(footer.num_row_groups)] == [4, 4, 2]
+    assert loaded.files[0].stat().st_ino != path.stat().st_ino
+    pd.testing.assert_frame_equal(loaded.to_pandas(), FRAME)
+
+
+def test_deleted_shard_is_refused_by_name(tmp_path):
+    dataset = _dataset(tmp_path, rows_per_shard=4)
+    dataset.save(FRAME)
+    (dataset.shards()[1]).unlink()
+    with pytest.raises(DatasetError, match=r"part-00001.parquet' is missing: the version lists 3"):
+        dataset.load()
+
+
+def test_truncated_shard_is_refused_by_name(tmp_path):
+    dataset = _dataset(tmp_path, rows_per_shard=4)
+    dataset.save(FRAME)
+    shard = dataset.shards()[2]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(DatasetError, match=r"part-00002.parquet' has \d+ bytes but was written"):
+        dataset.load()
+
+
+def test_versions_without_manifest_still_load(tmp_path):
+    dataset = _dataset(tmp_path, rows_per_shard=4)
+    dataset.save(FRAME)
+    folder = dataset.shards()[0].parent
+    assert json.loads((folder / "_manifest.json").read_text())["shards"][0]["rows"] == 4
+    (folder / "_manifest.json").unlink()
+    assert dataset.load().num_rows == 10
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="row_group_size must be >= 1, got 0"):
+        _dataset(tmp_path, row_group_size=0)
+    with pytest.raises(DatasetError, match="saves a pandas DataFrame or a ShardedTable, got list"):
+        _dataset(tmp_path).save([1, 2])
