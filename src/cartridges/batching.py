@@ -1,11 +1,13 @@
 """Turn training examples into model inputs: packed rows, or padded batches of similar length.
 
 Packing puts several conversations in one fixed-length row. Every token may attend to the whole
-cartridge and, causally, to the tokens of its own conversation, never to another conversation:
-a 4D additive attention mask says so, and each conversation's positions restart at ``p``. Models
-accept such a mask through the standard ``attention_mask`` argument, so no modelling code is
-forked. Sliding-window layers ignore a custom mask's window, so packing is refused for them when
-the row could exceed the window; padded batches are used instead.
+cartridge and, causally, to the tokens of its own conversation, never to another conversation,
+and each conversation's positions restart at ``p``. The mask says so either block-sparse (a
+:class:`~cartridges.attention.PackedLayout`, attended through FlexAttention or its CPU
+counterpart, cost linear in the row length) or as a dense 4D additive mask (the fallback for
+models that cannot switch attention; cost quadratic). Both go through the standard
+``attention_mask`` argument, so no modelling code is forked. Sliding-window layers ignore a
+custom mask's window, so packing is refused for them when the row could exceed the window.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from cartridges.attention import PackedLayout, segment_starts
 
 
 @dataclass
@@ -32,7 +36,8 @@ class Batch:
     """Model inputs plus flat teacher targets; ``rows``/``columns`` locate each target's logits."""
 
     input_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, T] (padded) or [B, 1, T, p + T] additive (packed)
+    # [B, T] (padded); packed: [B, 1, T, p + T] additive, or a PackedLayout (block-sparse)
+    attention_mask: torch.Tensor | PackedLayout
     position_ids: torch.Tensor | None  # [B, T] for packed rows; None lets the prefix derive them
     rows: torch.Tensor  # [N]
     columns: torch.Tensor  # [N]
@@ -42,7 +47,7 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         moved = {
-            name: value.to(device) if isinstance(value, torch.Tensor) else value
+            name: value.to(device) if isinstance(value, torch.Tensor | PackedLayout) else value
             for name, value in vars(self).items()
         }
         return Batch(**moved)
@@ -111,8 +116,16 @@ def packed_batch(
     prefix_len: int,
     pad_token_id: int,
     dtype: torch.dtype,
+    attention: str = "dense",
 ) -> Batch:
-    """Packed rows with a block-diagonal causal mask after a shared ``prefix_len`` prefix."""
+    """Packed rows, block-diagonal causal after a shared ``prefix_len`` prefix.
+
+    Args:
+        attention: ``flex`` for a block-sparse :class:`PackedLayout` mask, ``dense`` for the
+            ``[B, 1, T, p + T]`` additive mask in ``dtype``.
+    """
+    if attention not in ("flex", "dense"):
+        raise ValueError(f"attention must be flex or dense for packed rows, got {attention!r}.")
     batch = len(rows)
     input_ids = torch.full((batch, row_length), pad_token_id, dtype=torch.long)
     segments = torch.full((batch, row_length), -1, dtype=torch.long)  # -1: padding
@@ -129,17 +142,12 @@ def packed_batch(
             row_of.append(r)
             offsets.append(offset)
             offset += n
-    causal = positions[:, :, None] >= positions[:, None, :]  # [B, T, T]
-    same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, :, None] >= 0)
-    allowed = torch.cat(
-        [torch.ones((batch, row_length, prefix_len), dtype=torch.bool), causal & same], dim=-1
-    )
     # Padding queries attend to the prefix only, so that no row of the softmax is empty.
-    mask = torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
+    layout = PackedLayout(segment_starts(segments), prefix_len)
     targets = _targets(flat, row_of, offsets)
     return Batch(
         input_ids,
-        mask,
+        layout if attention == "flex" else layout.dense(dtype),
         prefix_len + positions,
         *targets,
         num_tokens=int((segments >= 0).sum()),
@@ -147,23 +155,25 @@ def packed_batch(
 
 
 def plan_batches(
-    examples: Sequence[Example],
+    lengths: Sequence[int],
     batch_size: int,
     generator: torch.Generator,
     pack_length: int | None = None,
 ) -> list[list[list[int]]]:
     """One epoch's batches: each a list of rows, each row a list of example indices.
 
+    Takes the examples' token counts only, so that planning reads no example from disk.
     Without packing, examples are sorted into length buckets (one example per row) so that
     little compute goes to padding; with packing, examples are shuffled then packed into rows.
     Batch order is shuffled either way. Deterministic for a given generator state.
     """
-    order = torch.randperm(len(examples), generator=generator).tolist()
+    lengths = [int(n) for n in lengths]
+    order = torch.randperm(len(lengths), generator=generator).tolist()
     if pack_length:
-        packed = pack_rows([len(examples[i].token_ids) for i in order], pack_length)
+        packed = pack_rows([lengths[i] for i in order], pack_length)
         rows = [[order[i] for i in row] for row in packed]
     else:
-        rows = [[i] for i in sorted(order, key=lambda i: len(examples[i].token_ids))]
+        rows = [[i] for i in sorted(order, key=lambda i: lengths[i])]
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     shuffled = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in shuffled]
@@ -176,9 +186,10 @@ def make_batch(
     prefix_len: int,
     dtype: torch.dtype,
     pack_length: int | None = None,
+    attention: str = "dense",
 ) -> Batch:
-    """Materialise one planned batch (rows of example indices)."""
+    """Materialise one planned batch (rows of example indices); ``attention`` as for packing."""
     if pack_length:
         rows = [[examples[i] for i in row] for row in plan]
-        return packed_batch(rows, pack_length, prefix_len, pad_token_id, dtype)
+        return packed_batch(rows, pack_length, prefix_len, pad_token_id, dtype, attention)
     return pad_batch([examples[row[0]] for row in plan], pad_token_id)

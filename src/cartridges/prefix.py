@@ -8,11 +8,12 @@ whether they derive positions from the mask, and a prefix must shift them either
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from transformers import Cache, PreTrainedModel
 
+from cartridges.attention import PackedLayout, block_sparse
 from cartridges.modeling import sliding_window
 
 
@@ -51,20 +52,26 @@ def forward_with_prefix(
 
     The cache is extended in place (or created, when ``None`` and ``use_cache``); build a fresh
     one per call when it must be reused. Training passes ``use_cache=False`` to keep no KV.
-    A 4D additive ``attention_mask`` ``[B, 1, T, p + T]`` (packed rows) is passed through as
-    is, with the explicit ``position_ids`` it needs.
+    Packed rows' masks, a 4D additive ``[B, 1, T, p + T]`` tensor or a block-sparse
+    :class:`~cartridges.attention.PackedLayout`, are passed through as they are, with the
+    explicit ``position_ids`` they need; for a layout the model attends block-sparse during
+    this call only.
     """
-    if attention_mask is not None and attention_mask.ndim == 4:
+    if isinstance(attention_mask, PackedLayout) or (
+        attention_mask is not None and attention_mask.ndim == 4
+    ):
         if position_ids is None:
-            raise ValueError("A 4D attention mask needs explicit position_ids.")
-        return model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache or cache is not None,
-            **kwargs,
-        )
+            raise ValueError("A packed (4D) attention mask needs explicit position_ids.")
+        sparse = isinstance(attention_mask, PackedLayout)
+        with block_sparse(model) if sparse else nullcontext():
+            return model(
+                input_ids=input_ids,
+                attention_mask=attention_mask.block_mask if sparse else attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache or cache is not None,
+                **kwargs,
+            )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     prefix_len = cache.get_seq_length() if cache is not None else 0

@@ -31,15 +31,19 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch.utils.checkpoint import checkpoint
 from transformers import Cache, PreTrainedModel
 
+from cartridges.attention import ATTENTION_MODES, choose_attention
 from cartridges.batching import Batch, Example, make_batch, plan_batches
 from cartridges.cartridge import Cartridge
 from cartridges.losses import kl_from_topk, topk_distillation_loss
 from cartridges.modeling import sliding_window
 from cartridges.prefix import forward_with_prefix, head_only_at
 from cartridges.progress import progress_bar
+from cartridges.target_store import example_lengths, prefetch
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ __all__ = [
 ]
 
 
-@dataclass
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
 class TrainConfig:
     """Optimisation parameters (``conf/base/parameters_distill_training.yml``)."""
 
@@ -67,6 +71,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine | linear | constant, after warmup
     max_grad_norm: float = 1.0
     pack_length: int | None = None  # tokens per packed row; None: padded length buckets
+    attention: str = "auto"  # packed rows: auto | flex (block-sparse) | dense (4D mask)
     mixed_precision: str = "none"  # none | bfloat16 (autocast; the cartridge stays float32)
     loss_chunk_size: int = 2048  # target positions per head + loss chunk (0: all at once)
     checkpoint_every: int = 50
@@ -88,6 +93,14 @@ class TrainConfig:
         if self.mixed_precision not in ("none", "bfloat16"):
             raise ValueError(
                 f"mixed_precision must be none or bfloat16, got {self.mixed_precision!r}."
+            )
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(
+                f"attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}."
+            )
+        if self.pack_length is not None and self.pack_length < 0:
+            raise ValueError(
+                f"pack_length must be >= 0 (0 or null: no packing), got {self.pack_length}."
             )
         if self.loss_chunk_size < 0:
             raise ValueError(f"loss_chunk_size must be >= 0, got {self.loss_chunk_size}.")
@@ -123,17 +136,17 @@ def _lr_at(step: int, total: int, config: TrainConfig) -> float:
     return config.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _epoch_plan(examples, config: TrainConfig, epoch: int) -> list[list[list[int]]]:
+def _epoch_plan(lengths: list[int], config: TrainConfig, epoch: int) -> list[list[list[int]]]:
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-    return plan_batches(examples, config.global_batch_size, generator, config.pack_length)
+    return plan_batches(lengths, config.global_batch_size, generator, config.pack_length)
 
 
-def _batch_for_step(examples, config, step, plans: dict[int, list]) -> list[list[int]]:
+def _batch_for_step(lengths, config, step, plans: dict[int, list]) -> list[list[int]]:
     """The global batch (rows of example indices) of an optimiser step."""
     epoch, index = 0, step
     while True:
         if epoch not in plans:
-            plans[epoch] = _epoch_plan(examples, config, epoch)
+            plans[epoch] = _epoch_plan(lengths, config, epoch)
         if index < len(plans[epoch]):
             return plans[epoch][index]
         index -= len(plans[epoch])
@@ -292,7 +305,8 @@ class CartridgeStudent:
         return _loss_sum(self.model, self.cartridge, batch, kl, self.loss_chunk_size)
 
 
-def _check_packing(student: Student, config: TrainConfig) -> None:
+def _check_packing(student: Student, config: TrainConfig) -> str:
+    """Refuse packing a sliding window would cut; return the packed rows' attention mode."""
     window = sliding_window(student.model.config)
     if (
         config.pack_length
@@ -304,18 +318,26 @@ def _check_packing(student: Student, config: TrainConfig) -> None:
             f"cartridge exceeds the model's sliding window ({window}); a packed attention mask "
             "cannot express the window. Set pack_length: null to batch by length instead."
         )
+    return choose_attention(student.model, config.attention) if config.pack_length else "dense"
 
 
 @torch.no_grad()
 def held_out_kl(
     student: Student, examples: Sequence[Example], batch_size: int, pad_token_id: int
 ) -> float:
-    """Mean top-k KL from the teacher to the student per distilled position."""
+    """Mean top-k KL from the teacher to the student per distilled position.
+
+    Lazy examples are read a batch at a time, the next batch while this one computes.
+    """
     total, count = 0.0, 0
     model = student.model
-    for start in range(0, len(examples), batch_size):
-        plan = [[i] for i in range(start, min(start + batch_size, len(examples)))]
-        batch = make_batch(examples, plan, pad_token_id, student.prefix_len, model.dtype)
+    chunks = [
+        list(range(start, min(start + batch_size, len(examples))))
+        for start in range(0, len(examples), batch_size)
+    ]
+    for chunk, loaded in zip(chunks, prefetch(examples, chunks), strict=True):
+        plan = [[i] for i in chunk]
+        batch = make_batch(loaded, plan, pad_token_id, student.prefix_len, model.dtype)
         batch = batch.to(model.device)
         total += student.loss_sum(batch, kl=True).item()
         count += len(batch.rows)
@@ -335,14 +357,22 @@ def evaluate_kl(
 
 # --------------------------------------------------------------------------- checkpoints
 def run_key(config: TrainConfig, student: Student, examples: Sequence[Example]) -> str:
-    """Identifies a run: a checkpoint is resumed only by a run with the same key."""
+    """Identifies a run: a checkpoint is resumed only by a run with the same key.
+
+    Lazy examples contribute their fingerprint (shard footers and samples, conversation ids
+    and lengths), so that computing the key never reads every target from disk.
+    """
     digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
     digest.update(type(student).__name__.encode())
     for tensor in student.trainable():
         digest.update(tensor.detach().float().cpu().numpy().tobytes()[: 1 << 16])
-    for example in examples:
-        digest.update(example.token_ids.numpy().tobytes())
-        digest.update(example.teacher_logprobs.numpy().tobytes())
+    fingerprint = getattr(examples, "fingerprint", None)
+    if fingerprint is not None:
+        digest.update(fingerprint().encode())
+    else:
+        for example in examples:
+            digest.update(example.token_ids.numpy().tobytes())
+            digest.update(example.teacher_logprobs.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -437,12 +467,13 @@ def train(
         raise ValueError("No training conversations: the conversations table is empty.")
     rank, world_size = _world()
     accumulation = config.accumulation_steps(world_size)
-    _check_packing(student, config)
+    attention = _check_packing(student, config)
     model = student.model
     trainable = student.trainable()
     optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, weight_decay=0.0)
     plans: dict[int, list] = {}
-    rows_per_epoch = len(_epoch_plan(examples, config, 0))
+    lengths = example_lengths(examples)  # planning reads no example
+    rows_per_epoch = len(_epoch_plan(lengths, config, 0))
     total = config.max_steps or max(1, math.ceil(config.epochs * rows_per_epoch))
     key = run_key(config, student, examples)
     directory = Path(checkpoint_dir) / key if checkpoint_dir is not None else None
@@ -453,10 +484,19 @@ def train(
         else nullcontext()
     )
     history: list[dict[str, float]] = []
+
+    def rows_of(step: int) -> list[list[int]]:
+        return _batch_for_step(lengths, config, step, plans)[rank::world_size]
+
+    # This process's examples of the coming steps, read ahead in the background.
+    fetched = prefetch(
+        examples, ([i for row in rows_of(s) for i in row] for s in range(start, total))
+    )
     progress = progress_bar(range(start, total), desc="distill", unit="step", disable=rank != 0)
     for step in progress:
-        started = time.perf_counter()
-        rows = _batch_for_step(examples, config, step, plans)[rank::world_size]
+        started = time.perf_counter()  # waiting for data counts against tokens/s
+        loaded = next(fetched)
+        rows = rows_of(step)
         micro = [
             rows[i : i + config.micro_batch_size]
             for i in range(0, len(rows), config.micro_batch_size)
@@ -464,7 +504,13 @@ def train(
         micro += [[]] * (accumulation - len(micro))  # a short last batch: idle micro-steps
         batches = [
             make_batch(
-                examples, plan, pad_token_id, student.prefix_len, model.dtype, config.pack_length
+                loaded,
+                plan,
+                pad_token_id,
+                student.prefix_len,
+                model.dtype,
+                config.pack_length,
+                attention,
             ).to(model.device)
             for plan in micro
             if plan
