@@ -46,5 +46,5 @@ if __name__ == "__main__":
     model_dir, shard_dir, output, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     torch.set_num_threads(1)
     conversations, targets, _ = run_self_study(study(model_dir, delay), CHUNKS, shard_dir, "local")
-    conversations.to_parquet(f"{output}-conversations.parquet")
-    targets.to_parquet(f"{output}-targets.parquet")
+    conversations.to_pandas().to_parquet(f"{output}-conversations.parquet")
+    targets.to_pandas().to_parquet(f"{output}-targets.parquet")

@@ -54,16 +54,26 @@ def _backend(tokenizer, url, **overrides) -> OpenAIBackend:
     )
 
 
+def _tables(result):
+    conversations, targets, _ = result
+    return conversations.to_pandas(), targets.to_pandas()
+
+
 def test_openai_backend_reproduces_the_local_backend(tiny, server, tmp_path):
     model, tokenizer = tiny
     config = SelfStudyConfig(**SETTINGS)
-    local = run_self_study(
-        SelfStudy(LocalBackend(model, tokenizer), tokenizer, config), CHUNKS, tmp_path / "a", "l"
+    local = _tables(
+        run_self_study(
+            SelfStudy(LocalBackend(model, tokenizer), tokenizer, config),
+            CHUNKS,
+            tmp_path / "a",
+            "l",
+        )
     )
     remote_backend = _backend(tokenizer, server.base_url)
     remote_backend.verify_tokenizer()
-    remote = run_self_study(
-        SelfStudy(remote_backend, tokenizer, config), CHUNKS, tmp_path / "b", "r"
+    remote = _tables(
+        run_self_study(SelfStudy(remote_backend, tokenizer, config), CHUNKS, tmp_path / "b", "r")
     )
     columns = ["conversation_id", "messages", "answer_truncated", "num_tokens"]
     pd.testing.assert_frame_equal(local[0][columns], remote[0][columns])

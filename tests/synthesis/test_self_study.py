@@ -39,9 +39,15 @@ def _study(tiny, **overrides) -> SelfStudy:
     return SelfStudy(LocalBackend(model, tokenizer), tokenizer, config)
 
 
+def _run(study, chunks, shard_dir, backend_id="local"):
+    """``run_self_study`` with its lazy tables read into DataFrames."""
+    conversations, targets, totals = run_self_study(study, chunks, shard_dir, backend_id)
+    return conversations.to_pandas(), targets.to_pandas(), totals
+
+
 def test_conversations_hold_the_teachers_exact_top_k(tiny, tmp_path):
     model, tokenizer = tiny
-    conversations, targets, totals = run_self_study(_study(tiny), CHUNKS, tmp_path, "local")
+    conversations, targets, totals = _run(_study(tiny), CHUNKS, tmp_path)
     assert len(conversations) == 5 and totals["conversations"] == 5
     assert conversations["conversation_id"].is_unique
     chunk_text = dict(CHUNKS)
@@ -63,18 +69,16 @@ def test_conversations_hold_the_teachers_exact_top_k(tiny, tmp_path):
 
 
 def test_same_seed_same_conversations(tiny, tmp_path):
-    first = run_self_study(_study(tiny), CHUNKS, tmp_path / "a", "local")
-    second = run_self_study(_study(tiny), CHUNKS, tmp_path / "b", "local")
+    first = _run(_study(tiny), CHUNKS, tmp_path / "a")
+    second = _run(_study(tiny), CHUNKS, tmp_path / "b")
     pd.testing.assert_frame_equal(first[0], second[0])
     pd.testing.assert_frame_equal(first[1], second[1])
-    other = run_self_study(_study(tiny, seed=1), CHUNKS, tmp_path / "c", "local")
+    other = _run(_study(tiny, seed=1), CHUNKS, tmp_path / "c")
     assert not other[0]["messages"].equals(first[0]["messages"])
 
 
 def test_several_rounds_distil_every_answer(tiny, tmp_path):
-    conversations, targets, _ = run_self_study(
-        _study(tiny, rounds=2, max_answer_tokens=40), CHUNKS, tmp_path, "local"
-    )
+    conversations, targets, _ = _run(_study(tiny, rounds=2, max_answer_tokens=40), CHUNKS, tmp_path)
     for row in conversations.itertuples():
         roles = [m["role"] for m in json.loads(row.messages)]
         positions = targets[targets["conversation_id"] == row.conversation_id]["position"]
@@ -89,35 +93,53 @@ class _Crash(RuntimeError):
     pass
 
 
-def test_an_interrupted_run_resumes_without_loss_or_duplicates(tiny, tmp_path):
-    reference = run_self_study(_study(tiny), CHUNKS, tmp_path / "reference", "local")
-    study = _study(tiny)
-    original = study.run_batch
-    calls = []
+def _recording(study, calls, crash_at=None):
+    """Make ``study`` record the batches it runs (and fail on the ``crash_at``-th)."""
+    original = study.arun_batch
 
-    def crash_on_third(batch_index, *args):
+    async def run(batch_index, *args):
         calls.append(batch_index)
-        if len(calls) == 3:
+        if len(calls) == crash_at:
             raise _Crash
-        return original(batch_index, *args)
+        return await original(batch_index, *args)
 
-    study.run_batch = crash_on_third
+    study.arun_batch = run
+    return study
+
+
+def test_an_interrupted_run_resumes_without_loss_or_duplicates(tiny, tmp_path):
+    reference = _run(_study(tiny), CHUNKS, tmp_path / "reference")
     with pytest.raises(_Crash):
-        run_self_study(study, CHUNKS, tmp_path / "run", "local")
+        run_self_study(_recording(_study(tiny), [], crash_at=3), CHUNKS, tmp_path / "run", "l")
     assert len(list((tmp_path / "run").glob("*/conversations-*.parquet"))) == 2
     resumed_calls = []
-    resumed = _study(tiny)
-    resumed_original = resumed.run_batch
-
-    def record(batch_index, *args):
-        resumed_calls.append(batch_index)
-        return resumed_original(batch_index, *args)
-
-    resumed.run_batch = record
-    conversations, targets, _ = run_self_study(resumed, CHUNKS, tmp_path / "run", "local")
+    resumed = _recording(_study(tiny), resumed_calls)
+    conversations, targets, _ = _run(resumed, CHUNKS, tmp_path / "run", "l")
     assert resumed_calls == [2]  # only the missing batch ran
     pd.testing.assert_frame_equal(conversations, reference[0])
     pd.testing.assert_frame_equal(targets, reference[1])
+
+
+def test_more_conversations_extend_a_finished_run(tiny, tmp_path):
+    # 5 conversations in batches of 2: the last batch keeps 1 of its 2 rows.
+    small = _run(_study(tiny), CHUNKS, tmp_path)
+    assert small[0]["conversation_id"].tolist()[-1] == "conv-000002-000"
+    calls = []
+    larger = _run(_recording(_study(tiny, num_conversations=9), calls), CHUNKS, tmp_path)
+    assert calls == [3, 4]  # the three finished batches are reused, the partial one too
+    fresh = _run(_study(tiny, num_conversations=9), CHUNKS, tmp_path / "fresh")
+    pd.testing.assert_frame_equal(larger[0], fresh[0])
+    pd.testing.assert_frame_equal(larger[1], fresh[1])
+    # The first 5 conversations are the small run's, unchanged.
+    pd.testing.assert_frame_equal(larger[0].iloc[:5], small[0])
+    kept = set(small[0]["conversation_id"])
+    first = larger[1][larger[1]["conversation_id"].isin(kept)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(first, small[1])
+    # And a smaller run again reads the same shards without running anything.
+    calls = []
+    again = _run(_recording(_study(tiny), calls), CHUNKS, tmp_path)
+    assert calls == []
+    pd.testing.assert_frame_equal(again[0], small[0])
 
 
 def test_bad_inputs_fail_clearly(tiny, tmp_path):
@@ -131,9 +153,7 @@ def test_bad_inputs_fail_clearly(tiny, tmp_path):
     huge = [("chunk-x", "pump seal " * model.config.max_position_embeddings)]
     with pytest.raises(ValueError, match="exceeds the model's context"):
         run_self_study(_study(tiny), huge, tmp_path, "local")
-    conversations, _, _ = run_self_study(
-        _study(tiny, truncate_chunks=True), huge, tmp_path, "local"
-    )
+    conversations, _, _ = _run(_study(tiny, truncate_chunks=True), huge, tmp_path)
     assert len(conversations) == 5
 
 
@@ -143,13 +163,13 @@ def test_custom_seed_prompts_are_used(tiny, tmp_path):
         seed_type_weights={"checklist": 1.0},
         extra_seed_prompts={"checklist": ["Write a maintenance checklist from the text."]},
     )
-    conversations, _, _ = run_self_study(study, CHUNKS, tmp_path, "local")
+    conversations, _, _ = _run(study, CHUNKS, tmp_path)
     assert set(conversations["seed_type"]) == {"checklist"}
     assert set(conversations["seed_prompt"]) == {"Write a maintenance checklist from the text."}
 
 
 def test_a_run_killed_with_sigkill_resumes_without_loss_or_duplicates(tiny_model_dir, tmp_path):
-    reference = run_self_study(study(str(tiny_model_dir)), WORKER_CHUNKS, tmp_path / "ref", "local")
+    reference = _run(study(str(tiny_model_dir)), WORKER_CHUNKS, tmp_path / "ref")
     root = Path(__file__).resolve().parents[2]
     shards, output = tmp_path / "shards", tmp_path / "out"
     command = [

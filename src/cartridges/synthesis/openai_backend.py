@@ -1,38 +1,111 @@
 """Self-study through any OpenAI-compatible server (vLLM, SGLang, the project's own server, ...).
 
-Requests run concurrently (asyncio, bounded) over one or more base URLs used round-robin, so a
-synthesis run scales with the number of servers. The ``openai`` client retries 429, 5xx,
-timeouts and connection errors with exponential backoff. Log-probabilities come back as token
-strings; servers that support it (vLLM's ``return_tokens_as_token_ids``, the project's server)
-send ``token_id:<id>`` so the ids are exact, otherwise each token string is mapped through the
-student's tokenizer and refused if it is unknown. Before anything runs, the server's tokenizer is
-checked against the student's: targets in another vocabulary would train nonsense.
+Requests from many batches run concurrently under one bound (``max_concurrency`` in flight over
+all batches and all servers); each request goes to the server with the fewest requests in
+flight, so a fleet of unequal servers stays busy. Transient failures (connection errors and
+drops, timeouts, 408/409/429/5xx, a malformed body) are retried with exponential backoff and
+jitter, honouring ``Retry-After``; then the error names the server and the request.
+
+Responses are decoded straight into a few typed fields with ``msgspec``: an answer of 512 tokens
+with top-20 log-probabilities is ~10k entries, and building one pydantic object per entry (what
+the ``openai`` client does) costs more CPU than everything else in the client together. Token
+ids come as ``token_id:<id>`` (vLLM's ``return_tokens_as_token_ids``, the project's server),
+otherwise each token string is mapped through the student's tokenizer and refused if unknown.
+Before anything runs, the server's tokenizer is checked against the student's: targets in
+another vocabulary would train nonsense.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import hashlib
 import json
 import logging
 import os
+import random
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
-import openai
+import aiohttp
+import msgspec
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from cartridges.chat import Message
-from cartridges.synthesis.backends import Completion
+from cartridges.synthesis.backends import BackendError, Completion
+
+__all__ = ["BackendError", "OpenAIBackend"]
 
 logger = logging.getLogger(__name__)
 
 PROBE_TEXT = "Cartridges: 12 tokens, café, naïve résumé; x = [1, 2, 3]!"
+RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+MAX_BACKOFF_S = 30.0
+# What identifies a served model in vLLM's /v1/models, besides its name (``created`` changes
+# at every restart, so it is not used).
+IDENTITY_FIELDS = ("root", "parent", "max_model_len")
+TOKENIZE_HINT = (
+    ". The tokenizer check needs /tokenize for a served model: set self_study.openai.model to "
+    "a name the server lists at /v1/models, and serve with vLLM, SGLang or the project's server."
+)
 
 
-class BackendError(RuntimeError):
-    """The server cannot be used: unreachable, wrong tokenizer, or malformed answers."""
+# --------------------------------------------------------------------------- response shape
+# Only the fields self-study reads; msgspec skips the rest (e.g. each entry's ``bytes``) in C.
+class _TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+
+
+class _TokenLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    top_logprobs: list[_TopLogprob] | None = None
+
+
+class _Logprobs(msgspec.Struct):
+    content: list[_TokenLogprob] | None = None
+
+
+class _Message(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    message: _Message
+    finish_reason: str | None = None
+    logprobs: _Logprobs | None = None
+
+
+class _ChatCompletion(msgspec.Struct):
+    choices: list[_Choice]
+
+
+_DECODER = msgspec.json.Decoder(_ChatCompletion)
+
+
+class _MalformedResponse(ValueError):
+    """A 200 response whose body cannot be used (retried like a transient failure)."""
+
+
+@dataclass
+class _Server:
+    url: str
+    client: aiohttp.ClientSession
+    in_flight: int = 0
+
+
+@dataclass
+class _Session:
+    """Connections and the concurrency bound of one event loop."""
+
+    servers: list[_Server]
+    semaphore: asyncio.Semaphore
+    loop: asyncio.AbstractEventLoop
+    turn: int = 0
+    waits: list[float] = field(default_factory=list)
 
 
 class OpenAIBackend:
@@ -40,12 +113,14 @@ class OpenAIBackend:
 
     Args:
         tokenizer: the student's tokenizer (maps tokens to ids, and is checked against the server).
-        base_urls: one or more ``http://host:port/v1`` URLs, used round-robin.
+        base_urls: one or more ``http://host:port/v1`` URLs; each request goes to the one with
+            the fewest requests in flight.
         model: the served model's name.
         api_key_env: environment variable holding the API key (a dummy key is used if unset).
-        max_concurrency: requests in flight at once, over all servers.
-        max_retries: retries per request on 429, 5xx, timeouts and connection errors.
+        max_concurrency: requests in flight at once, over all batches and all servers.
+        max_retries: retries per request on transient failures (see the module docstring).
         timeout_s: per-request timeout.
+        backoff_s: the first retry's delay; each further retry doubles it (with jitter).
     """
 
     def __init__(
@@ -57,61 +132,122 @@ class OpenAIBackend:
         max_concurrency: int = 32,
         max_retries: int = 5,
         timeout_s: float = 120.0,
+        backoff_s: float = 0.5,
     ) -> None:
         if not base_urls:
             raise ValueError("self_study.openai.base_urls is empty: give at least one server URL.")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}.")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}.")
         self.tokenizer, self.model = tokenizer, model
-        self.base_urls = list(base_urls)
+        self.base_urls = [url.rstrip("/") for url in base_urls]
         self.api_key = os.environ.get(api_key_env) or "unused"
-        self.max_concurrency, self.max_retries, self.timeout_s = (
-            max_concurrency,
-            max_retries,
-            timeout_s,
-        )
+        self.max_concurrency, self.max_retries = max_concurrency, max_retries
+        self.timeout_s, self.backoff_s = timeout_s, backoff_s
+        self._session: _Session | None = None
+        self._vocabulary: dict[str, int] | None = None
 
-    def _clients(self) -> list[openai.AsyncOpenAI]:
-        return [
-            openai.AsyncOpenAI(
-                base_url=url,
-                api_key=self.api_key,
-                max_retries=self.max_retries,
-                timeout=self.timeout_s,
-            )
-            for url in self.base_urls
-        ]
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests sent and not yet answered (0 outside a run)."""
+        session = self._session
+        return sum(server.in_flight for server in session.servers) if session else 0
+
+    def batches_in_flight(self, batch_size: int) -> int:
+        """Batches to keep going at once so that ``max_concurrency`` requests stay in flight.
+
+        Twice the bound: a batch waits for its slowest row between rounds, and the spare
+        batches' requests fill the gap.
+        """
+        return max(1, -(-2 * self.max_concurrency // batch_size))
 
     # ------------------------------------------------------------------ tokenizer check
     def verify_tokenizer(self) -> None:
-        """Refuse a server whose tokenizer differs from the student's (via its /tokenize)."""
+        """Refuse a server whose tokenizer differs from the student's (via its /tokenize).
+
+        A server that refuses the check is quoted: most often ``model`` names a model it does
+        not serve, and its own message lists the names it does.
+        """
         expected = self.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
         for url in self.base_urls:
-            root = url.rstrip("/").removesuffix("/v1")
-            body = {"model": self.model, "prompt": PROBE_TEXT, "add_special_tokens": False}
-            request = urllib.request.Request(
-                f"{root}/tokenize",
-                data=json.dumps(body).encode(),
-                headers={
-                    "Authorization": f"Bearer {self.api_key}",
-                    "Content-Type": "application/json",
-                },
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    served = json.loads(response.read()).get("tokens")
-            except urllib.error.HTTPError as error:
-                raise BackendError(
-                    f"Server {url} cannot tokenize (HTTP {error.code} from {root}/tokenize), so "
-                    "its tokenizer cannot be checked against the student's. Serve the model with "
-                    "vLLM, SGLang or the project's server."
-                ) from error
-            except (urllib.error.URLError, OSError) as error:
-                raise BackendError(f"Server {url} is unreachable: {error}") from error
+            served = self._probe_tokens(url)
             if served != expected:
                 raise BackendError(
                     f"Server {url} tokenizes differently from the student model's tokenizer "
                     f"'{self.tokenizer.name_or_path}': {served[:12] if served else served}... vs "
                     f"{expected[:12]}... Serve the same model as model.name_or_path."
                 )
+
+    def identity(self) -> str:
+        """What the servers serve, as a string for the resume key of a run.
+
+        The served name alone would let another model, later served under the same name, resume
+        into the old shards. So the identity adds what each server reports about the model in
+        ``/v1/models`` (vLLM's ``root``, ``parent`` and ``max_model_len``: the weights' source
+        and the context; ``created`` changes at every restart and is left out) and a digest of
+        its tokens for a probe text. Every server of the fleet must report the same.
+        """
+        reports = {url: self._model_report(url) for url in self.base_urls}
+        distinct = {json.dumps(report, sort_keys=True) for report in reports.values()}
+        if len(distinct) > 1:
+            raise BackendError(
+                f"The servers report different models under the name '{self.model}': "
+                + "; ".join(f"{url}: {report}" for url, report in reports.items())
+            )
+        digest = hashlib.sha256(distinct.pop().encode()).hexdigest()[:16]
+        return f"openai:{self.model}:{digest}"
+
+    def _model_report(self, url: str) -> dict:
+        """The server's description of ``self.model``, reduced to fields stable across restarts."""
+        listing = self._call(url, "/models", None)
+        entries = listing.get("data") if isinstance(listing, dict) else None
+        if not isinstance(entries, list):
+            raise BackendError(f"Server {url} answered {url}/models without a model list.")
+        served = [entry for entry in entries if isinstance(entry, dict)]
+        entry = next((e for e in served if e.get("id") == self.model), None)
+        if entry is None:
+            names = ", ".join(repr(e.get("id")) for e in served) or "none"
+            raise BackendError(
+                f"Server {url} does not serve a model named '{self.model}' (it serves: {names}). "
+                "Set self_study.openai.model to one of those."
+            )
+        report = {key: entry.get(key) for key in IDENTITY_FIELDS}
+        probe = json.dumps(self._probe_tokens(url)).encode()
+        report["tokenizer_probe"] = hashlib.sha256(probe).hexdigest()[:16]
+        return report
+
+    def _probe_tokens(self, url: str) -> list[int] | None:
+        body = {"model": self.model, "prompt": PROBE_TEXT, "add_special_tokens": False}
+        answer = self._call(url, "/tokenize", body, hint=TOKENIZE_HINT)
+        return answer.get("tokens") if isinstance(answer, dict) else None
+
+    def _call(self, url: str, path: str, body: dict | None, hint: str = "") -> object:
+        """GET (``body`` None) or POST JSON to ``path`` (outside ``/v1`` for ``/tokenize``).
+
+        An HTTP error becomes a :class:`BackendError` quoting the server's own message.
+        """
+        target = f"{url.removesuffix('/v1')}{path}" if path == "/tokenize" else f"{url}{path}"
+        request = urllib.request.Request(
+            target,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={
+                "Authorization": f"Bearer {self.api_key}",
+                "Content-Type": "application/json",
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            raise BackendError(
+                f"Server {url} answered HTTP {error.code} to {target} for model '{self.model}': "
+                f"{_server_message(error)}{hint}"
+            ) from error
+        except (urllib.error.URLError, OSError) as error:
+            raise BackendError(f"Server {url} is unreachable: {error}") from error
+        except ValueError as error:
+            raise BackendError(f"Server {url} answered {target} with invalid JSON.") from error
 
     # ------------------------------------------------------------------ completions
     def complete(
@@ -124,73 +260,164 @@ class OpenAIBackend:
         top_logprobs: int = 0,
         seed: int = 0,
     ) -> list[Completion]:
-        return asyncio.run(
-            self._complete_all(system, conversations, temperature, max_tokens, top_logprobs, seed)
-        )
+        """Blocking form of :meth:`acomplete` (opens and closes its own connections)."""
 
-    async def _complete_all(
-        self, system, conversations, temperature, max_tokens, top_logprobs, seed
-    ):
-        clients = self._clients()
-        semaphore = asyncio.Semaphore(self.max_concurrency)
-        turn = itertools.cycle(clients)
-
-        async def one(row: int, messages: Sequence[Message]) -> Completion:
-            client = next(turn)
-            async with semaphore:
-                return await self._request(
-                    client,
-                    [{"role": "system", "content": system}, *messages],
-                    temperature,
-                    max_tokens,
-                    top_logprobs,
-                    seed + row,
+        async def run() -> list[Completion]:
+            try:
+                return await self.acomplete(
+                    system,
+                    conversations,
+                    temperature=temperature,
+                    max_tokens=max_tokens,
+                    top_logprobs=top_logprobs,
+                    seed=seed,
                 )
+            finally:
+                await self.aclose()
 
-        try:
-            return list(await asyncio.gather(*(one(i, c) for i, c in enumerate(conversations))))
-        finally:
-            for client in clients:
-                await client.close()
+        return asyncio.run(run())
+
+    async def acomplete(
+        self,
+        system: str,
+        conversations: Sequence[Sequence[Message]],
+        *,
+        temperature: float,
+        max_tokens: int,
+        top_logprobs: int = 0,
+        seed: int = 0,
+    ) -> list[Completion]:
+        """Complete every conversation (row ``i`` is sampled with ``seed + i``), concurrently."""
+        session = self._open()
+        requests = [
+            self._request(
+                session,
+                {
+                    "model": self.model,
+                    "messages": [{"role": "system", "content": system}, *messages],
+                    "temperature": temperature,
+                    "max_tokens": max_tokens,
+                    "seed": seed + row,
+                    "logprobs": True,
+                    "top_logprobs": max(top_logprobs, 1),  # the sampled token's id comes with it
+                    "return_tokens_as_token_ids": True,
+                },
+                top_logprobs,
+                f"row {row} (seed {seed + row})",
+            )
+            for row, messages in enumerate(conversations)
+        ]
+        return list(await asyncio.gather(*requests))
+
+    async def aclose(self) -> None:
+        """Close the connections of the current session (a later call opens new ones)."""
+        session, self._session = self._session, None
+        if session is not None:
+            await asyncio.gather(*(server.client.close() for server in session.servers))
+
+    def _open(self) -> _Session:
+        loop = asyncio.get_running_loop()
+        if self._session is not None and self._session.loop is loop:
+            return self._session
+        headers = {"Authorization": f"Bearer {self.api_key}"}
+
+        def client() -> aiohttp.ClientSession:
+            # Every server may carry the whole bound; the semaphore keeps the total.
+            return aiohttp.ClientSession(
+                # Idle connections are dropped before a server would (uvicorn: after 5 s), so
+                # a request is rarely sent on a connection the server is closing.
+                connector=aiohttp.TCPConnector(limit=self.max_concurrency, keepalive_timeout=4),
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                headers=headers,
+            )
+
+        servers = [_Server(url, client()) for url in self.base_urls]
+        self._session = _Session(servers, asyncio.Semaphore(self.max_concurrency), loop)
+        return self._session
+
+    def _pick(self, session: _Session) -> _Server:
+        """The server with the fewest requests in flight; ties go round-robin."""
+        count = len(session.servers)
+        order = [session.servers[(session.turn + i) % count] for i in range(count)]
+        session.turn = (session.turn + 1) % count
+        return min(order, key=lambda server: server.in_flight)
 
     async def _request(
-        self, client, messages, temperature, max_tokens, top_logprobs, seed
+        self, session: _Session, body: dict, top_logprobs: int, what: str
     ) -> Completion:
-        try:
-            response = await client.chat.completions.create(
-                model=self.model,
-                messages=messages,
-                temperature=temperature,
-                max_tokens=max_tokens,
-                seed=seed,
-                logprobs=True,
-                top_logprobs=max(top_logprobs, 1),
-                extra_body={"return_tokens_as_token_ids": True},
-            )
-        except (openai.APIConnectionError, openai.APITimeoutError) as error:
-            raise BackendError(
-                f"Server {client.base_url} is unreachable after {self.max_retries} retries: {error}"
-            ) from error
-        except openai.APIStatusError as error:
-            raise BackendError(
-                f"Server {client.base_url} answered HTTP {error.status_code} after retries: "
-                f"{error.message}"
-            ) from error
-        return self._parse(response, top_logprobs)
+        payload = json.dumps(body).encode()
+        async with session.semaphore:
+            for attempt in range(self.max_retries + 1):
+                server = self._pick(session)
+                server.in_flight += 1
+                retry_after = None
+                try:
+                    async with server.client.post(
+                        f"{server.url}/chat/completions",
+                        data=payload,
+                        headers={"Content-Type": "application/json"},
+                    ) as response:
+                        raw = await response.read()
+                    if response.status == 200:
+                        return self._parse(raw, top_logprobs)
+                    failure = f"answered HTTP {response.status}"
+                    detail = raw[:300].decode(errors="replace")
+                    if response.status not in RETRY_STATUSES:
+                        break
+                    retry_after = _retry_after(response.headers)
+                except (TimeoutError, aiohttp.ClientError) as error:
+                    failure, detail = "is unreachable", f"{type(error).__name__}: {error}"
+                except _MalformedResponse as error:
+                    failure, detail = "sent a malformed response", str(error)
+                except BackendError as error:
+                    raise BackendError(f"Server {server.url}: {error} Request: {what}.") from error
+                finally:
+                    server.in_flight -= 1
+                if attempt < self.max_retries:
+                    delay = retry_after or self._backoff(attempt)
+                    logger.warning(
+                        "Server %s %s (%s); retrying %s in %.1f s",
+                        server.url,
+                        failure,
+                        detail,
+                        what,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+        retries = f"after {attempt} retries" if attempt else "(not retried)"
+        raise BackendError(f"Server {server.url} {failure} {retries}: {detail}; request: {what}.")
+
+    def _backoff(self, attempt: int) -> float:
+        return min(MAX_BACKOFF_S, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
 
     def _token_id(self, token: str) -> int:
         if token.startswith("token_id:"):
-            return int(token.removeprefix("token_id:"))
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            return int(token[9:])
+        if self._vocabulary is None:
+            self._vocabulary = self.tokenizer.get_vocab()
+        token_id = self._vocabulary.get(token)
+        if token_id is None:
             raise BackendError(
                 f"Server returned token {token!r}, unknown to the student tokenizer."
             )
         return token_id
 
-    def _parse(self, response, top_logprobs: int) -> Completion:
+    def _token_ids(self, tokens: list[str]) -> np.ndarray:
+        """Ids of many tokens at once: ``token_id:<id>`` strings are parsed in one C call."""
+        text = " ".join(tokens)
+        if text.count("token_id:") == len(tokens):
+            ids = np.fromstring(text.replace("token_id:", ""), dtype=np.int64, sep=" ")
+            if len(ids) == len(tokens):
+                return ids.astype(np.int32)
+        return np.array([self._token_id(token) for token in tokens], dtype=np.int32)
+
+    def _parse(self, raw: bytes, top_logprobs: int) -> Completion:
+        try:
+            response = _DECODER.decode(raw)
+        except msgspec.DecodeError as error:
+            raise _MalformedResponse(f"not a chat completion ({error})") from error
         if not response.choices:
-            raise BackendError("Malformed server response: no choices.")
+            raise _MalformedResponse("no choices")
         choice = response.choices[0]
         content = choice.logprobs.content if choice.logprobs is not None else None
         if not content:
@@ -198,25 +425,75 @@ class OpenAIBackend:
                 "Malformed server response: no logprobs. The server must support "
                 "`logprobs`/`top_logprobs` on chat completions."
             )
-        token_ids = [self._token_id(entry.token) for entry in content]
-        top_ids, top_values = [], []
-        if top_logprobs:
-            for entry in content:
-                if not entry.top_logprobs:
-                    raise BackendError("Malformed server response: a token has no top_logprobs.")
-                top = entry.top_logprobs[:top_logprobs]
-                top_ids.append([self._token_id(t.token) for t in top])
-                top_values.append([float(t.logprob) for t in top])
+        token_ids = self._token_ids([entry.token for entry in content]).tolist()
+        top_ids, top_values = self._top_k(content, top_logprobs)
         stopped = choice.finish_reason == "stop"
         eos = self.tokenizer.eos_token_id
         if stopped and token_ids[-1] != eos:
             # Servers often leave the stop token out; the turn still ends with it, but with no
             # teacher distribution to distil at that position.
             token_ids.append(eos)
+        # The text is the student tokenizer's decoding of the ids, as the local backend's: the
+        # server's own text can differ (e.g. a message that ends inside a UTF-8 character), and
+        # later turns re-render this text.
+        text = self.tokenizer.decode(
+            [t for t in token_ids if t != eos], skip_special_tokens=True
+        ).strip()
         return Completion(
             token_ids=token_ids,
-            text=(choice.message.content or "").strip(),
+            text=text,
             stopped=stopped,
             top_ids=top_ids,
             top_logprobs=top_values,
         )
+
+    def _top_k(self, content: list[_TokenLogprob], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``[T, k]`` top ids and log-probabilities (-inf where a server sent fewer than k)."""
+        ids = np.zeros((len(content) if k else 0, k), dtype=np.int32)
+        values = np.full(ids.shape, -np.inf, dtype=np.float32)
+        if not k:
+            return ids, values
+        tops = [entry.top_logprobs for entry in content]
+        widths = [len(top) if top else 0 for top in tops]
+        if min(widths) == 0:
+            raise _MalformedResponse(f"token {widths.index(0)} has no top_logprobs")
+        if min(widths) == max(widths) == k:  # the usual case: one flat parse
+            flat = [entry for top in tops for entry in top]
+            ids[:] = self._token_ids([entry.token for entry in flat]).reshape(len(tops), k)
+            values[:] = np.array([entry.logprob for entry in flat], np.float32).reshape(-1, k)
+        else:
+            for position, top in enumerate(tops):
+                top = top[:k]
+                ids[position, : len(top)] = self._token_ids([entry.token for entry in top])
+                values[position, : len(top)] = [entry.logprob for entry in top]
+        if np.isnan(values).any() or (values > 1e-4).any():
+            raise _MalformedResponse("log-probabilities that are NaN or above 0")
+        return ids, values
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """The server's ``Retry-After`` in seconds, when it gives one as a number."""
+    value = headers.get("retry-after")
+    try:
+        return min(MAX_BACKOFF_S, max(0.0, float(value))) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _server_message(error: urllib.error.HTTPError) -> str:
+    """The message of an error response: OpenAI's ``error.message``, ``message`` or ``detail``."""
+    try:
+        raw = error.read(4096).decode(errors="replace").strip()
+    except OSError:
+        raw = ""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return raw[:500] or str(error.reason)
+    for candidate in (body.get("error"), body) if isinstance(body, dict) else ():
+        if isinstance(candidate, str):
+            return candidate
+        for key in ("message", "detail"):
+            if isinstance(candidate, dict) and isinstance(candidate.get(key), str):
+                return candidate[key]
+    return raw[:500]

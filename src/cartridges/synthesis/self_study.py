@@ -10,37 +10,49 @@ What the student later trains on is the conversation *without* the chunk: the to
 the system message in the teacher's rendering (:func:`cartridges.chat.continuation_ids`), with
 the answers' tokens exactly as the teacher produced them.
 
-Every batch is a pure function of ``(seed, batch index)`` and is written to its own shard as soon
-as it is done, so a run killed at any point and restarted continues with the first missing batch
-and produces the same conversations, none lost and none twice.
+Every batch is a pure function of ``(seed, batch index)``: it always has
+``conversations_per_chunk`` rows, even when the run needs fewer of the last one, so a
+conversation's content never depends on ``num_conversations``, and raising it extends a finished
+run instead of starting over. Many batches run at once when the backend can serve them (a fleet
+of servers); each is written to its own shard as soon as it completes, in whatever order they
+complete, so a run killed at any point (even ``kill -9``) and restarted runs only the missing
+batches and produces the same conversations, none lost and none twice.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import pandas as pd
-import torch
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from transformers import PreTrainedTokenizerBase
 
 from cartridges.chat import Message, continuation_ids
+from cartridges.lineage import RUN_ID
 from cartridges.progress import progress_bar
-from cartridges.synthesis.backends import Backend, Completion
+from cartridges.synthesis.backends import Backend, BackendError, Completion
 from cartridges.synthesis.seed_prompts import sample_seed, seed_registry, validate_weights
-from cartridges.targets import to_tables
+from cartridges.tables import ShardedTable
 
 logger = logging.getLogger(__name__)
 
+ROW_GROUP_SIZE = 65_536  # rows of teacher targets per parquet row group (a few conversations)
 
-@dataclass
+
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
 class SelfStudyConfig:
     """Parameters of self-study (``conf/base/parameters_self_study.yml``)."""
 
@@ -52,7 +64,7 @@ class SelfStudyConfig:
             ("structuring", "summarization", "question", "use_case", "creative"), 1.0
         )
     )
-    extra_seed_prompts: dict[str, list[str]] = field(default_factory=dict)
+    extra_seed_prompts: dict[str, list[str]] | None = field(default_factory=dict)
     replace_seed_prompts: bool = False
     system_prompt: str = "You are in a conversation about the following information.\n\n{chunk}"
     truncate_chunks: bool = False  # cut chunks that do not fit the context instead of failing
@@ -85,18 +97,59 @@ class SelfStudyConfig:
     def num_batches(self) -> int:
         return -(-self.num_conversations // self.conversations_per_chunk)
 
-    def batch_size(self, batch_index: int) -> int:
+    def rows_kept(self, batch_index: int) -> int:
+        """Rows of a batch that the run returns (the last batch may keep fewer than it has)."""
         done = batch_index * self.conversations_per_chunk
         return min(self.conversations_per_chunk, self.num_conversations - done)
+
+    def resume_identity(self) -> dict:
+        """The settings that decide the conversations (``num_conversations`` does not)."""
+        return {k: v for k, v in asdict(self).items() if k != "num_conversations"}
+
+
+class Targets:
+    """A conversation's teacher targets, flat: one entry per kept top-k token.
+
+    ``position[i]`` indexes the conversation's ``token_ids``; ``token_id[i]`` and ``logprob[i]``
+    are one entry of the teacher's distribution over that token. Iterating yields
+    ``(position, ids, logprobs)`` per distilled position.
+    """
+
+    def __init__(self, position: np.ndarray, token_id: np.ndarray, logprob: np.ndarray) -> None:
+        self.position = np.asarray(position, dtype=np.int32)
+        self.token_id = np.asarray(token_id, dtype=np.int32)
+        self.logprob = np.asarray(logprob, dtype=np.float32)
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[tuple[int, Sequence[int], Sequence[float]]]) -> Targets:
+        """From ``(position, ids, logprobs)`` rows."""
+        counts = [len(ids) for _, ids, _ in rows]
+        return cls(
+            np.repeat([position for position, _, _ in rows], counts).astype(np.int32),
+            np.concatenate([np.asarray(ids) for _, ids, _ in rows] or [np.zeros(0)]),
+            np.concatenate([np.asarray(values) for _, _, values in rows] or [np.zeros(0)]),
+        )
+
+    def __len__(self) -> int:
+        return len(self.position)
+
+    def __iter__(self) -> Iterator[tuple[int, list[int], list[float]]]:
+        starts = np.flatnonzero(np.diff(self.position, prepend=-1)).tolist() + [len(self)]
+        for start, end in zip(starts[:-1], starts[1:], strict=True):
+            yield (
+                int(self.position[start]),
+                self.token_id[start:end].tolist(),
+                self.logprob[start:end].tolist(),
+            )
 
 
 @dataclass
 class Conversation:
     """One synthetic conversation and its teacher targets.
 
-    ``token_ids`` are the student's tokens (the conversation without the chunk); each teacher
-    target ``(position, token_ids, logprobs)`` is the teacher's top-k distribution over the
-    token at ``token_ids[position]``.
+    ``token_ids`` are the student's tokens (the conversation without the chunk); the teacher
+    targets are the teacher's top-k distribution over ``token_ids[position]`` at each distilled
+    position (``Targets``, or ``(position, ids, logprobs)`` rows).
     """
 
     conversation_id: str
@@ -107,15 +160,28 @@ class Conversation:
     token_ids: list[int]
     answer_start: int
     answer_truncated: bool
-    targets: list[tuple[int, list[int], list[float]]]
+    targets: Targets
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.targets, Targets):
+            self.targets = Targets.from_rows(self.targets)
 
 
 def truncate_to_mass(ids, logprobs, mass: float) -> tuple[list, list]:
     """Keep the leading top-k entries until their cumulative probability reaches ``mass``."""
-    ids, logprobs = torch.as_tensor(ids), torch.as_tensor(logprobs)
-    cumulative = logprobs.exp().cumsum(-1)
-    keep = int((cumulative < mass).sum()) + 1
-    return ids[:keep].tolist(), logprobs[:keep].tolist()
+    keep = mass_cut(np.asarray(logprobs, dtype=np.float32)[None], mass)[0]
+    return list(ids)[:keep], list(logprobs)[:keep]
+
+
+def mass_cut(logprobs: np.ndarray, mass: float) -> np.ndarray:
+    """Per row of ``[T, K]`` sorted log-probabilities, how many leading entries to keep.
+
+    Entries are kept until their cumulative probability reaches ``mass``; padding (``-inf``)
+    is never kept.
+    """
+    cumulative = np.exp(logprobs.astype(np.float64)).cumsum(-1)
+    keep = (cumulative < mass).sum(-1) + 1
+    return np.minimum(keep, np.isfinite(logprobs).sum(-1))
 
 
 def _flip(messages: Sequence[Message]) -> list[Message]:
@@ -134,9 +200,26 @@ class SelfStudy:
         self.registry = config.registry
 
     def run_batch(self, batch_index: int, chunk_id: str, chunk_text: str) -> list[Conversation]:
-        """Synthesise one batch of conversations about a chunk (deterministic per batch index)."""
+        """Blocking form of :meth:`arun_batch`."""
+
+        async def run() -> list[Conversation]:
+            try:
+                return await self.arun_batch(batch_index, chunk_id, chunk_text)
+            finally:
+                await self.backend.aclose()
+
+        return asyncio.run(run())
+
+    async def arun_batch(
+        self, batch_index: int, chunk_id: str, chunk_text: str
+    ) -> list[Conversation]:
+        """Synthesise one batch of conversations about a chunk (deterministic per batch index).
+
+        A batch always has ``conversations_per_chunk`` rows, so its content never depends on
+        how many conversations the run asks for.
+        """
         config = self.config
-        size = config.batch_size(batch_index)
+        size = config.conversations_per_chunk
         rng = random.Random(f"{config.seed}-{batch_index}")
         system = config.system_prompt.format(chunk=self._fit(chunk_text))
         seeds = [sample_seed(rng, config.seed_type_weights, self.registry) for _ in range(size)]
@@ -145,7 +228,7 @@ class SelfStudy:
         answers: list[list[Completion]] = [[] for _ in range(size)]
         active = list(range(size))
         for _ in range(config.rounds):
-            questions = self.backend.complete(
+            questions = await self.backend.acomplete(
                 system,
                 [[{"role": "user", "content": seeds[i][1]}, *_flip(messages[i])] for i in active],
                 temperature=config.question_temperature,
@@ -154,7 +237,7 @@ class SelfStudy:
             )
             for i, question in zip(active, questions, strict=True):
                 messages[i].append({"role": "user", "content": question.text})
-            replies = self.backend.complete(
+            replies = await self.backend.acomplete(
                 system,
                 [self._teacher_view(messages[i], cot[i]) for i in active],
                 temperature=0.0,
@@ -216,7 +299,7 @@ class SelfStudy:
     ) -> Conversation:
         """The student's token ids: template segments between the teacher's exact answer ids."""
         token_ids: list[int] = []
-        targets = []
+        positions, ids, logprobs = [], [], []
         answer_start = 0
         for round_index, answer in enumerate(answers):
             history = messages[: 2 * round_index]
@@ -227,16 +310,16 @@ class SelfStudy:
             token_ids += upto[len(before) :]
             if round_index == 0:
                 answer_start = len(token_ids)
-            for offset, (ids, logprobs) in enumerate(
-                zip(answer.top_ids, answer.top_logprobs, strict=True)
-            ):
-                targets.append(
-                    (
-                        len(token_ids) + offset,
-                        *truncate_to_mass(ids, logprobs, self.config.min_prob_mass),
-                    )
-                )
+            if len(answer.top_ids):
+                # Keep each position's leading entries up to min_prob_mass, flat.
+                keep = mass_cut(answer.top_logprobs, self.config.min_prob_mass)
+                kept = np.arange(answer.top_ids.shape[1])[None, :] < keep[:, None]
+                offsets = len(token_ids) + np.arange(len(keep), dtype=np.int32)
+                positions.append(np.repeat(offsets, keep))
+                ids.append(answer.top_ids[kept])
+                logprobs.append(answer.top_logprobs[kept])
             token_ids += answer.token_ids
+        empty = [np.zeros(0, dtype=np.int32)]
         return Conversation(
             conversation_id=conversation_id,
             chunk_id=chunk_id,
@@ -246,24 +329,173 @@ class SelfStudy:
             token_ids=token_ids,
             answer_start=answer_start,
             answer_truncated=not answers[-1].stopped,
-            targets=targets,
+            targets=Targets(
+                np.concatenate(positions or empty),
+                np.concatenate(ids or empty),
+                np.concatenate(logprobs or [np.zeros(0, dtype=np.float32)]),
+            ),
         )
+
+
+# --------------------------------------------------------------------------- tables
+def conversation_tables(conversations: Sequence[Conversation]) -> tuple[pa.Table, pa.Table]:
+    """The ``conversations`` and flat ``teacher_logprobs`` tables of some conversations.
+
+    Built column by column from arrays (an answer's targets are ~10k entries), with compact
+    types: int32 positions and token ids, float32 log-probabilities.
+    """
+    conversations_table = pa.table(
+        {
+            "conversation_id": [c.conversation_id for c in conversations],
+            "chunk_id": [c.chunk_id for c in conversations],
+            "seed_type": [c.seed_type for c in conversations],
+            "seed_prompt": [c.seed_prompt for c in conversations],
+            "messages": [json.dumps(c.messages, ensure_ascii=False) for c in conversations],
+            "token_ids": pa.array([c.token_ids for c in conversations], pa.list_(pa.int32())),
+            "answer_start": pa.array([c.answer_start for c in conversations], pa.int32()),
+            "answer_truncated": [c.answer_truncated for c in conversations],
+            "num_tokens": pa.array([len(c.token_ids) for c in conversations], pa.int32()),
+        }
+    )
+    counts = [len(c.targets) for c in conversations]
+    ids = pa.array([c.conversation_id for c in conversations], pa.string())
+    empty = [np.zeros(0, dtype=np.int32)]
+    targets_table = pa.table(
+        {
+            "conversation_id": ids.take(pa.array(np.repeat(np.arange(len(counts)), counts))),
+            "position": np.concatenate([c.targets.position for c in conversations] or empty),
+            "token_id": np.concatenate([c.targets.token_id for c in conversations] or empty),
+            "logprob": np.concatenate(
+                [c.targets.logprob for c in conversations] or [np.zeros(0, dtype=np.float32)]
+            ),
+        }
+    )
+    return conversations_table, targets_table
 
 
 # --------------------------------------------------------------------------- resumable runs
 def run_key(config: SelfStudyConfig, chunks: Sequence[tuple[str, str]], backend_id: str) -> str:
-    """Identifies a run: shards are reused only by a run with the same inputs and settings."""
-    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
+    """Identifies a run: shards are reused only by a run with the same inputs and settings.
+
+    ``num_conversations`` is left out: a batch's content does not depend on it, so a larger
+    run reuses (extends) a smaller one's shards.
+    """
+    digest = hashlib.sha256(json.dumps(config.resume_identity(), sort_keys=True).encode())
     digest.update(backend_id.encode())
     for chunk_id, text in chunks:
         digest.update(f"{chunk_id}\0{text}\0".encode())
     return digest.hexdigest()[:16]
 
 
-def _write_atomically(table: pd.DataFrame, path: Path) -> None:
-    temporary = path.with_suffix(".tmp")
-    table.to_parquet(temporary, index=False)
+def _shard(directory: Path, kind: str, batch_index: int) -> Path:
+    return directory / f"{kind}-{batch_index:06d}.parquet"
+
+
+def _write_atomically(table: pa.Table, path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    # Bounded row groups: training reads one conversation's targets by decoding its row group.
+    pq.write_table(table, temporary, row_group_size=ROW_GROUP_SIZE)
     os.replace(temporary, path)
+
+
+def _write_batch(directory: Path, batch_index: int, conversations: list[Conversation]) -> None:
+    conversations_table, targets_table = conversation_tables(conversations)
+    # The targets shard first: a conversations shard marks the batch complete.
+    _write_atomically(targets_table, _shard(directory, "targets", batch_index))
+    _write_atomically(conversations_table, _shard(directory, "conversations", batch_index))
+
+
+def _finished_batches(directory: Path) -> set[int]:
+    return {int(p.stem.split("-")[1]) for p in directory.glob("conversations-*.parquet")}
+
+
+@dataclass
+class _Throughput:
+    """What the progress bar and the totals report about this run's fresh work."""
+
+    started: float = field(default_factory=time.perf_counter)
+    conversations: int = 0
+    tokens: int = 0
+
+    def postfix(self, backend: Backend) -> dict[str, str]:
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        return {
+            "in_flight": str(backend.requests_in_flight),
+            "conv_per_s": f"{self.conversations / seconds:.1f}",
+            "tok_per_s": f"{self.tokens / seconds:.0f}",
+        }
+
+
+async def _synthesize(
+    study: SelfStudy,
+    chunks: Sequence[tuple[str, str]],
+    directory: Path,
+    batches: Sequence[int],
+    progress,
+    throughput: _Throughput,
+) -> None:
+    """Run ``batches`` with as many in flight as the backend serves; write each as it ends."""
+    config, backend = study.config, study.backend
+    order = list(range(len(chunks)))
+    random.Random(config.seed).shuffle(order)
+    pending = iter(batches)
+
+    async def worker() -> None:
+        for batch_index in pending:  # shared: each worker takes the next batch when free
+            chunk_id, text = chunks[order[batch_index % len(order)]]
+            try:
+                conversations = await study.arun_batch(batch_index, chunk_id, text)
+            except BackendError as error:
+                raise BackendError(
+                    f"Self-study batch {batch_index} (chunk {chunk_id}) failed: {error} "
+                    f"Finished batches are kept in {directory}; rerun to resume."
+                ) from error
+            await asyncio.to_thread(_write_batch, directory, batch_index, conversations)
+            kept = conversations[: config.rows_kept(batch_index)]
+            throughput.conversations += len(kept)
+            throughput.tokens += sum(len(c.token_ids) for c in kept)
+            progress.update(len(kept))
+            progress.set_postfix(throughput.postfix(backend), refresh=False)
+
+    workers = [
+        asyncio.create_task(worker())
+        for _ in range(min(backend.batches_in_flight(config.conversations_per_chunk), len(batches)))
+    ]
+    try:
+        await asyncio.gather(*workers)
+    except BaseException:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        raise
+    finally:
+        await backend.aclose()
+
+
+def _trimmed(directory: Path, kind: str, batch_index: int, rows: int, keep: set[str]) -> Path:
+    """A shard of the last batch holding only the rows the run returns (written once)."""
+    path = directory / "trimmed" / f"{kind}-{batch_index:06d}-{rows:03d}.parquet"
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        table = pq.read_table(_shard(directory, kind, batch_index))
+        mask = pc.is_in(table["conversation_id"], pa.array(sorted(keep), pa.string()))
+        _write_atomically(table.filter(mask), path)
+    return path
+
+
+def _run_files(directory: Path, config: SelfStudyConfig) -> tuple[list[Path], list[Path]]:
+    """The shard files of the run's ``num_conversations`` conversations, in order."""
+    conversations, targets = [], []
+    for batch_index in range(config.num_batches):
+        rows = config.rows_kept(batch_index)
+        if rows == config.conversations_per_chunk:
+            conversations.append(_shard(directory, "conversations", batch_index))
+            targets.append(_shard(directory, "targets", batch_index))
+            continue
+        keep = {f"conv-{batch_index:06d}-{row:03d}" for row in range(rows)}
+        conversations.append(_trimmed(directory, "conversations", batch_index, rows, keep))
+        targets.append(_trimmed(directory, "targets", batch_index, rows, keep))
+    return conversations, targets
 
 
 def run_self_study(
@@ -271,8 +503,10 @@ def run_self_study(
     chunks: Sequence[tuple[str, str]],
     shard_dir: str | os.PathLike,
     backend_id: str,
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
-    """Run (or resume) every batch, one shard per batch, and return the concatenated tables.
+) -> tuple[ShardedTable, ShardedTable, dict[str, float]]:
+    """Run (or resume, or extend) every batch, one shard per batch, and return the tables.
+
+    The tables are lazy handles over the shard files: nothing is read back into memory.
 
     Returns:
         ``conversations``, ``teacher_logprobs`` and totals (conversations, tokens, seconds).
@@ -282,55 +516,36 @@ def run_self_study(
     config = study.config
     directory = Path(shard_dir) / run_key(config, chunks, backend_id)
     directory.mkdir(parents=True, exist_ok=True)
-    order = list(range(len(chunks)))
-    random.Random(config.seed).shuffle(order)
-    done = {int(p.stem.split("-")[1]) for p in directory.glob("conversations-*.parquet")}
+    done = _finished_batches(directory)
+    todo = [b for b in range(config.num_batches) if b not in done]
     if done:
         logger.info(
             "Resuming self-study: %d of %d batches already in %s",
-            len(done),
+            config.num_batches - len(todo),
             config.num_batches,
             directory,
         )
-    started, tokens, fresh = time.perf_counter(), 0, 0
-    total = config.num_conversations
-    initial = sum(config.batch_size(b) for b in done)
-    with progress_bar(total=total, initial=initial, desc="self-study", unit="conv") as progress:
-        for batch_index in range(config.num_batches):
-            if batch_index in done:
-                continue
-            chunk_id, text = chunks[order[batch_index % len(order)]]
-            conversations, targets = to_tables(study.run_batch(batch_index, chunk_id, text))
-            # The targets shard first: a conversations shard marks the batch complete.
-            _write_atomically(targets, directory / f"targets-{batch_index:06d}.parquet")
-            _write_atomically(conversations, directory / f"conversations-{batch_index:06d}.parquet")
-            tokens += int(conversations["num_tokens"].sum())
-            fresh += len(conversations)
-            progress.update(len(conversations))
-            progress.set_postfix(
-                tok_per_s=f"{tokens / (time.perf_counter() - started):.0f}", refresh=False
-            )
-    seconds = time.perf_counter() - started
-    conversations = pd.concat(
-        [
-            pd.read_parquet(directory / f"conversations-{b:06d}.parquet")
-            for b in range(config.num_batches)
-        ],
-        ignore_index=True,
-    )
-    targets = pd.concat(
-        [
-            pd.read_parquet(directory / f"targets-{b:06d}.parquet")
-            for b in range(config.num_batches)
-        ],
-        ignore_index=True,
-    )
+    throughput = _Throughput()
+    initial = sum(config.rows_kept(b) for b in range(config.num_batches) if b in done)
+    with progress_bar(
+        total=config.num_conversations, initial=initial, desc="self-study", unit="conv"
+    ) as progress:
+        if todo:
+            asyncio.run(_synthesize(study, chunks, directory, todo, progress, throughput))
+    seconds = time.perf_counter() - throughput.started
+    conversation_files, target_files = _run_files(directory, config)
+    # One run id in both tables: training refuses conversations and targets of different runs
+    # (conversation ids alone repeat from run to run).
+    attrs = {RUN_ID: f"{directory.name}-{config.num_conversations}"}
+    conversations = ShardedTable(conversation_files, attrs=attrs)
+    targets = ShardedTable(target_files, attrs=attrs)
+    summary = conversations.to_pandas(columns=["num_tokens", "answer_truncated"])
     totals = {
-        "conversations": float(len(conversations)),
-        "tokens": float(conversations["num_tokens"].sum()),
-        "teacher_entries": float(len(targets)),
-        "truncated_answers": float(conversations["answer_truncated"].sum()),
-        "conversations_per_s": fresh / seconds if seconds > 0 else 0.0,
-        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "conversations": float(conversations.num_rows),
+        "tokens": float(summary["num_tokens"].sum()),
+        "teacher_entries": float(targets.num_rows),
+        "truncated_answers": float(summary["answer_truncated"].sum()),
+        "conversations_per_s": throughput.conversations / seconds if seconds > 0 else 0.0,
+        "tokens_per_s": throughput.tokens / seconds if seconds > 0 else 0.0,
     }
     return conversations, targets, totals
