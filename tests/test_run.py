@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -86,6 +87,80 @@ def test_default_pipeline_runs_from_a_fresh_copy_and_the_cartridge_recovers_icl(
     assert (project / "mlflow.db").exists()  # tracking went to the local sqlite store
 
 
+def _versions(project: Path, path: str) -> list[str]:
+    return sorted(child.name for child in (project / path).iterdir() if child.is_dir())
+
+
+@pytest.mark.slow
+def test_the_cartridge_records_its_lineage_and_mlflow_the_run(project):
+    # Runs after the default pipeline above: one version of everything exists.
+    from cartridges import lineage
+
+    (version,) = _versions(project, "data/06_models/cartridge.safetensors")
+    cartridge = project / "data/06_models/cartridge.safetensors" / version / "cartridge.safetensors"
+    record = lineage.read(cartridge)
+    assert record["dataset"] == "cartridge" and record["version"] == version
+    assert record["package_version"] and "git_commit" in record
+    for name, path in {
+        "corpus": "data/02_intermediate/corpus.parquet",
+        "chunk_set": "data/02_intermediate/chunk_set.parquet",
+        "conversations": "data/03_primary/conversations",
+        "teacher_logprobs": "data/04_feature/teacher_logprobs",
+    }.items():
+        assert record["inputs"][name]["version"] == _versions(project, path)[-1], name
+        assert record["inputs"][name]["digest"]
+    run_ids = {record["inputs"][n]["run_id"] for n in ("conversations", "teacher_logprobs")}
+    assert len(run_ids) == 1  # one self-study run wrote both
+    (report,) = (project / "data/08_reporting/evaluation_report.csv").glob("*/*.csv")
+    rows = pd.read_csv(report)
+    assert set(rows.loc[rows["method"] == "cartridge", "cartridge_version"]) == {version}
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("cartridges").experiment_id], "", max_results=1
+    )
+    tags = run.data.tags
+    assert tags["pipeline"] == "__default__" and tags["model.name"].endswith("toy_world")
+    assert tags["model.fingerprint"] and "git_commit" in tags and tags["package_version"]
+    assert tags["input.conversations.version"] == record["inputs"]["conversations"]["version"]
+    inputs = {d.dataset.name.split("@")[0] for d in run.inputs.dataset_inputs}
+    assert {"corpus", "conversations"} <= inputs
+    artifacts = {
+        a.path
+        for folder in ("cartridge", "evaluation")
+        for a in client.list_artifacts(run.info.run_id, folder)
+    }
+    assert {"cartridge/cartridge.safetensors", "evaluation/evaluation_report.csv"} <= artifacts
+    assert "evaluation/tradeoff_plot.png" in artifacts
+    metrics = run.data.metrics
+    assert "self_study.conversations" in metrics and "document_prep.num_documents" in metrics
+    assert any(name.startswith("evaluation.cartridge.qa.") for name in metrics)
+
+
+@pytest.mark.slow
+def test_conversations_and_targets_of_different_runs_are_refused(project):
+    # Forge a second self-study run: the same targets, another run id.
+    root = project / "data/04_feature/teacher_logprobs"
+    (original,) = _versions(project, "data/04_feature/teacher_logprobs")
+    forged = "2020-01-01T00.00.00.000Z"
+    shutil.copytree(root / original, root / forged)
+    manifest = root / forged / "teacher_logprobs" / "_manifest.json"
+    content = json.loads(manifest.read_text())
+    content["attrs"]["run_id"] = "another-run-768"
+    manifest.write_text(json.dumps(content))
+    (conversations,) = _versions(project, "data/03_primary/conversations")
+    pinned = f"conversations:{conversations},teacher_logprobs:{forged}"
+    result = _run(project, "run", "--pipeline", "distill_training", "--load-versions", pinned)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"version {conversations}" in output and f"version {forged}" in output
+    assert f"teacher_logprobs:{original}" in output  # the --load-versions that fixes it
+    assert "Loading weights" not in output  # refused before any model loaded
+    shutil.rmtree(root / forged)
+
+
 @pytest.mark.slow
 def test_viz_build_renders_the_pipelines(project):
     result = _run(project, "viz", "build")
@@ -95,6 +170,11 @@ def test_viz_build_renders_the_pipelines(project):
     graph = main.read_text()
     for node in ("load_documents_node", "synthesize_conversations_node", "distill_cartridge_node"):
         assert node.split("_node")[0] in graph
+    api = json.loads(graph)
+    assert "questions" in {n["name"] for n in api["nodes"]}  # an input of the catalog now
+    assert {"raw", "intermediate", "primary", "feature", "models", "reporting"} <= set(
+        api["layers"]
+    )
 
 
 @pytest.mark.slow

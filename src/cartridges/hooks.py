@@ -1,4 +1,4 @@
-"""Kedro hooks: under a distributed launcher, only rank 0 writes the run's outputs.
+"""Kedro hooks: lineage in every artifact, and only rank 0 writing under a distributed launcher.
 
 ``torchrun --nproc-per-node N -m kedro run --pipeline distill_training`` starts N Kedro sessions.
 All of them must train (each holds a shard of every global batch), but only rank 0 may save the
@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import mlflow
 from kedro.framework.hooks import hook_impl
 from kedro.io import AbstractDataset, DataCatalog, MemoryDataset
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.sources import LocalArtifactDatasetSource
+
+from cartridges import lineage
 
 logger = logging.getLogger(__name__)
 
@@ -58,3 +65,161 @@ class RankZeroOutputsHook:
             if dataset is not None and not isinstance(dataset, MemoryDataset):
                 catalog[name] = _RankLocalDataset(dataset)
         logger.info("Rank %d: outputs stay in memory; rank 0 writes them.", rank)
+
+
+class LineageHook:
+    """Writes a lineage record into every artifact a run saves, and refuses unbound pairs.
+
+    It remembers the version (and digest) of every dataset a node loads, and before the node's
+    outputs are saved, attaches to each output that can carry one a record naming them,
+    transitively (``cartridges.lineage``). The same facts tag the run's MLflow run (git commit,
+    package version, pipeline, model name and fingerprint, every input's version), and the
+    corpus and conversations become its MLflow dataset inputs.
+
+    Before a pipeline runs, conversations and teacher targets that it reads from the catalog
+    (rather than makes) must come from one self-study run: otherwise the run stops before any
+    model loads, naming both versions.
+    """
+
+    def __init__(self) -> None:
+        self._catalog: DataCatalog | None = None
+        self._pipeline: str | None = None
+        self._loaded: dict[str, dict[str, tuple[str | None, Any]]] = {}
+        self._logged_inputs: set[str] = set()
+
+    @hook_impl
+    def after_catalog_created(self, catalog: DataCatalog) -> None:
+        self._catalog = catalog
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        self._pipeline = run_params.get("pipeline_name") or "__default__"
+        self._loaded.clear()
+        self._logged_inputs.clear()
+        if {"conversations", "teacher_logprobs"} <= pipeline.inputs():
+            _check_bound_pair(catalog)
+
+    @hook_impl
+    def after_dataset_loaded(self, dataset_name: str, data: Any, node) -> None:
+        if dataset_name == "params:model" and isinstance(data, dict):
+            _tag({"model.name": str(data.get("name_or_path"))})
+        if dataset_name.startswith("params:") or dataset_name == "parameters":
+            return
+        version = _version(self._catalog, dataset_name, load=True)
+        self._loaded.setdefault(node.name, {})[dataset_name] = (version, data)
+        for item in _items(data):
+            attrs = lineage._attrs(item)
+            if attrs is not None and version is not None:
+                attrs["catalog_version"] = version  # what this run read, for reports
+        self._track_input(dataset_name, version, data)
+
+    @hook_impl
+    def before_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
+        record = {
+            "dataset": dataset_name,
+            "version": _version(self._catalog, dataset_name, load=False),
+            "pipeline": self._pipeline,
+            "node": node.name,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            **lineage.code_identity(),
+            "inputs": lineage.merge_inputs(self._loaded.get(node.name, {})),
+        }
+        for item in _items(data):
+            lineage.attach(item, record)
+            fingerprint = getattr(getattr(item, "info", None), "model_fingerprint", None)
+            if fingerprint:
+                _tag({"model.fingerprint": fingerprint})
+
+    def _track_input(self, name: str, version: str | None, data: Any) -> None:
+        """Tag the run with an input's version; log corpus and conversations as MLflow inputs."""
+        if mlflow.active_run() is None:
+            return
+        _tag(
+            {
+                "pipeline": self._pipeline or "",
+                **{k: v or "" for k, v in lineage.code_identity().items()},
+                f"input.{name}.version": version or "",
+            }
+        )
+        if name not in TRACKED_INPUTS or name in self._logged_inputs:
+            return
+        self._logged_inputs.add(name)
+        path = _path(self._catalog, name, version)
+        source = LocalArtifactDatasetSource(str(path.resolve()) if path else name)
+        dataset = MetaDataset(
+            source, name=f"{name}@{version or 'unversioned'}", digest=lineage.digest(data)
+        )
+        mlflow.log_input(dataset, context=self._pipeline)
+
+
+TRACKED_INPUTS = ("corpus", "conversations")  # logged as MLflow dataset inputs of the run
+
+
+def _tag(tags: dict[str, str]) -> None:
+    """Set tags on the active MLflow run (kedro-mlflow opens one per ``kedro run``)."""
+    if mlflow.active_run() is not None:
+        mlflow.set_tags({k: v[:5000] for k, v in tags.items()})
+
+
+def _path(catalog: DataCatalog | None, name: str, version: str | None) -> Path | None:
+    """Where a catalog entry keeps the version that was read (None if it cannot say)."""
+    if catalog is None or name not in catalog:
+        return None
+    dataset = catalog.get(name)
+    dataset = getattr(dataset, "wrapped", dataset)
+    filepath = getattr(dataset, "_filepath", None)
+    if filepath is None:
+        return None
+    path = Path(str(filepath))
+    return path / version / path.name if version else path
+
+
+def _items(data: Any) -> list[Any]:
+    """The artifacts inside an output: a dict of cartridges (a sweep) holds several."""
+    return list(data.values()) if isinstance(data, dict) else [data]
+
+
+def _version(catalog: DataCatalog | None, name: str, load: bool) -> str | None:
+    """The version a versioned dataset reads (or writes) in this run; None if unversioned."""
+    if catalog is None or name not in catalog:
+        return None
+    dataset = catalog.get(name)
+    if not hasattr(dataset, "resolve_load_version"):  # versioned, or a wrapper of one
+        return None
+    try:
+        return dataset.resolve_load_version() if load else dataset.resolve_save_version()
+    except Exception:  # noqa: BLE001 - nothing saved yet, or an unusual version setup
+        return None
+
+
+def _check_bound_pair(catalog) -> None:
+    """Refuse conversations and teacher_logprobs of different self-study runs, naming a fix."""
+    conversations, targets = catalog.load("conversations"), catalog.load("teacher_logprobs")
+    versions = (
+        _version(catalog, "conversations", True),
+        _version(catalog, "teacher_logprobs", True),
+    )
+    try:
+        lineage.check_pair(conversations, targets, versions)
+    except lineage.LineageError:
+        wanted = (lineage._attrs(conversations) or {}).get(lineage.RUN_ID)
+        dataset = catalog.get("teacher_logprobs")
+        match = next((v for v in _versions(dataset) if _run_id_of(dataset, v) == wanted), None)
+        fix = f"conversations:{versions[0]},teacher_logprobs:{match}" if match else None
+        lineage.check_pair(conversations, targets, versions, fix)
+
+
+def _versions(dataset) -> list[str]:
+    """A versioned folder dataset's versions, newest first."""
+    root = Path(str(getattr(dataset, "_filepath", "")))
+    if not root.is_dir():
+        return []
+    return sorted((child.name for child in root.iterdir() if child.is_dir()), reverse=True)
+
+
+def _run_id_of(dataset, version: str) -> str | None:
+    """The self-study run id stored with one version of a shard folder dataset."""
+    from cartridges.datasets.parquet_shards_dataset import read_attrs
+
+    root = Path(str(getattr(dataset, "_filepath", "")))
+    return read_attrs(root / version / root.name).get(lineage.RUN_ID)

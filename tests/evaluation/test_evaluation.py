@@ -108,7 +108,7 @@ def test_bad_questions_files_name_the_line(tmp_path, content, message):
 
 
 def test_a_missing_questions_file_says_where_to_put_one(tmp_path):
-    with pytest.raises(QuestionsError, match=r"not found.*evaluation.questions_path"):
+    with pytest.raises(QuestionsError, match=r"not found.*the `questions` catalog entry"):
         load_questions(tmp_path / "absent.jsonl")
 
 

@@ -127,7 +127,7 @@ def test_document_prep_is_deterministic(tiny_model_dir, corpus_dir):
 def test_strict_and_misspelt_parameters_fail_clearly(tiny_model_dir, corpus_dir):
     with pytest.raises(ValueError, match="Cannot use 'bad.json': malformed JSON at line 1"):
         run(tiny_model_dir, corpus_dir, strict=True)
-    with pytest.raises(ValueError, match=r"Unknown CorpusConfig parameters \['corpus_folder'\]"):
+    with pytest.raises(ValueError, match="document_prep.corpus_folder'; did you mean 'corpus_dir'"):
         run(tiny_model_dir, corpus_dir, corpus_folder="x")
     with pytest.raises(ValueError, match="No usable document"):
         run(tiny_model_dir, corpus_dir, include=["*.jpg", "*.json"])

@@ -5,15 +5,16 @@ from __future__ import annotations
 import matplotlib.image
 import pandas as pd
 import pytest
-from kedro.io import DataCatalog, MemoryDataset, Version
+from kedro.io import DataCatalog, DatasetError, MemoryDataset, Version
 from kedro.runner import SequentialRunner
 from kedro_datasets.matplotlib import MatplotlibDataset
 from kedro_datasets.pandas import CSVDataset
 
 from cartridges.chat import context_ids
-from cartridges.datasets import CartridgeDataset
+from cartridges.datasets import CartridgeDataset, CartridgeHistoryDataset, QuestionsDataset
 from cartridges.initialization import from_token_ids
 from cartridges.pipelines.evaluation import create_pipeline
+from cartridges.tables import ShardedTable
 from tests.conftest import CORPUS
 from tests.evaluation.data import SYSTEM_PROMPT, SYSTEM_TEXT, conversation_tables, write_questions
 
@@ -31,6 +32,8 @@ def catalog(tiny, tiny_model_dir, tmp_path):
     catalog = DataCatalog(
         {
             "cartridge": CartridgeDataset(str(cartridges), version=Version(None, None)),
+            "cartridge_history": CartridgeHistoryDataset(str(cartridges)),
+            "questions": QuestionsDataset(write_questions(tmp_path / "questions.jsonl")),
             "evaluation_report": CSVDataset(
                 filepath=str(tmp_path / "report.csv"), version=Version(None, None)
             ),
@@ -42,8 +45,9 @@ def catalog(tiny, tiny_model_dir, tmp_path):
     )
     catalog["corpus"] = pd.DataFrame({"text": [CORPUS]})
     catalog["cartridge_sweep"] = {}
-    catalog["conversations"] = conversations
-    catalog["teacher_logprobs"] = targets
+    # What the catalog's ParquetShardsDataset loads: lazy handles on parquet files.
+    catalog["conversations"] = ShardedTable.from_dataframe(conversations, tmp_path / "c.parquet")
+    catalog["teacher_logprobs"] = ShardedTable.from_dataframe(targets, tmp_path / "t.parquet")
     catalog["params:model"] = {
         "name_or_path": str(tiny_model_dir),
         "dtype": "float32",
@@ -51,9 +55,7 @@ def catalog(tiny, tiny_model_dir, tmp_path):
     }
     catalog["params:system_prompt"] = SYSTEM_PROMPT
     catalog["params:evaluation"] = {
-        "questions_path": write_questions(tmp_path / "questions.jsonl"),
         "tasks": ["qa", "log_perplexity", "fidelity", "chrf"],
-        "cartridge_filepath": str(cartridges),
         "cartridge_versions": [],
         "max_new_tokens": 4,
         "decode_tokens": 2,
@@ -120,7 +122,7 @@ def test_an_unknown_version_lists_the_available_ones(catalog):
 
 def test_a_missing_questions_file_fails_before_the_model_loads(catalog):
     catalog, tmp_path = catalog
-    params = catalog["params:evaluation"].load()
-    catalog["params:evaluation"] = params | {"questions_path": str(tmp_path / "none.jsonl")}
-    with pytest.raises(ValueError, match="none.jsonl' not found"):
+    catalog["questions"] = QuestionsDataset(str(tmp_path / "none.jsonl"))
+    # The catalog reads the questions before the node (and its model) runs.
+    with pytest.raises(DatasetError, match="none.jsonl' not found"):
         SequentialRunner().run(create_pipeline(), catalog)

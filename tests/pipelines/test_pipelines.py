@@ -11,7 +11,12 @@ from kedro.runner import SequentialRunner
 from kedro_datasets.pickle import PickleDataset
 
 from cartridges.cartridge import Cartridge
-from cartridges.datasets import CartridgeDataset
+from cartridges.datasets import (
+    CartridgeDataset,
+    CartridgeHistoryDataset,
+    ParquetShardsDataset,
+    QuestionsDataset,
+)
 from cartridges.pipelines.distill_training import create_pipeline as distill_training
 from cartridges.pipelines.document_prep import create_pipeline as document_prep
 from cartridges.pipelines.evaluation import create_pipeline as evaluation
@@ -23,8 +28,6 @@ PERSISTED = [
     "corpus",
     "skipped_documents",
     "chunk_set",
-    "conversations",
-    "teacher_logprobs",
     "training_metrics",
     "evaluation_report",
     "evaluation_metrics",
@@ -51,6 +54,13 @@ def catalog(tiny_model_dir, tmp_path):
     catalog = DataCatalog(
         {name: PickleDataset(filepath=str(tmp_path / f"{name}.pkl")) for name in PERSISTED}
         | {"cartridge": CartridgeDataset(str(tmp_path / "cartridge.safetensors"))}
+        | {"cartridge_history": CartridgeHistoryDataset(str(tmp_path / "cartridge.safetensors"))}
+        | {"questions": QuestionsDataset(str(questions))}
+        # As in conf/base/catalog.yml: shard folders, loaded as lazy handles.
+        | {
+            name: ParquetShardsDataset(str(tmp_path / name), row_group_size=4)
+            for name in ("conversations", "teacher_logprobs")
+        }
     )
     params = {
         "model": {"name_or_path": str(tiny_model_dir), "dtype": "float32", "device": "cpu"},
@@ -85,7 +95,6 @@ def catalog(tiny_model_dir, tmp_path):
             },
         },
         "evaluation": {
-            "questions_path": str(questions),
             "tasks": ["qa", "log_perplexity", "fidelity", "chrf"],
             "max_new_tokens": 4,
             "batch_size": 4,
@@ -115,8 +124,8 @@ def test_the_four_pipelines_chain_end_to_end(catalog):
     chunks = catalog["chunk_set"].load()
     assert len(chunks) == 4 and chunks["n_tokens"].between(1, 32).all()
 
-    conversations = catalog["conversations"].load()
-    targets = catalog["teacher_logprobs"].load()
+    conversations = catalog["conversations"].load().to_pandas()  # six rows: small
+    targets = catalog["teacher_logprobs"].load().to_pandas()
     assert len(conversations) == 6
     assert set(targets["conversation_id"]) <= set(conversations["conversation_id"])
     first = conversations.iloc[0]
@@ -229,7 +238,7 @@ def test_training_logs_the_cartridges_greedy_answers_to_held_out_questions(
     assert sorted(logged) == ["generations/p8/step_000002.md", "generations/p8/step_000003.md"]
     cartridge = catalog["cartridge"].load()
     (held_out,) = cartridge.info.extra["held_out_conversations"]
-    conversations = catalog["conversations"].load().set_index("conversation_id")
+    conversations = catalog["conversations"].load().to_pandas().set_index("conversation_id")
     row = conversations.loc[held_out]
     question, teacher = json.loads(row["messages"])[:2]
     model, tokenizer = tiny

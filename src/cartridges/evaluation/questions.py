@@ -50,7 +50,7 @@ def load_questions(path: str | os.PathLike) -> list[Question]:
         raise QuestionsError(
             f"Questions file '{path}' not found: write one JSON object per line "
             '({"question": ..., "answer": ..., "options": [...] optional}) there, or point '
-            "evaluation.questions_path at your file."
+            "the `questions` catalog entry (conf/base/catalog.yml) at your file."
         )
     questions = []
     with path.open(encoding="utf-8") as handle:

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
+import pyarrow as pa
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -28,6 +29,7 @@ from cartridges.evaluation.methods import Method
 from cartridges.evaluation.questions import Question, prompt_text
 from cartridges.generation import generate
 from cartridges.prefix import forward_with_prefix, head_only_at
+from cartridges.tables import ShardedTable
 
 logger = logging.getLogger(__name__)
 
@@ -142,22 +144,25 @@ class HeldOutConversation:
 
 
 def held_out_conversations(
-    conversations: pd.DataFrame,
-    teacher_logprobs: pd.DataFrame,
+    conversations: pd.DataFrame | ShardedTable,
+    teacher_logprobs: pd.DataFrame | ShardedTable,
     ids: Sequence[str] | None,
     limit: int,
 ) -> list[HeldOutConversation]:
     """The first ``limit`` conversations among ``ids`` (``None``: all), with assistant positions.
 
     The assistant positions are where self-study recorded teacher targets: exactly the answer
-    tokens, whatever the chat template looks like.
+    tokens, whatever the chat template looks like. Tables on disk are scanned for the wanted
+    rows only, so memory holds the ``limit`` conversations, never the whole tables.
     """
-    table = conversations
-    if ids is not None:
-        table = table[table["conversation_id"].isin(set(ids))]
-    table = table.head(limit)
+    table = _first_conversations(conversations, ids, limit)
     wanted = set(table["conversation_id"])
-    targets = teacher_logprobs[teacher_logprobs["conversation_id"].isin(wanted)]
+    if isinstance(teacher_logprobs, ShardedTable):
+        targets = teacher_logprobs.filter_rows(
+            "conversation_id", sorted(wanted), ["conversation_id", "position"]
+        )
+    else:
+        targets = teacher_logprobs[teacher_logprobs["conversation_id"].isin(wanted)]
     positions = {
         cid: sorted(set(group["position"].tolist()))
         for cid, group in targets.groupby("conversation_id", sort=False)
@@ -172,6 +177,27 @@ def held_out_conversations(
         for row in table.itertuples(index=False)
         if positions.get(row.conversation_id)
     ]
+
+
+def _first_conversations(
+    conversations: pd.DataFrame | ShardedTable, ids: Sequence[str] | None, limit: int
+) -> pd.DataFrame:
+    """The first ``limit`` rows among ``ids`` (``None``: any), in table order."""
+    if not isinstance(conversations, ShardedTable):
+        if ids is not None:
+            conversations = conversations[conversations["conversation_id"].isin(set(ids))]
+        return conversations.head(limit)
+    if ids is not None:
+        return conversations.filter_rows("conversation_id", sorted(set(ids))).head(limit)
+    batches, count = [], 0
+    for batch in conversations.iter_batches(batch_size=max(limit, 1)):
+        if count >= limit:
+            break
+        batches.append(batch.slice(0, limit - count))
+        count += len(batches[-1])
+    if not batches:
+        return conversations.schema.empty_table().to_pandas()
+    return pa.Table.from_batches(batches).to_pandas()
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cartridges.params import validate_parameters
 from cartridges.serving.config import ServingConfig
 
 logger = logging.getLogger(__name__)
@@ -31,14 +32,18 @@ def load_project_config(
         conf_source=str(project_dir / "conf"), base_env="base", default_run_env="local", env=env
     )
     parameters = loader["parameters"]
+    # The project's one parameter check: a misspelt serving key names the closest valid one.
+    validate_parameters(
+        {name: parameters[name] for name in ("serving", "model") if name in parameters}
+    )
     serving = dict(parameters.get("serving") or {})
     model = dict(parameters.get("model") or {})
     catalog = loader["catalog"]
     dataset_names = serving.pop("catalog_datasets", None) or ["cartridge"]
     serving["catalog_datasets"] = {
-        name: str(_absolute(project_dir, catalog[name]["filepath"]))
+        name: str(_absolute(project_dir, path))
         for name in dataset_names
-        if name in catalog and "filepath" in catalog[name]
+        if (path := _filepath(catalog.get(name) or {}))
     }
     if serving.get("cartridge_dir"):
         serving["cartridge_dir"] = str(_absolute(project_dir, serving["cartridge_dir"]))
@@ -48,6 +53,11 @@ def load_project_config(
     if model.get("name_or_path") and local_model.exists():
         model["name_or_path"] = str(local_model)
     return ServingConfig.from_params(serving, model, **overrides)
+
+
+def _filepath(entry: dict) -> str | None:
+    """A catalog entry's filepath, also through a wrapper (``dataset:``, e.g. MLflow logging)."""
+    return entry.get("filepath") or (entry.get("dataset") or {}).get("filepath")
 
 
 def _absolute(project_dir: Path, path: str) -> Path:

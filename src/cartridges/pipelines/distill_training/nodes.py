@@ -20,8 +20,11 @@ from cartridges.distributed import process_group
 from cartridges.generation import generate
 from cartridges.initialization import from_random_tokens, from_random_vectors, from_token_ids
 from cartridges.modeling import load_model
+from cartridges.params import DistillTrainingParams, ModelParams, parse
+from cartridges.tables import ShardedTable
+from cartridges.target_store import LazyExamples, select
 from cartridges.targets import memorization_examples, one_hot, to_examples
-from cartridges.training import TrainConfig, evaluate_kl, train_cartridge
+from cartridges.training import evaluate_kl, train_cartridge
 
 logger = logging.getLogger(__name__)
 
@@ -34,27 +37,13 @@ def _corpus_context(corpus: pd.DataFrame, tokenizer, system_prompt: str) -> tupl
     ).hexdigest()
 
 
-def cartridge_size(params: dict[str, Any], context_length: int) -> int:
-    """``num_cartridge_tokens``, or the corpus context length divided by ``compression``."""
-    if params.get("num_cartridge_tokens") is not None:
-        return int(params["num_cartridge_tokens"])
-    compression = params.get("compression")
-    if not compression or compression < 1:
-        raise ValueError(
-            "Set distill_training.num_cartridge_tokens, or compression >= 1 (p = n / compression)."
-        )
-    return max(params["num_frozen_tokens"] + 1, round(context_length / compression))
-
-
-def _initial(llm, tokenizer, context, sha256, p: int, params: dict[str, Any]) -> Cartridge:
-    frozen, how = params["num_frozen_tokens"], params["initializer"]
-    generator = torch.Generator().manual_seed(TrainConfig(**params["train"]).seed)
+def _initial(llm, tokenizer, context, sha256, p: int, params: DistillTrainingParams) -> Cartridge:
+    frozen, how = params.num_frozen_tokens, params.initializer
+    generator = torch.Generator().manual_seed(params.train.seed)
     if how == "random_tokens":
         return from_random_tokens(llm, tokenizer, p, frozen, generator)
     if how == "random_vectors":
         return from_random_vectors(llm, p, frozen, generator)
-    if how != "text":
-        raise ValueError(f"Unknown initializer {how!r}; use text, random_tokens or random_vectors.")
     if p > len(context):
         raise ValueError(
             f"num_cartridge_tokens={p} exceeds the {len(context)} tokens of the corpus in "
@@ -63,54 +52,81 @@ def _initial(llm, tokenizer, context, sha256, p: int, params: dict[str, Any]) ->
     return from_token_ids(llm, context[:p], frozen, initializer="text", source_sha256=sha256)
 
 
+def _load(model: ModelParams):
+    return load_model(model.name_or_path, model.dtype, model.device)
+
+
 def initialize_cartridge(
-    corpus: pd.DataFrame, params: dict[str, Any], model: dict[str, Any], system_prompt: str
+    corpus: pd.DataFrame,
+    params: DistillTrainingParams | dict[str, Any],
+    model: ModelParams | dict[str, Any],
+    system_prompt: str,
 ) -> Cartridge:
     """Build the starting cartridge: by default the KV of the corpus's first p context tokens."""
-    llm, tokenizer = load_model(model["name_or_path"], model["dtype"], model["device"])
+    params, model = parse("distill_training", params), parse("model", model)
+    system_prompt = parse("system_prompt", system_prompt)
+    llm, tokenizer = _load(model)
     context, sha256 = _corpus_context(corpus, tokenizer, system_prompt)
-    return _initial(llm, tokenizer, context, sha256, cartridge_size(params, len(context)), params)
+    return _initial(llm, tokenizer, context, sha256, params.cartridge_size(len(context)), params)
 
 
-OBJECTIVES = ("distillation", "cross_entropy", "memorization")
+def split_examples(
+    conversations, teacher_logprobs, chunk_set, params: DistillTrainingParams | dict, tokenizer
+):
+    """Training and held-out examples (and the held-out conversation ids) for ``objective``.
 
-
-def split_examples(conversations, teacher_logprobs, chunk_set, params, tokenizer):
-    """Training and held-out examples (and the held-out conversation ids) for ``objective``."""
-    config = TrainConfig(**params["train"])
+    With the catalog's shard handles the examples stay on disk: only an index is built here.
+    """
+    params = parse("distill_training", params)
+    objective = params.objective
     examples = to_examples(conversations, teacher_logprobs, len(tokenizer))
-    objective = params.get("objective", "distillation")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"Unknown objective {objective!r}; use one of {list(OBJECTIVES)}.")
+    if isinstance(examples, LazyExamples):
+        conversation_ids = examples.conversation_ids
+    else:
+        conversation_ids = list(
+            conversations["conversation_id"][
+                conversations["conversation_id"].isin(set(teacher_logprobs["conversation_id"]))
+            ]
+        )
     if objective == "cross_entropy":
         examples = one_hot(examples)
-    conversation_ids = list(
-        conversations["conversation_id"][
-            conversations["conversation_id"].isin(set(teacher_logprobs["conversation_id"]))
-        ]
-    )
     order = list(range(len(examples)))
-    random.Random(config.seed).shuffle(order)
-    count = max(1, int(len(order) * params["held_out_fraction"])) if len(order) > 1 else 0
+    random.Random(params.train.seed).shuffle(order)
+    count = max(1, int(len(order) * params.held_out_fraction)) if len(order) > 1 else 0
     held_out, train = order[:count], order[count:]
-    training = [examples[i] for i in train]
+    training = select(examples, train)
     if objective == "memorization":
         # The baseline trains on the raw chunks; held-out KL is still measured on conversations.
         chunks = tokenizer(list(chunk_set["text"]), add_special_tokens=False)["input_ids"]
         training = memorization_examples(chunks)
-    return training, [examples[i] for i in held_out], [conversation_ids[i] for i in held_out]
+    return training, select(examples, held_out), [conversation_ids[i] for i in held_out]
+
+
+def _conversation_rows(conversations, conversation_ids: list[str]) -> pd.DataFrame:
+    """The rows of some conversations, by id and in that order (a filtered scan on disk)."""
+    if isinstance(conversations, ShardedTable):
+        conversations = conversations.filter_rows(
+            "conversation_id",
+            conversation_ids,
+            ["conversation_id", "token_ids", "answer_start", "messages"],
+        )
+    return conversations.set_index("conversation_id").loc[conversation_ids]
 
 
 def sample_generations(
-    llm, tokenizer, conversations: pd.DataFrame, conversation_ids: list[str], max_new_tokens: int
+    llm,
+    tokenizer,
+    conversations: pd.DataFrame | ShardedTable,
+    conversation_ids: list[str],
+    max_new_tokens: int,
 ) -> Callable[[Cartridge], str]:
     """A report writer: the cartridge's greedy answers to the first question of conversations.
 
     Reading a few answers next to the teacher's (which saw the chunk) shows early whether
     training goes somewhere a loss curve cannot tell, e.g. fluent but off-corpus answers.
     """
-    rows = conversations.set_index("conversation_id").loc[conversation_ids]
-    prompts = [list(row.token_ids[: row.answer_start]) for row in rows.itertuples()]
+    rows = _conversation_rows(conversations, conversation_ids)
+    prompts = [[int(t) for t in row.token_ids[: row.answer_start]] for row in rows.itertuples()]
     messages = [json.loads(row.messages) for row in rows.itertuples()]
 
     def report(cartridge: Cartridge) -> str:
@@ -135,17 +151,22 @@ def sample_generations(
     return report
 
 
-def _train(llm, tokenizer, initial, train, held_out, held_out_ids, params, conversations):
-    config = TrainConfig(**params["train"])
+def _train(
+    llm,
+    tokenizer,
+    initial,
+    train,
+    held_out,
+    held_out_ids,
+    params: DistillTrainingParams,
+    conversations,
+):
+    config = params.train
     pad = tokenizer.pad_token_id or 0
-    count = int(params.get("eval_generations", 0))
+    count = params.eval_generations
     report = (
         sample_generations(
-            llm,
-            tokenizer,
-            conversations,
-            held_out_ids[:count],
-            int(params.get("eval_max_new_tokens", 64)),
+            llm, tokenizer, conversations, held_out_ids[:count], params.eval_max_new_tokens
         )
         if count and held_out_ids
         else None
@@ -163,18 +184,18 @@ def _train(llm, tokenizer, initial, train, held_out, held_out_ids, params, conve
 
     def log_step(metrics: dict[str, float], step: int) -> None:
         if mlflow.active_run() is not None:
-            prefix = f"train.p{initial.num_tokens}"
+            prefix = f"distill_training.p{initial.num_tokens}"  # as training_metrics' prefix
             mlflow.log_metrics({f"{prefix}.{k}": v for k, v in metrics.items()}, step=step)
 
     kl_before = held_out_kl(initial)
-    with process_group(params.get("distributed_backend", "gloo")):
+    with process_group(params.distributed_backend):
         cartridge, history = train_cartridge(
             llm,
             initial,
             train,
             config,
             pad,
-            checkpoint_dir=params.get("checkpoint_dir"),
+            checkpoint_dir=params.checkpoint_dir,
             held_out=held_out,
             on_step=log_step,
             on_eval=log_generations,
@@ -202,10 +223,10 @@ def _train(llm, tokenizer, initial, train, held_out, held_out_ids, params, conve
 def distill_cartridge(
     initial: Cartridge,
     chunk_set: pd.DataFrame,
-    conversations: pd.DataFrame,
-    teacher_logprobs: pd.DataFrame,
-    params: dict[str, Any],
-    model: dict[str, Any],
+    conversations: ShardedTable,
+    teacher_logprobs: ShardedTable,
+    params: DistillTrainingParams | dict[str, Any],
+    model: ModelParams | dict[str, Any],
 ) -> tuple[Cartridge, dict[str, Any]]:
     """Train the cartridge on the teacher targets; hold some conversations out to measure KL.
 
@@ -216,7 +237,8 @@ def distill_cartridge(
     Returns:
         The trained ``cartridge`` and ``training_metrics`` in kedro-mlflow's history format.
     """
-    llm, tokenizer = load_model(model["name_or_path"], model["dtype"], model["device"])
+    params, model = parse("distill_training", params), parse("model", model)
+    llm, tokenizer = _load(model)
     train, held_out, held_out_ids = split_examples(
         conversations, teacher_logprobs, chunk_set, params, tokenizer
     )
@@ -235,10 +257,10 @@ def distill_cartridge(
 def distill_cartridge_sweep(
     corpus: pd.DataFrame,
     chunk_set: pd.DataFrame,
-    conversations: pd.DataFrame,
-    teacher_logprobs: pd.DataFrame,
-    params: dict[str, Any],
-    model: dict[str, Any],
+    conversations: ShardedTable,
+    teacher_logprobs: ShardedTable,
+    params: DistillTrainingParams | dict[str, Any],
+    model: ModelParams | dict[str, Any],
     system_prompt: str,
 ) -> dict[str, Cartridge]:
     """Train one cartridge per ``sweep_compressions`` entry (p = n / c), for the size curve.
@@ -246,19 +268,18 @@ def distill_cartridge_sweep(
     Returns:
         ``cartridge_sweep``: ``{"p<p>": cartridge}`` (empty when no sweep is configured).
     """
-    compressions = params.get("sweep_compressions") or []
-    if not compressions:
+    params, model = parse("distill_training", params), parse("model", model)
+    system_prompt = parse("system_prompt", system_prompt)
+    if not params.sweep_compressions:
         return {}
-    llm, tokenizer = load_model(model["name_or_path"], model["dtype"], model["device"])
+    llm, tokenizer = _load(model)
     context, sha256 = _corpus_context(corpus, tokenizer, system_prompt)
     train, held_out, held_out_ids = split_examples(
         conversations, teacher_logprobs, chunk_set, params, tokenizer
     )
     sweep = {}
-    for compression in compressions:
-        p = cartridge_size(
-            {**params, "num_cartridge_tokens": None, "compression": compression}, len(context)
-        )
+    for compression in params.sweep_compressions:
+        p = params.cartridge_size(len(context), compression)
         initial = _initial(llm, tokenizer, context, sha256, p, params)
         sweep[f"p{p}"] = _train(
             llm, tokenizer, initial, train, held_out, held_out_ids, params, conversations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -12,23 +11,15 @@ import pandas as pd
 import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
-from cartridges.chunking import ChunkingConfig, Encode, chunk_corpus
-from cartridges.corpus import CorpusConfig, Document, corpus_statistics, iter_corpus
+from cartridges.chunking import Encode, chunk_corpus
+from cartridges.corpus import Document, corpus_statistics, iter_corpus
 from cartridges.modeling import load_tokenizer
+from cartridges.params import DocumentPrepParams, ModelParams, parse
 
 logger = logging.getLogger(__name__)
 
 CORPUS_COLUMNS = ["doc_id", "source", "format", "title", "text", "sha256", "n_chars", "n_tokens"]
 CHUNK_COLUMNS = ["chunk_id", "doc_id", "token_start", "token_end", "n_tokens", "text"]
-
-
-def _config(cls: type, params: dict[str, Any], ignore: Sequence[str] = ()) -> Any:
-    """A config dataclass from a parameters dict; a misspelt key is an error, not a default."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(params) - known - set(ignore)
-    if unknown:
-        raise ValueError(f"Unknown {cls.__name__} parameters {sorted(unknown)}; known: {known}.")
-    return cls(**{k: v for k, v in params.items() if k in known})
 
 
 class _Offsets(Sequence[tuple[int, int]]):
@@ -127,7 +118,7 @@ class _CorpusTable:
 
 
 def load_documents(
-    params: dict[str, Any], model: dict[str, Any]
+    params: DocumentPrepParams | dict[str, Any], model: ModelParams | dict[str, Any]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read the corpus folder, extra paths and URLs into one row per document.
 
@@ -139,10 +130,10 @@ def load_documents(
         ``corpus`` (one row per document, ``CORPUS_COLUMNS``) and ``skipped_documents``
         (source, reason), so that every input is accounted for.
     """
-    config = _config(CorpusConfig, params, ignore=["chunking"])
-    tokenizer = load_tokenizer(model["name_or_path"])
+    params, model = parse("document_prep", params), parse("model", model)
+    tokenizer = load_tokenizer(model.name_or_path)
     table, skipped = _CorpusTable(), []
-    for item in iter_corpus(config, _token_counter(tokenizer)):
+    for item in iter_corpus(params.corpus, _token_counter(tokenizer)):
         if isinstance(item, Document):
             table.add(item)
         else:
@@ -151,15 +142,18 @@ def load_documents(
 
 
 def chunk_documents(
-    corpus: pd.DataFrame, params: dict[str, Any], model: dict[str, Any]
+    corpus: pd.DataFrame,
+    params: DocumentPrepParams | dict[str, Any],
+    model: ModelParams | dict[str, Any],
 ) -> pd.DataFrame:
     """Cut the corpus into chunks by ``chunking.method`` (token windows or structural).
 
     Returns:
         ``chunk_set``: ``CHUNK_COLUMNS``, one row per chunk.
     """
-    config = _config(ChunkingConfig, params["chunking"])
-    tokenizer = load_tokenizer(model["name_or_path"])
+    params, model = parse("document_prep", params), parse("model", model)
+    config = params.chunking
+    tokenizer = load_tokenizer(model.name_or_path)
     rows = chunk_corpus(
         corpus["doc_id"].tolist(),
         corpus["n_tokens"].tolist(),
@@ -200,5 +194,5 @@ def summarise_corpus(
         report["num_chunks"],
         report["num_skipped"],
     )
-    # kedro-mlflow prefixes each key with the dataset name: document_prep_metrics.num_documents
+    # The catalog entry's prefix names them document_prep.<name> in MLflow.
     return report, {name: {"value": float(v), "step": 0} for name, v in metrics.items()}

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -12,47 +10,51 @@ import matplotlib
 matplotlib.use("Agg")  # headless: the plot is a catalog artifact, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-from kedro.io import Version  # noqa: E402
 
+from cartridges import lineage  # noqa: E402
 from cartridges.cartridge import Cartridge  # noqa: E402
 from cartridges.chat import context_ids  # noqa: E402
 from cartridges.corpus import join_documents  # noqa: E402
-from cartridges.datasets import CartridgeDataset  # noqa: E402
+from cartridges.datasets import CartridgeHistory  # noqa: E402
 from cartridges.evaluation import (  # noqa: E402
-    EvalConfig,
+    Question,
     build_methods,
     context_budget,
     evaluate,
     format_report,
     held_out_conversations,
-    load_questions,
     prompt_text,
     question_ids,
     report_metrics,
 )
 from cartridges.evaluation.methods import Method  # noqa: E402
 from cartridges.modeling import load_model  # noqa: E402
+from cartridges.params import EvaluationParams, ModelParams, parse  # noqa: E402
+from cartridges.tables import ShardedTable  # noqa: E402
 
 logger = logging.getLogger(__name__)
-_CONFIG_KEYS = {f.name for f in dataclasses.fields(EvalConfig)}
 
 
 def evaluate_methods(
     corpus: pd.DataFrame,
+    questions: list[Question],
     cartridge: Cartridge,
+    cartridge_history: CartridgeHistory,
     cartridge_sweep: dict[str, Cartridge],
-    conversations: pd.DataFrame,
-    teacher_logprobs: pd.DataFrame,
-    params: dict[str, Any],
-    model: dict[str, Any],
+    conversations: ShardedTable,
+    teacher_logprobs: ShardedTable,
+    params: EvaluationParams | dict[str, Any],
+    model: ModelParams | dict[str, Any],
     system_prompt: str,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Score and time every method on the selected tasks; one report row per (method, task).
 
     Args:
         corpus: documents; ICL puts them all in the system message.
+        questions: the evaluation questions (the ``questions`` catalog entry).
         cartridge: the catalog's cartridge (latest, or ``--load-versions``), evaluated unless
             ``cartridge_versions`` lists versions to compare instead.
+        cartridge_history: every saved version of ``cartridge``, to pick those from.
         cartridge_sweep: cartridges of several sizes p (``{"p<p>": cartridge}``), evaluated too
             when ``include_sweep`` is set.
         conversations: self-study conversations; fidelity uses those held out of training.
@@ -62,12 +64,15 @@ def evaluate_methods(
     Returns:
         ``evaluation_report`` and ``evaluation_metrics`` (kedro-mlflow format).
     """
-    config = EvalConfig(**{k: _tuple(v) for k, v in params.items() if k in _CONFIG_KEYS})
-    questions = load_questions(params["questions_path"]) if config.needs_questions else []
-    llm, tokenizer = load_model(model["name_or_path"], model["dtype"], model["device"])
-    cartridges, versions = _select_cartridges(cartridge, params)
-    if params.get("include_sweep", True):
+    params, model = parse("evaluation", params), parse("model", model)
+    system_prompt = parse("system_prompt", system_prompt)
+    config = params.eval_config
+    questions = list(questions) if config.needs_questions else []
+    llm, tokenizer = load_model(model.name_or_path, model.dtype, model.device)
+    cartridges, versions = _select_cartridges(cartridge, cartridge_history, params)
+    if params.include_sweep:
         cartridges |= {f"sweep_{name}": swept for name, swept in cartridge_sweep.items()}
+        versions |= {f"sweep_{name}": _version(swept) for name, swept in cartridge_sweep.items()}
     system_text = system_prompt.format(chunk=join_documents(list(corpus["text"])))
     held_out = []
     if "fidelity" in config.tasks:
@@ -85,22 +90,18 @@ def evaluate_methods(
         + [len(c.token_ids) for c in held_out]
         + [1]
     )
-    budget = context_budget(llm, reserve + config.max_new_tokens, params.get("max_context_tokens"))
+    budget = context_budget(llm, reserve + config.max_new_tokens, params.max_context_tokens)
     methods = build_methods(
         llm,
         context_ids(tokenizer, system_text),
         cartridges,
         budget,
         versions,
-        params.get("compose", True),
+        params.compose,
     )
     report = evaluate(llm, tokenizer, methods, questions, held_out, system_text, config)
     logger.info("Evaluation report:\n%s", format_report(report))
     return report, report_metrics(report)
-
-
-def _tuple(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
 
 
 def _user(question) -> dict[str, str]:
@@ -108,31 +109,31 @@ def _user(question) -> dict[str, str]:
 
 
 def _select_cartridges(
-    latest: Cartridge, params: dict[str, Any]
+    latest: Cartridge, history: CartridgeHistory, params: EvaluationParams
 ) -> tuple[dict[str, Cartridge], dict[str, str]]:
     """The cartridges to compare by report name, and their versions.
 
     No ``cartridge_versions``: the catalog's cartridge, named ``cartridge``. Otherwise each listed
-    version of ``cartridge_filepath``, named ``cartridge_p{p}`` (so sizes can be compared).
+    version of the catalog's ``cartridge`` entry, named ``cartridge_p{p}`` (so sizes can be
+    compared).
     """
-    listed = [str(v) for v in params.get("cartridge_versions") or []]
+    listed = list(params.cartridge_versions)
     if not listed:
-        return {"cartridge": latest}, {"cartridge": ""}
-    filepath = params["cartridge_filepath"]
+        return {"cartridge": latest}, {"cartridge": _version(latest)}
     cartridges, versions = {}, {}
     for version in listed:
-        dataset = CartridgeDataset(filepath, version=Version(version, None))
-        if not dataset.exists():
-            found = sorted(p.name for p in Path(filepath).glob("*") if p.is_dir())
-            raise FileNotFoundError(
-                f"Cartridge version {version!r} not found under '{filepath}'; available: {found}."
-            )
-        loaded = dataset.load()
+        loaded = history.load(version)
         name = "cartridge" if len(listed) == 1 else f"cartridge_p{loaded.num_tokens}"
         if name in cartridges:
             name = f"{name}_{version}"
         cartridges[name], versions[name] = loaded, version
     return cartridges, versions
+
+
+def _version(cartridge: Cartridge) -> str:
+    """The catalog version a cartridge was read from (or, failing that, saved as)."""
+    extra = cartridge.info.extra
+    return extra.get("catalog_version") or (extra.get(lineage.LINEAGE) or {}).get("version") or ""
 
 
 def _held_out_ids(cartridges: dict[str, Cartridge]) -> list[str] | None:

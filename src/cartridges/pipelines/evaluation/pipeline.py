@@ -1,8 +1,4 @@
-"""evaluation: corpus + cartridges + questions + held-out conversations -> report and plot.
-
-The questions file is a parameter (``evaluation.questions_path``), read by the node's own loader
-so that a malformed line is reported with its number.
-"""
+"""evaluation: corpus + cartridges + questions + held-out conversations -> report and plot."""
 
 from kedro.pipeline import Node, Pipeline
 
@@ -16,7 +12,9 @@ def create_pipeline(**kwargs) -> Pipeline:
                 evaluate_methods,
                 inputs=[
                     "corpus",
+                    "questions",
                     "cartridge",
+                    "cartridge_history",
                     "cartridge_sweep",
                     "conversations",
                     "teacher_logprobs",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -10,7 +11,7 @@ import pandas as pd
 from cartridges.cartridge import Cartridge
 from cartridges.corpus import join_documents
 from cartridges.distributed import process_group
-from cartridges.evaluation import EvalConfig, Method, load_questions, score_method
+from cartridges.evaluation import Method, Question, score_method
 from cartridges.lora import (
     LoraStudent,
     adapter_files,
@@ -19,25 +20,33 @@ from cartridges.lora import (
     trainable_parameters,
 )
 from cartridges.modeling import load_model
+from cartridges.params import (
+    DistillTrainingParams,
+    EvaluationParams,
+    LoraBaselineParams,
+    ModelParams,
+    parse,
+)
 from cartridges.pipelines.distill_training.nodes import split_examples
-from cartridges.training import TrainConfig, evaluate_kl, held_out_kl, train
+from cartridges.tables import ShardedTable
+from cartridges.training import evaluate_kl, held_out_kl, train
 
 logger = logging.getLogger(__name__)
 
 
 def _question_scores(
-    answering_model, tokenizer, method: Method, params: dict[str, Any], system_text: str
+    answering_model,
+    tokenizer,
+    method: Method,
+    questions: list[Question],
+    params: EvaluationParams,
+    system_text: str,
 ) -> dict[str, float]:
     """``{task: quality}`` of ``method`` on the evaluation questions (qa, log_perplexity)."""
-    tasks = tuple(t for t in params.get("tasks", ()) if t in ("qa", "log_perplexity"))
-    if not tasks or not params.get("questions_path"):
+    tasks = tuple(t for t in params.tasks if t in ("qa", "log_perplexity"))
+    if not tasks or not questions:
         return {}
-    config = EvalConfig(
-        tasks=tasks,
-        max_new_tokens=params.get("max_new_tokens", 24),
-        batch_size=params.get("batch_size", 16),
-    )
-    questions = load_questions(params["questions_path"])
+    config = dataclasses.replace(params.eval_config, tasks=tasks)
     rows = score_method(answering_model, tokenizer, method, questions, system_text, config)
     scores = {row["task"]: row["quality"] for row in rows}
     for row in rows:
@@ -48,14 +57,15 @@ def _question_scores(
 
 def train_lora_baseline(
     corpus: pd.DataFrame,
+    questions: list[Question],
     cartridge: Cartridge,
     chunk_set: pd.DataFrame,
-    conversations: pd.DataFrame,
-    teacher_logprobs: pd.DataFrame,
-    distill_params: dict[str, Any],
-    params: dict[str, Any],
-    evaluation_params: dict[str, Any],
-    model: dict[str, Any],
+    conversations: ShardedTable,
+    teacher_logprobs: ShardedTable,
+    distill_params: DistillTrainingParams | dict[str, Any],
+    params: LoraBaselineParams | dict[str, Any],
+    evaluation_params: EvaluationParams | dict[str, Any],
+    model: ModelParams | dict[str, Any],
     system_prompt: str,
 ) -> tuple[dict[str, bytes], dict[str, Any]]:
     """Train a LoRA adapter with no more parameters than ``cartridge`` on the same data and loss.
@@ -69,23 +79,25 @@ def train_lora_baseline(
         ``lora_baseline`` (the adapter's files, as ``PeftModel.from_pretrained`` reads them) and
         ``lora_baseline_report`` (sizes, held-out KL and question scores of both).
     """
-    llm, tokenizer = load_model(model["name_or_path"], model["dtype"], model["device"])
+    distill_params = parse("distill_training", distill_params)
+    params = parse("lora_baseline", params)
+    evaluation_params, model = parse("evaluation", evaluation_params), parse("model", model)
+    system_prompt = parse("system_prompt", system_prompt)
+    llm, tokenizer = load_model(model.name_or_path, model.dtype, model.device)
     cartridge.check_compatible(llm)
     training, held_out, _ = split_examples(
         conversations, teacher_logprobs, chunk_set, distill_params, tokenizer
     )
-    config = TrainConfig(**{**distill_params["train"], **(params.get("train") or {})})
+    config = params.train_config(distill_params.train)
     budget = trainable_parameters(cartridge)
-    lora = lora_config_for_budget(llm, budget, params["target_modules"])
+    lora = lora_config_for_budget(llm, budget, params.target_modules)
     pad = tokenizer.pad_token_id or 0
     system_text = system_prompt.format(chunk=join_documents(list(corpus["text"])))
     with lora_adapter(llm, lora) as peft_model:
         student = LoraStudent(peft_model, config.loss_chunk_size)
         kl_before = held_out_kl(student, held_out, config.micro_batch_size, pad)
-        with process_group(distill_params.get("distributed_backend", "gloo")):
-            history = train(
-                student, training, config, pad, checkpoint_dir=params.get("checkpoint_dir")
-            )
+        with process_group(distill_params.distributed_backend):
+            history = train(student, training, config, pad, checkpoint_dir=params.checkpoint_dir)
         kl_after = held_out_kl(student, held_out, config.micro_batch_size, pad)
         lora_parameters = sum(p.numel() for p in student.trainable())
         files = adapter_files(peft_model)
@@ -94,6 +106,7 @@ def train_lora_baseline(
             peft_model,
             tokenizer,
             Method("lora", "lora", nothing_before),
+            questions,
             evaluation_params,
             system_text,
         )
@@ -104,6 +117,7 @@ def train_lora_baseline(
             llm,
             tokenizer,
             Method("cartridge", "cartridge", cartridge),
+            questions,
             evaluation_params,
             system_text,
         ),
@@ -121,7 +135,7 @@ def train_lora_baseline(
     )
     report = {
         "lora_rank": lora.r,
-        "target_modules": list(params["target_modules"]),
+        "target_modules": list(params.target_modules),
         "lora_trainable_parameters": lora_parameters,
         "cartridge_tokens": cartridge.num_tokens,
         "cartridge_trainable_parameters": budget,

@@ -12,6 +12,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 train_lora_baseline,
                 inputs=[
                     "corpus",
+                    "questions",
                     "cartridge",
                     "chunk_set",
                     "conversations",

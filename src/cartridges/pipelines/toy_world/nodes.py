@@ -7,6 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from cartridges.params import parse
 from cartridges.toy_world.evaluate import evaluate_model
 from cartridges.toy_world.pretrain import PretrainConfig, pretrain
 
@@ -14,20 +15,17 @@ logger = logging.getLogger(__name__)
 
 
 def pretrain_toy_world(
-    params: dict[str, Any],
+    params: PretrainConfig | dict[str, Any],
 ) -> tuple[tuple[PreTrainedModel, PreTrainedTokenizerBase], dict[str, Any]]:
     """Pretrain the toy-world reader and measure it on fresh documents.
 
     Returns:
         ``toy_world_model`` (model, tokenizer) and ``toy_world_metrics`` (kedro-mlflow format).
     """
-    config = PretrainConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
-    )
+    config: PretrainConfig = parse("toy_world", params)
     model, tokenizer = pretrain(config)
     metrics = evaluate_model(model, tokenizer, n_questions=config.eval_questions)
     logger.info("Toy-world model: %s", metrics)
     return (model, tokenizer), {
-        f"toy_world.{name}": {"value": float(value), "step": config.steps}
-        for name, value in metrics.items()
+        name: {"value": float(value), "step": config.steps} for name, value in metrics.items()
     }
