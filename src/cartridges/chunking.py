@@ -22,6 +22,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
 # text -> one (char_start, char_end) per token, no special tokens
 Encode = Callable[[str], Sequence[tuple[int, int]]]
 
@@ -36,7 +39,7 @@ class Chunk:
     token_end: int
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class ChunkingConfig:
     """The ``document_prep.chunking`` parameters.
 

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, ValidationInfo, field_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
 from cartridges.documents import SUFFIXES, Unusable, fetch_url, normalise_text, parse_document
 from cartridges.documents.loaders import DEFAULT_JSON_TEXT_FIELDS
 
@@ -41,7 +44,7 @@ class CorpusError(ValueError):
     """No usable document, or a bad input under the strict policy."""
 
 
-@dataclass
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
 class CorpusConfig:
     """Where documents come from and what to do with bad ones (``document_prep`` parameters).
 
@@ -68,13 +71,17 @@ class CorpusConfig:
     url_timeout_s: float = 10.0
     json_text_fields: list[str] = field(default_factory=lambda: list(DEFAULT_JSON_TEXT_FIELDS))
 
+    @field_validator("include", "exclude", "paths", "urls", "json_text_fields", mode="before")
+    @classmethod
+    def _string_list(cls, value: Any, info: ValidationInfo) -> Any:
+        """An empty YAML key (``None``) is an empty list; a lone string is a likely mistake."""
+        if value is None:
+            return []
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"`{info.field_name}` must be a list of strings, got {value!r}.")
+        return value
+
     def __post_init__(self) -> None:
-        for name in ("include", "exclude", "paths", "urls", "json_text_fields"):
-            value = getattr(self, name)
-            if value is None:
-                setattr(self, name, [])
-            elif isinstance(value, str) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"`{name}` must be a list of strings, got {value!r}.")
         if self.max_file_mb <= 0 or self.url_timeout_s <= 0:
             raise ValueError(
                 f"`max_file_mb` and `url_timeout_s` must be > 0, "

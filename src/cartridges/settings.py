@@ -4,12 +4,14 @@ import os
 
 from kedro.config import OmegaConfigLoader
 
-from cartridges.hooks import RankZeroOutputsHook, process_rank
+from cartridges.hooks import LineageHook, RankZeroOutputsHook, process_rank
+from cartridges.params import ParametersHook
 
 # Telemetry is off for the project: it must run offline and never phone home.
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 
-HOOKS = (RankZeroOutputsHook(),)
+# ParametersHook checks a run's parameters before its first node (and before any model loads).
+HOOKS = (ParametersHook(), RankZeroOutputsHook(), LineageHook())
 # Under torchrun only rank 0 tracks the run in MLflow; the other ranks would open runs of their own.
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow",) if process_rank() > 0 else ()
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 import pandas as pd
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cartridges.evaluation.cost import measure_cost
@@ -42,7 +44,7 @@ COLUMNS = [
 ]
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class EvalConfig:
     """What to evaluate and how (the ``evaluation`` parameters, minus where cartridges live).
 

@@ -6,11 +6,14 @@ only :mod:`cartridges.serving.cli` reads the project's ``conf/`` folder.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-@dataclass(frozen=True)
+
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class ServingConfig:
     """What the server serves and the limits it enforces.
 

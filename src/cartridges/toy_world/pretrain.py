@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from transformers import PreTrainedTokenizerFast
 
 from cartridges.toy_world import world
@@ -41,7 +43,7 @@ from cartridges.toy_world.tokenizer import build_tokenizer, encode_conversation,
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
 class PretrainConfig:
     """Everything that determines a pretraining run (saved next to the checkpoints)."""
 
