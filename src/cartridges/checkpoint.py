@@ -45,7 +45,7 @@ def save_cartridge(cartridge: Cartridge, path: str | os.PathLike) -> None:
         "num_frozen_tokens": str(cartridge.num_frozen_tokens),
         "dtype": str(cartridge.dtype).removeprefix("torch."),
         "layout": json.dumps(asdict(cartridge.layout)),
-        "info": json.dumps(asdict(cartridge.info)),
+        "info": json.dumps(_stored_info(cartridge)),
         "package_version": __version__,
     }
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
@@ -55,6 +55,13 @@ def save_cartridge(cartridge: Cartridge, path: str | os.PathLike) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _stored_info(cartridge: Cartridge) -> dict:
+    """The provenance to write: without the version a dataset noted when it was read."""
+    info = asdict(cartridge.info)
+    info["extra"] = {k: v for k, v in info["extra"].items() if k != "catalog_version"}
+    return info
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

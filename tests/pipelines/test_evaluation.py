@@ -83,6 +83,12 @@ def test_the_latest_cartridge_is_compared_and_the_plot_is_a_png(catalog):
     assert metrics["icl.fidelity.kl_from_icl"]["value"] == 0.0
     assert "no_context.compression_vs_icl" not in metrics  # infinite: not a metric
 
+    # Every cartridge row names the exact catalog version it was read from.
+    (version,) = (
+        p.name for p in (tmp_path / "cartridge.safetensors").iterdir() if "01-02" in p.name
+    )
+    assert set(report.loc[report["method"] == "cartridge", "cartridge_version"]) == {version}
+
     (png,) = (tmp_path / "plot.png").glob("*/plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(png).shape[0] > 100
@@ -108,6 +114,9 @@ def test_listed_versions_compare_sizes_and_their_composition(catalog):
         "truncated_icl_p24",
     ]
     assert report.loc["cartridge_p8", "cartridge_version"] == "2026-01-01T00.00.00.000Z"
+    assert report.loc["composition", "cartridge_version"] == (
+        "2026-01-01T00.00.00.000Z + 2026-01-02T00.00.00.000Z"
+    )
     assert report.loc["composition", "kv_tokens"] == 24
     assert "composed of cartridge_p8, cartridge_p16" in report.loc["composition", "note"]
 

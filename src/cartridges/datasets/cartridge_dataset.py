@@ -38,7 +38,11 @@ class CartridgeDataset(AbstractVersionedDataset[Cartridge, Cartridge]):
         return Path(path).is_file()
 
     def load(self) -> Cartridge:
-        return load_cartridge(self._get_load_path())
+        cartridge = load_cartridge(self._get_load_path())
+        if self._version is not None:
+            # Reports name the exact version they evaluated (the latest resolves to a timestamp).
+            cartridge.info.extra["catalog_version"] = self.resolve_load_version()
+        return cartridge
 
     def save(self, data: Cartridge) -> None:
         save_cartridge(data, self._get_save_path())

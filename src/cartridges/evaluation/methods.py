@@ -95,16 +95,19 @@ def build_methods(
     for name, cartridge in cartridges.items():
         _check(cartridge, model, name)
     selected = [(name, "cartridge", cartridge, "") for name, cartridge in cartridges.items()]
+    versions = dict(versions or {})
     if with_composition and len(cartridges) >= 2:
         composed = compose(list(cartridges.values()))
         if composed.num_tokens <= budget:
             caveat = f"composed of {', '.join(cartridges)}"
             selected.append(("composition", "composition", composed, caveat))
+            # The composition's row names the exact versions it is made of.
+            versions["composition"] = " + ".join(versions.get(name, "") for name in cartridges)
         else:
             logger.warning("No composition: its %d tokens exceed the budget.", composed.num_tokens)
     for name, kind, cartridge, caveat in selected:
         cartridge = cartridge.to(model.device, model.dtype)
-        version = (versions or {}).get(name, "")
+        version = versions.get(name, "")
         methods.append(Method(name, kind, cartridge, version=version, note=caveat))
         p = cartridge.num_tokens
         truncated = f"truncated_icl_p{p}"
