@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -101,17 +102,8 @@ class ShardedTable:
     def metadata(self, index: int) -> pq.FileMetaData:
         """The parquet footer of file ``index``; a missing or truncated file names itself."""
         path = self._files[index]
-        try:
+        with _shard_errors(path):
             return pq.read_metadata(path)
-        except FileNotFoundError as error:
-            raise ShardError(
-                f"Shard '{path}' disappeared since the table was listed: the data was moved or "
-                "deleted after it was written."
-            ) from error
-        except (pa.ArrowInvalid, OSError) as error:
-            raise ShardError(
-                f"Shard '{path}' is not a readable parquet file (truncated or corrupted?): {error}"
-            ) from error
 
     def fingerprint(self) -> str:
         """A digest that changes when any shard's content does, reading no more than 2 MiB each.
@@ -247,7 +239,7 @@ class ShardedTable:
         self, index: int, ranges: Sequence[tuple[int, int]], columns: Sequence[str] | None
     ) -> list[pa.Table]:
         path = self._files[index]
-        try:
+        with _shard_errors(path):
             parquet = pq.ParquetFile(path)
             meta = parquet.metadata
             sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
@@ -271,15 +263,6 @@ class ShardedTable:
             )
             cols = list(columns) if columns is not None else None
             table = parquet.read_row_groups(groups, columns=cols) if groups else None
-        except FileNotFoundError as error:
-            raise ShardError(
-                f"Shard '{path}' disappeared since the table was listed: the data was moved or "
-                "deleted after it was written."
-            ) from error
-        except (pa.ArrowInvalid, OSError) as error:
-            raise ShardError(
-                f"Shard '{path}' is not a readable parquet file (truncated or corrupted?): {error}"
-            ) from error
         # Row ``r`` of the file is row ``r - starts[g] + read_start[g]`` of what was read.
         read_start = dict(zip(groups, np.cumsum([0] + [sizes[g] for g in groups]), strict=False))
         out = []
@@ -298,3 +281,19 @@ class ShardedTable:
 
     def __repr__(self) -> str:
         return f"ShardedTable({self._describe()})"
+
+
+@contextmanager
+def _shard_errors(path: Path) -> Iterator[None]:
+    """Turn a missing or unreadable shard into a ``ShardError`` that names the file."""
+    try:
+        yield
+    except FileNotFoundError as error:
+        raise ShardError(
+            f"Shard '{path}' disappeared since the table was listed: the data was moved or "
+            "deleted after it was written."
+        ) from error
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ShardError(
+            f"Shard '{path}' is not a readable parquet file (truncated or corrupted?): {error}"
+        ) from error
