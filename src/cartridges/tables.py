@@ -46,6 +46,7 @@ class ShardedTable:
             raise TypeError("ShardedTable takes a sequence of files, not a single path.")
         self.attrs: dict[str, Any] = dict(attrs or {})
         self._files = [Path(f) for f in files]
+        self._fingerprint: str | None = None
         missing = [str(f) for f in self._files if not f.is_file()]
         if missing:
             raise ShardError(f"Shard file(s) not found: {missing[:3]}.")
@@ -110,8 +111,14 @@ class ShardedTable:
 
         Footers (row counts, per-column sizes and statistics), file sizes and the first and last
         MiB of every file: a changed shard virtually always differs in one of them, and the
-        rows of a billion-row table are never read.
+        rows of a billion-row table are never read. Computed once per handle: lineage records,
+        MLflow inputs and the training resume key all ask for it.
         """
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
         digest = hashlib.sha256()
         for index, path in enumerate(self._files):
             footer = self.metadata(index)

@@ -12,9 +12,9 @@ backend can serve them (a fleet of servers); ``batches_in_flight`` says how many
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -23,6 +23,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from cartridges.chat import Message, chat_ids, shared_prefix_length
 from cartridges.generation import generate
 from cartridges.initialization import from_token_ids
+
+T = TypeVar("T")
+
+
+def run_blocking(backend: Backend, work: Coroutine[Any, Any, T]) -> T:
+    """Run one coroutine of ``backend`` to its end, then release what it opened."""
+
+    async def run() -> T:
+        try:
+            return await work
+        finally:
+            await backend.aclose()
+
+    return asyncio.run(run())
 
 
 class BackendError(RuntimeError):

@@ -34,7 +34,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from cartridges.chat import Message
-from cartridges.synthesis.backends import BackendError, Completion
+from cartridges.synthesis.backends import BackendError, Completion, run_blocking
 
 __all__ = ["BackendError", "OpenAIBackend"]
 
@@ -251,31 +251,10 @@ class OpenAIBackend:
 
     # ------------------------------------------------------------------ completions
     def complete(
-        self,
-        system: str,
-        conversations: Sequence[Sequence[Message]],
-        *,
-        temperature: float,
-        max_tokens: int,
-        top_logprobs: int = 0,
-        seed: int = 0,
+        self, system: str, conversations: Sequence[Sequence[Message]], **options
     ) -> list[Completion]:
         """Blocking form of :meth:`acomplete` (opens and closes its own connections)."""
-
-        async def run() -> list[Completion]:
-            try:
-                return await self.acomplete(
-                    system,
-                    conversations,
-                    temperature=temperature,
-                    max_tokens=max_tokens,
-                    top_logprobs=top_logprobs,
-                    seed=seed,
-                )
-            finally:
-                await self.aclose()
-
-        return asyncio.run(run())
+        return run_blocking(self, self.acomplete(system, conversations, **options))
 
     async def acomplete(
         self,

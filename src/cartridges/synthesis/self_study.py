@@ -43,7 +43,7 @@ from transformers import PreTrainedTokenizerBase
 from cartridges.chat import Message, continuation_ids
 from cartridges.lineage import RUN_ID
 from cartridges.progress import progress_bar
-from cartridges.synthesis.backends import Backend, BackendError, Completion
+from cartridges.synthesis.backends import Backend, BackendError, Completion, run_blocking
 from cartridges.synthesis.seed_prompts import sample_seed, seed_registry, validate_weights
 from cartridges.tables import ShardedTable
 
@@ -201,14 +201,7 @@ class SelfStudy:
 
     def run_batch(self, batch_index: int, chunk_id: str, chunk_text: str) -> list[Conversation]:
         """Blocking form of :meth:`arun_batch`."""
-
-        async def run() -> list[Conversation]:
-            try:
-                return await self.arun_batch(batch_index, chunk_id, chunk_text)
-            finally:
-                await self.backend.aclose()
-
-        return asyncio.run(run())
+        return run_blocking(self.backend, self.arun_batch(batch_index, chunk_id, chunk_text))
 
     async def arun_batch(
         self, batch_index: int, chunk_id: str, chunk_text: str
