@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from transformers import PreTrainedModel
 
 from cartridges import __version__
 from cartridges.cartridge import Cartridge, CartridgeInfo
+from cartridges.files import atomic_write
 from cartridges.modeling import kv_layout, model_fingerprint
 
 FORMAT = "cartridges/1"
@@ -48,13 +48,8 @@ def save_cartridge(cartridge: Cartridge, path: str | os.PathLike) -> None:
         "info": json.dumps(_stored_info(cartridge)),
         "package_version": __version__,
     }
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-        temporary = Path(handle.name)
-    try:
+    with atomic_write(path) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _stored_info(cartridge: Cartridge) -> dict:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -145,6 +146,34 @@ def load_model(
         model.device,
     )
     return model, tokenizer
+
+
+def load_model_from(spec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """:func:`load_model` for a ``model`` parameter block (``ModelParams`` or a mapping)."""
+    fields = spec if isinstance(spec, Mapping) else vars(spec)
+    return load_model(
+        fields["name_or_path"], fields.get("dtype", "float32"), fields.get("device", "cpu")
+    )
+
+
+def context_length(config) -> int | None:
+    """How many positions the model attends over, read from its (text) config; ``None`` if unsaid.
+
+    Multimodal models keep it in a nested ``text_config``; ``get_text_config`` finds it there.
+    """
+    value = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that fills padding: the tokenizer's pad token, else its end of sequence, else 0.
+
+    Padding is never attended to, so any id is correct; a real token keeps embeddings in range.
+    """
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
 
 
 def _not_found(name_or_path: str | os.PathLike, error: Exception) -> ModelNotFoundError:

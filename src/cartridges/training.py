@@ -39,6 +39,7 @@ from transformers import Cache, PreTrainedModel
 from cartridges.attention import ATTENTION_MODES, choose_attention
 from cartridges.batching import Batch, Example, make_batch, plan_batches
 from cartridges.cartridge import Cartridge
+from cartridges.files import atomic_write
 from cartridges.losses import kl_from_topk, topk_distillation_loss
 from cartridges.modeling import sliding_window
 from cartridges.prefix import forward_with_prefix, head_only_at
@@ -378,18 +379,14 @@ def run_key(config: TrainConfig, student: Student, examples: Sequence[Example]) 
 
 def save_state(directory: Path, key: str, step: int, student: Student, optimizer) -> None:
     """Atomically write everything needed to resume after ``step`` optimiser steps."""
-    directory.mkdir(parents=True, exist_ok=True)
-    temporary = directory / "state.pt.tmp"
-    torch.save(
-        {
-            "key": key,
-            "step": step,
-            "trainable": [tensor.detach().cpu() for tensor in student.trainable()],
-            "optimizer": optimizer.state_dict(),
-        },
-        temporary,
-    )
-    os.replace(temporary, directory / "state.pt")
+    state = {
+        "key": key,
+        "step": step,
+        "trainable": [tensor.detach().cpu() for tensor in student.trainable()],
+        "optimizer": optimizer.state_dict(),
+    }
+    with atomic_write(directory / "state.pt") as temporary:
+        torch.save(state, temporary)
 
 
 def load_state(directory: Path, key: str, student: Student, optimizer) -> int:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from kedro.io import AbstractVersionedDataset, Version
+
+from cartridges.files import atomic_folder
 
 T = TypeVar("T")
 
@@ -30,12 +30,8 @@ class VersionedFolderDataset(AbstractVersionedDataset[T, T]):
 
     def _save_folder(self, write: Callable[[Path], None]) -> None:
         """Run ``write`` on an empty temporary folder, then move it to the version's path."""
-        target = Path(self._get_save_path())
-        temporary = target.with_name(target.name + ".tmp")
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-        write(temporary)
-        os.replace(temporary, target)
+        with atomic_folder(self._get_save_path()) as temporary:
+            write(temporary)
 
     @staticmethod
     def _check_file_name(name: str, what: str) -> None:

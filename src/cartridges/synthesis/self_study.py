@@ -41,6 +41,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from transformers import PreTrainedTokenizerBase
 
 from cartridges.chat import Message, continuation_ids
+from cartridges.files import atomic_write
 from cartridges.lineage import RUN_ID
 from cartridges.progress import progress_bar
 from cartridges.synthesis.backends import Backend, BackendError, Completion, run_blocking
@@ -385,10 +386,9 @@ def _shard(directory: Path, kind: str, batch_index: int) -> Path:
 
 
 def _write_atomically(table: pa.Table, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
     # Bounded row groups: training reads one conversation's targets by decoding its row group.
-    pq.write_table(table, temporary, row_group_size=ROW_GROUP_SIZE)
-    os.replace(temporary, path)
+    with atomic_write(path) as temporary:
+        pq.write_table(table, temporary, row_group_size=ROW_GROUP_SIZE)
 
 
 def _write_batch(directory: Path, batch_index: int, conversations: list[Conversation]) -> None:

@@ -30,6 +30,7 @@ from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from transformers import PreTrainedTokenizerFast
 
+from cartridges.files import atomic_write
 from cartridges.toy_world import world
 from cartridges.toy_world.evaluate import (
     evaluate_model,
@@ -174,19 +175,16 @@ def lr_at(cfg: PretrainConfig, step: int) -> float:
 def _save_checkpoint(
     path: Path, model, optim, step: int, level: int, running: float, cfg: PretrainConfig
 ) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optim": optim.state_dict(),
-            "step": step,
-            "level": level,
-            "running_acc": running,
-            "config": dataclasses.asdict(cfg),
-        },
-        tmp,
-    )
-    tmp.replace(path)
+    state = {
+        "model": model.state_dict(),
+        "optim": optim.state_dict(),
+        "step": step,
+        "level": level,
+        "running_acc": running,
+        "config": dataclasses.asdict(cfg),
+    }
+    with atomic_write(path) as temporary:
+        torch.save(state, temporary)
 
 
 def pretrain(

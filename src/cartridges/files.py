@@ -1,0 +1,57 @@
+"""Atomic writes: a file or folder appears whole under its final name, or not at all.
+
+Everything the project persists (shards, checkpoints, cartridges, versioned folders) goes through
+here, so that a crash or a kill -9 mid-write never leaves a truncated artifact that a resumed
+run would trust. The temporary sits next to its target (same filesystem, so the final
+``os.replace`` is atomic) and is hidden with a leading dot, so folder listings skip it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _temporary_beside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{os.getpid()}.tmp")
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file path; on success it replaces ``path``, on error it is removed.
+
+    The parent folder is created. Write to the yielded path with any writer (``torch.save``,
+    ``pq.write_table``, ``save_file``...)::
+
+        with atomic_write(target) as temporary:
+            torch.save(state, temporary)
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _temporary_beside(target)
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success it becomes ``path``, on error it is removed.
+
+    ``path`` must not exist yet (versioned outputs are never overwritten in place).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _temporary_beside(target)
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)

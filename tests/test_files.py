@@ -1,0 +1,38 @@
+"""Atomic writes: the target appears whole or not at all."""
+
+import pytest
+
+from cartridges.files import atomic_folder, atomic_write
+
+
+def test_atomic_write_replaces_on_success(tmp_path):
+    target = tmp_path / "sub" / "state.bin"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    with atomic_write(target) as temporary:
+        temporary.write_bytes(b"new")
+        assert target.read_bytes() == b"old"  # nothing visible until the block ends
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["state.bin"]
+
+
+def test_atomic_write_keeps_old_file_and_leaves_no_temporary_on_error(tmp_path):
+    target = tmp_path / "state.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="crash"), atomic_write(target) as temporary:
+        temporary.write_bytes(b"half")
+        raise RuntimeError("crash")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.bin"]
+
+
+def test_atomic_folder_appears_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "v1" / "adapter"
+    with pytest.raises(RuntimeError), atomic_folder(target) as temporary:
+        (temporary / "a.txt").write_text("a")
+        raise RuntimeError("crash")
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    with atomic_folder(target) as temporary:
+        (temporary / "a.txt").write_text("a")
+    assert (target / "a.txt").read_text() == "a"
+    assert [p.name for p in target.parent.iterdir()] == ["adapter"]
