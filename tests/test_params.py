@@ -52,7 +52,8 @@ def test_a_key_with_no_close_match_lists_the_valid_keys():
     with pytest.raises(ParameterError) as error:
         validate_parameters({"model": {"name_or_path": "m", "zzz": 1}})
     assert str(error.value) == (
-        "Unknown parameter 'model.zzz'; valid keys: device, dtype, name_or_path."
+        "Unknown parameter 'model.zzz'; valid keys: chat_template_kwargs, device, dtype, "
+        "name_or_path."
     )
 
 

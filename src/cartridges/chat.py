@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 Message = dict[str, str]
+TemplateKwargs = Mapping[str, Any] | None
+"""Extra variables for the chat template, e.g. ``{"enable_thinking": False}`` for Qwen3.
+
+Which switches exist is the template's business; unknown ones are ignored by Jinja.
+"""
 
 
 def chat_ids(
     tokenizer: PreTrainedTokenizerBase,
     messages: Sequence[Message],
     add_generation_prompt: bool = False,
+    template_kwargs: TemplateKwargs = None,
 ) -> list[int]:
     """Token ids of ``messages`` rendered by the tokenizer's chat template."""
     if tokenizer.chat_template is None:
@@ -26,6 +33,7 @@ def chat_ids(
             tokenize=True,
             add_generation_prompt=add_generation_prompt,
             return_dict=False,
+            **dict(template_kwargs or {}),
         )
     )
 
@@ -45,13 +53,17 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return length
 
 
-def context_ids(tokenizer: PreTrainedTokenizerBase, system_text: str) -> list[int]:
+def context_ids(
+    tokenizer: PreTrainedTokenizerBase, system_text: str, template_kwargs: TemplateKwargs = None
+) -> list[int]:
     """Token ids of a conversation's opening: the system message that carries the context.
 
     This is what a cartridge stands in for: the teacher sees ``context_ids(chunk)`` and then the
     conversation, the student sees the cartridge and then the same conversation tokens.
     """
-    return chat_ids(tokenizer, [{"role": "system", "content": system_text}])
+    return chat_ids(
+        tokenizer, [{"role": "system", "content": system_text}], template_kwargs=template_kwargs
+    )
 
 
 def continuation_ids(
@@ -59,12 +71,16 @@ def continuation_ids(
     system_text: str,
     messages: Sequence[Message],
     add_generation_prompt: bool = False,
+    template_kwargs: TemplateKwargs = None,
 ) -> list[int]:
     """Token ids of ``messages`` as they follow the system message in the full rendering."""
     full = chat_ids(
-        tokenizer, [{"role": "system", "content": system_text}, *messages], add_generation_prompt
+        tokenizer,
+        [{"role": "system", "content": system_text}, *messages],
+        add_generation_prompt,
+        template_kwargs,
     )
-    prefix = context_ids(tokenizer, system_text)
+    prefix = context_ids(tokenizer, system_text, template_kwargs)
     if full[: len(prefix)] != prefix:
         raise ValueError(
             f"The chat template of '{tokenizer.name_or_path}' renders the system message "

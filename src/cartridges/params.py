@@ -76,6 +76,9 @@ class ModelParams:
     name_or_path: str  # hub name or local directory; no sensible default
     dtype: str = "float32"
     device: str = "auto"  # cpu, cuda, cuda:1, ... or auto (cuda when available)
+    # Chat-template switches used wherever the model reads a conversation (the answering bot of
+    # self-study, training targets, evaluation, serving), e.g. {enable_thinking: false} for Qwen3.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @field_validator("dtype")
     @classmethod
