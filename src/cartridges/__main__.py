@@ -4,8 +4,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kedro.framework.cli.utils import find_run_command
-from kedro.framework.project import configure_project
+from cartridges.logs import quiet_known_warnings
+
+quiet_known_warnings()  # before Kedro and its plugins import MLflow
+
+from kedro.framework.cli.utils import find_run_command  # noqa: E402
+from kedro.framework.project import configure_project  # noqa: E402
 
 
 def main(*args, **kwargs) -> Any:

@@ -4,8 +4,12 @@ import os
 
 from kedro.config import OmegaConfigLoader
 
-from cartridges.hooks import LineageHook, RankZeroOutputsHook, process_rank
-from cartridges.params import ParametersHook
+from cartridges.logs import quiet_known_warnings
+
+quiet_known_warnings()  # before the imports below, which raise some of them
+
+from cartridges.hooks import LineageHook, RankZeroOutputsHook, process_rank  # noqa: E402
+from cartridges.params import ParametersHook  # noqa: E402
 
 # Telemetry is off for the project: it must run offline and never phone home.
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
