@@ -15,6 +15,7 @@ from cartridges.cartridge import CartridgeMismatchError
 from cartridges.checkpoint import (
     CartridgeFormatError,
     export_peft,
+    export_reference,
     import_peft,
     import_reference,
     load_cartridge,
@@ -154,3 +155,22 @@ def test_reference_import_names_missing_keys(tmp_path):
     torch.save({"trainable_keys": [torch.zeros(1, 2, 3, 4)]}, path)
     with pytest.raises(CartridgeFormatError, match=r"lacks \['trainable_values'"):
         import_reference(path)
+
+
+@pytest.mark.parametrize("frozen", [0, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_export_round_trips_and_has_the_reference_layout(model, tmp_path, frozen, dtype):
+    cartridge = from_token_ids(model, list(range(3, 11)), num_frozen_tokens=frozen).to(dtype=dtype)
+    path = export_reference(cartridge, tmp_path / "cache.pt")
+    layout = cartridge.layout
+    # What the reference's loader reads: four per-layer lists of (1, heads, T, head_dim).
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    assert sorted(state) == ["fixed_keys", "fixed_values", "trainable_keys", "trainable_values"]
+    for name, tokens in [("fixed_keys", frozen), ("trainable_values", 8 - frozen)]:
+        assert isinstance(state[name], nn.ParameterList) and len(state[name]) == layout.num_layers
+        assert tuple(state[name][0].shape) == (1, layout.num_kv_heads, tokens, layout.head_dim)
+        assert state[name][0].dtype == dtype
+    back = import_reference(path, model)
+    assert torch.equal(back.keys, cartridge.keys) and torch.equal(back.values, cartridge.values)
+    assert back.num_frozen_tokens == frozen
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.pt"]  # written atomically

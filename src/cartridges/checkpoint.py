@@ -214,3 +214,32 @@ def import_reference(path: str | os.PathLike, model: PreTrainedModel | None = No
     if model is not None:
         cartridge.check_compatible(model)
     return cartridge
+
+
+def export_reference(cartridge: Cartridge, path: str | os.PathLike) -> Path:
+    """Write ``cartridge`` as the reference implementation saves its trainable cache.
+
+    A ``torch.save`` dict of per-layer ``nn.ParameterList``s of ``(1, kv_heads, T, head_dim)``
+    tensors: ``trainable_keys``/``trainable_values`` and ``fixed_keys``/``fixed_values`` (the
+    frozen attention-sink tokens; ``T = 0`` when there are none, so every list has one entry per
+    layer). That is the file the reference's cache loader and its Tokasaurus-based server read,
+    so a cartridge trained here can be served there on GPUs; :func:`import_reference` reads it
+    back exactly.
+    """
+    frozen = cartridge.num_frozen_tokens
+
+    def per_layer(tensor: torch.Tensor, tokens: slice) -> nn.ParameterList:
+        parts = tensor.detach().cpu()[:, :, tokens]  # [L, H, T, D]
+        return nn.ParameterList(
+            nn.Parameter(layer[None].clone().contiguous(), requires_grad=False) for layer in parts
+        )
+
+    state = {
+        "trainable_keys": per_layer(cartridge.keys, slice(frozen, None)),
+        "trainable_values": per_layer(cartridge.values, slice(frozen, None)),
+        "fixed_keys": per_layer(cartridge.keys, slice(0, frozen)),
+        "fixed_values": per_layer(cartridge.values, slice(0, frozen)),
+    }
+    with atomic_write(path) as temporary:
+        torch.save(state, temporary)
+    return Path(path)
