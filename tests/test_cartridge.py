@@ -98,3 +98,13 @@ def test_positions_after_a_prefix_skip_padding():
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]])
     positions = prefixed_positions(10, mask)
     assert positions.tolist() == [[10, 10, 10, 11], [10, 11, 12, 13], [10, 11, 11, 11]]
+
+
+def test_a_model_with_another_kv_layout_is_refused_naming_both_layouts(model):
+    other = build_model("llama", num_key_value_heads=1)
+    cartridge = from_token_ids(other, DOCUMENT)
+    layouts = r"\(layers=2, kv_heads=1, head_dim=16, .*\(layers=2, kv_heads=2, head_dim=16\)"
+    for check in (cartridge.check_layout, cartridge.check_compatible):
+        with pytest.raises(CartridgeMismatchError, match=layouts):
+            check(model)
+    cartridge.check_compatible(other)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from cartridges.generation import Step, generate, left_pad
-from cartridges.initialization import from_text
+from cartridges.cartridge import CartridgeMismatchError
+from cartridges.generation import Step, decoding_cache, default_stop_ids, generate, left_pad
+from cartridges.initialization import from_text, from_token_ids
 from cartridges.modeling import sliding_window
+from cartridges.tiny_model import build_model as build_tiny_model
 from tests.architectures import build_model
 from tests.conftest import CORPUS
 
@@ -27,7 +31,7 @@ def test_top_logprobs_are_those_of_the_full_forward(tiny):
 def test_stop_tokens_end_rows_and_cut_rows_are_flagged(tiny):
     model, tokenizer = tiny
     prompts = [tokenizer("pump")["input_ids"], tokenizer("the seal of the pump")["input_ids"]]
-    free = generate(model, prompts, max_new_tokens=5)
+    free = generate(model, prompts, max_new_tokens=5, stop_token_ids=())
     assert all(len(g.token_ids) == 5 and not g.stopped for g in free)
     stop = free[0].token_ids[2]
     stopped = generate(model, prompts, max_new_tokens=5, stop_token_ids=[stop])
@@ -82,7 +86,7 @@ def generate_reporting_steps(model, prompts, **kwargs):
 def test_on_step_reports_the_tokens_generate_returns(tiny):
     model, tokenizer = tiny
     prompts = [tokenizer(text)["input_ids"] for text in ("pump", "the seal", "Alarm E21 signals")]
-    free = generate(model, prompts, max_new_tokens=6)
+    free = generate(model, prompts, max_new_tokens=6, stop_token_ids=())
     stop = free[1].token_ids[1]  # ends row 1 (at least) early, the others decode on
     kwargs = dict(max_new_tokens=6, stop_token_ids=[stop], top_logprobs=3)
     plain = generate(model, prompts, **kwargs)
@@ -104,7 +108,7 @@ def test_on_step_maps_sliding_window_groups_back_to_their_rows():
     model = build_model("gemma2")
     assert sliding_window(model.config) is not None
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14, 15], [16, 17, 18, 19, 20]]
-    free = generate(model, prompts, max_new_tokens=5)
+    free = generate(model, prompts, max_new_tokens=5, stop_token_ids=())
     stop = free[2].token_ids[1]
     plain = generate(model, prompts, max_new_tokens=5, stop_token_ids=[stop])
     reported, steps, tokens = generate_reporting_steps(
@@ -116,3 +120,62 @@ def test_on_step_maps_sliding_window_groups_back_to_their_rows():
     assert [0] in [step.rows for step in steps]  # row 2 stopped, row 0 went on
     assert {row for step in steps for row in step.rows} == {0, 1, 2, 3}
     assert all(step.logprobs.numel() == 0 for step in steps)  # none asked
+
+
+# ------------------------------------------------------------------- end of sequence
+def test_rows_stop_at_the_models_end_of_sequence_unless_told_otherwise():
+    model = build_model("llama")
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    free = generate(model, prompts, max_new_tokens=8, stop_token_ids=())
+    eos = free[0].token_ids[3]
+    model.generation_config.eos_token_id = [eos, 95]  # a list, as Llama 3 has
+    ended = generate(model, prompts, max_new_tokens=8)
+    for row, generation in enumerate(ended):
+        expected = free[row].token_ids
+        cut = expected.index(eos) + 1 if eos in expected else len(expected)
+        assert generation.token_ids == expected[:cut]
+        assert generation.stopped == (eos in expected)
+    assert ended[0].stopped
+    unstopped = generate(model, prompts, max_new_tokens=8, stop_token_ids=())
+    assert [g.token_ids for g in unstopped] == [g.token_ids for g in free]
+
+
+def test_the_default_stop_ids_are_the_models_and_the_tokenizers_end_of_sequence():
+    model = build_model("llama")
+    model.generation_config.eos_token_id = [7, 3]
+    assert default_stop_ids(model) == [3, 7]
+    assert default_stop_ids(model, SimpleNamespace(eos_token_id=11)) == [3, 7, 11]
+    model.generation_config.eos_token_id = None
+    model.config.eos_token_id = 4  # a model saved without a generation config
+    assert default_stop_ids(model, SimpleNamespace(eos_token_id=None)) == [4]
+
+
+def test_generate_stops_at_the_tokenizers_end_of_sequence_when_given_one():
+    model = build_model("qwen2")  # its config names no end-of-sequence token
+    assert default_stop_ids(model) == []
+    prompts = [[5, 6, 7]]
+    (free,) = generate(model, prompts, max_new_tokens=8)
+    eos = free.token_ids[2]
+    tokenizer = SimpleNamespace(eos_token_id=eos)
+    (ended,) = generate(model, prompts, max_new_tokens=8, tokenizer=tokenizer)
+    assert ended.stopped and ended.token_ids == free.token_ids[: free.token_ids.index(eos) + 1]
+
+
+# ---------------------------------------------------------------- another model's cartridge
+@pytest.mark.parametrize(
+    ("shape", "theirs"),
+    [
+        ({"num_hidden_layers": 3}, "layers=3, kv_heads=2, head_dim=16"),
+        ({"num_key_value_heads": 1}, "layers=2, kv_heads=1, head_dim=16"),
+    ],
+)
+def test_a_cartridge_made_for_another_kv_layout_is_refused_up_front(tiny, shape, theirs):
+    model, tokenizer = tiny
+    other = build_tiny_model(len(tokenizer), **shape)
+    cartridge = from_token_ids(other, tokenizer(CORPUS)["input_ids"][:6])
+    ours = "layers=2, kv_heads=2, head_dim=16"
+    message = rf"Cartridge KV layout \({theirs},.*does not match.*\({ours}\)"
+    with pytest.raises(CartridgeMismatchError, match=message):
+        generate(model, [[1, 2, 3]], prefix=cartridge, max_new_tokens=2)
+    with pytest.raises(CartridgeMismatchError, match=message):
+        decoding_cache(model, cartridge, batch_size=1, capacity=16)

@@ -140,26 +140,28 @@ class Cartridge(nn.Module):
         ]
         return DynamicCache(layers, config=config)
 
-    def check_compatible(self, model: PreTrainedModel) -> None:
-        """Refuse a model whose KV layout or fingerprint differs from the cartridge's.
+    def check_layout(self, model: PreTrainedModel) -> None:
+        """Refuse a model whose KV cache has another shape (layers, kv heads, head dim).
 
+        Such a cartridge would otherwise fail deep inside attention with a bare shape error.
         Sliding-window layers need no check: the prefix is injected whole and the model masks
         positions outside each layer's window exactly as it does for a document in context.
         """
-        model_layout = kv_layout(model)
-        mine = self.layout
-        if (mine.num_layers, mine.num_kv_heads, mine.head_dim) != (
-            model_layout.num_layers,
-            model_layout.num_kv_heads,
-            model_layout.head_dim,
-        ):
+        theirs, mine = kv_layout(model), self.layout
+        if _shape(mine) != _shape(theirs):
             raise CartridgeMismatchError(
-                f"Cartridge KV layout (layers={mine.num_layers}, kv_heads={mine.num_kv_heads}, "
-                f"head_dim={mine.head_dim}, made for model '{self.info.model_name}') does not "
-                f"match "
-                f"model '{model.name_or_path}' (layers={model_layout.num_layers}, "
-                f"kv_heads={model_layout.num_kv_heads}, head_dim={model_layout.head_dim})."
+                f"Cartridge KV layout ({_describe(mine)}, made for model "
+                f"'{self.info.model_name}') does not match model '{model.name_or_path}' "
+                f"({_describe(theirs)})."
             )
+
+    def check_compatible(self, model: PreTrainedModel) -> None:
+        """Refuse a model whose KV layout (:meth:`check_layout`) or fingerprint differs.
+
+        Equal layouts but different fingerprints mean other weights: the cartridge would run
+        and silently answer wrong.
+        """
+        self.check_layout(model)
         fingerprint = model_fingerprint(model)
         if self.info.model_fingerprint and self.info.model_fingerprint != fingerprint:
             raise CartridgeMismatchError(
@@ -174,6 +176,14 @@ class Cartridge(nn.Module):
         shape = (*other.frozen_keys.shape[:2], 0, other.frozen_keys.shape[3])
         empty = torch.zeros(shape, dtype=other.dtype, device=other.frozen_keys.device)
         return cls(empty, empty, num_frozen_tokens=0, info=other.info)
+
+
+def _shape(layout: KVLayout) -> tuple[int, int, int]:
+    return layout.num_layers, layout.num_kv_heads, layout.head_dim
+
+
+def _describe(layout: KVLayout) -> str:
+    return f"layers={layout.num_layers}, kv_heads={layout.num_kv_heads}, head_dim={layout.head_dim}"
 
 
 def compose(cartridges: Sequence[Cartridge]) -> Cartridge:

@@ -2,8 +2,10 @@
 
 Why not ``model.generate``: it cannot take a prefix that has no input ids (a cartridge), and
 self-study needs the teacher's top-k distribution at every generated position. This loop works
-on token ids only (no tokenizer) and on any model that speaks the standard cache API: the prefix
-is built once per batch, prompts are left-padded, and each step feeds one token per row.
+on token ids (a tokenizer is only consulted for its end-of-sequence id) and on any model that
+speaks the standard cache API: the prefix is built once per batch, prompts are left-padded, and
+each step feeds one token per row. Like ``model.generate``, a row stops at the model's end of
+sequence unless the caller names other stop ids.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from cartridges.cartridge import Cartridge
@@ -97,8 +99,11 @@ def decoding_cache(
     """A cache holding ``prefix`` for every row, with room for ``capacity`` tokens per row.
 
     Full-attention layers get a preallocated buffer; other layer types (sliding windows) keep
-    the model's own cache layer.
+    the model's own cache layer. A prefix made for another KV layout is refused here, before
+    attention fails on its shapes.
     """
+    if prefix is not None:
+        prefix.check_layout(model)
     cache = prefix.as_cache(batch_size, model.config) if prefix is not None else None
     if cache is None:
         cache = DynamicCache(config=model.config)
@@ -137,6 +142,37 @@ def _next_tokens(
     )
 
 
+def default_stop_ids(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None
+) -> list[int]:
+    """The ids that end a row unless a caller names its own: the model's end of sequence
+    (``generation_config.eos_token_id``, one id or a list) and the tokenizer's, when given one.
+
+    A chat model ends its turn with one of these; decoding past it produces text that belongs
+    to no reply (the next turn's role token, or noise).
+    """
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config.get_text_config(decoder=True), "eos_token_id", None)
+    ids = list(eos) if isinstance(eos, list | tuple) else [eos]
+    if tokenizer is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted({int(i) for i in ids if i is not None})
+
+
+@dataclass(frozen=True)
+class _Decoding:
+    """How ``generate`` decodes, as one value that its per-group calls pass on unchanged."""
+
+    max_new_tokens: int
+    temperature: float
+    stop_token_ids: tuple[int, ...]
+    pad_token_id: int
+    top_logprobs: int
+    generator: torch.Generator | None
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -145,7 +181,8 @@ def generate(
     prefix: Cartridge | None = None,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
-    stop_token_ids: Sequence[int] = (),
+    stop_token_ids: Sequence[int] | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     pad_token_id: int = 0,
     top_logprobs: int = 0,
     generator: torch.Generator | None = None,
@@ -156,10 +193,13 @@ def generate(
     Args:
         model: a frozen causal LM.
         prompts: token ids per row; each row continues after the prefix.
-        prefix: KV shared by every row, or ``None`` for no context.
+        prefix: KV shared by every row, or ``None`` for no context. One made for a model with
+            another KV layout is refused (:class:`~cartridges.cartridge.CartridgeMismatchError`).
         max_new_tokens: hard cap per row; rows cut by it come back with ``stopped=False``.
         temperature: 0 for greedy decoding, else sampling at this temperature.
-        stop_token_ids: tokens that end a row (kept in its output).
+        stop_token_ids: tokens that end a row (kept in its output). ``None``: the model's end of
+            sequence and ``tokenizer``'s (:func:`default_stop_ids`); ``()``: never stop early.
+        tokenizer: only read for its end-of-sequence id when ``stop_token_ids`` is ``None``.
         pad_token_id: filler for finished rows and left padding (never attended to).
         top_logprobs: record the ``k`` most likely tokens and log-probabilities per position.
         generator: random source for sampling (CPU generator), for reproducible runs.
@@ -170,6 +210,16 @@ def generate(
         return []
     if any(len(prompt) == 0 for prompt in prompts):
         raise ValueError("Every prompt needs at least one token to continue from.")
+    if stop_token_ids is None:
+        stop_token_ids = default_stop_ids(model, tokenizer)
+    decoding = _Decoding(
+        max_new_tokens,
+        temperature,
+        tuple(stop_token_ids),
+        pad_token_id,
+        top_logprobs,
+        generator,
+    )
     if sliding_window(model.config) is not None and len({len(p) for p in prompts}) > 1:
         # Left padding would shift the sliding windows: decode equal-length groups instead.
         groups: dict[int, list[int]] = {}
@@ -177,44 +227,49 @@ def generate(
             groups.setdefault(len(prompt), []).append(row)
         results: list[Generation | None] = [None] * len(prompts)
         for rows in groups.values():
-            outputs = generate(
-                model,
-                [prompts[r] for r in rows],
-                prefix=prefix,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                stop_token_ids=stop_token_ids,
-                pad_token_id=pad_token_id,
-                top_logprobs=top_logprobs,
-                generator=generator,
-                on_step=_in_rows(on_step, rows) if on_step is not None else None,
-            )
+            report = _in_rows(on_step, rows) if on_step is not None else None
+            outputs = _decode(model, [prompts[r] for r in rows], prefix, decoding, report)
             for row, output in zip(rows, outputs, strict=True):
                 results[row] = output
         return results
-    batch_size = len(prompts)
-    input_ids, prompt_mask = left_pad(prompts, pad_token_id, model.device)
+    return _decode(model, prompts, prefix, decoding, on_step)
+
+
+def _decode(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    prefix: Cartridge | None,
+    decoding: _Decoding,
+    on_step: Callable[[Step], None] | None,
+) -> list[Generation]:
+    """The decoding loop of :func:`generate` for prompts that may share one left-padded batch."""
+    batch_size, pad = len(prompts), decoding.pad_token_id
+    input_ids, prompt_mask = left_pad(prompts, pad, model.device)
     prefix_len = prefix.num_tokens if prefix is not None else 0
-    capacity = prefix_len + input_ids.shape[1] + max_new_tokens
+    capacity = prefix_len + input_ids.shape[1] + decoding.max_new_tokens
     cache = decoding_cache(model, prefix, batch_size, capacity)
     outputs = forward_with_prefix(model, cache, input_ids, prompt_mask, logits_to_keep=1)
     cache = outputs.cache
     mask = prompt_mask
-    stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=model.device)
+    stop = torch.tensor(sorted(set(decoding.stop_token_ids)), dtype=torch.long, device=model.device)
     done = torch.zeros(batch_size, dtype=torch.bool, device=model.device)
     tokens, top_ids, top_values = [], [], []
     logits = outputs.logits[:, -1]
-    for index in range(max_new_tokens):
-        if top_logprobs:
+    for index in range(decoding.max_new_tokens):
+        if decoding.top_logprobs:
             logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
-            values, ids = logprobs.topk(top_logprobs, dim=-1)
+            values, ids = logprobs.topk(decoding.top_logprobs, dim=-1)
             top_ids.append(ids.cpu())
             top_values.append(values.cpu())
-        next_ids = _next_tokens(logits, temperature, generator)
-        next_ids = torch.where(done, torch.full_like(next_ids, pad_token_id), next_ids)
+        next_ids = _next_tokens(logits, decoding.temperature, decoding.generator)
+        next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
         tokens.append(next_ids.cpu())
         if on_step is not None:
-            chosen = logprobs.gather(-1, next_ids[:, None]).squeeze(-1) if top_logprobs else None
+            chosen = (
+                logprobs.gather(-1, next_ids[:, None]).squeeze(-1)
+                if decoding.top_logprobs
+                else None
+            )
             on_step(_step(index, ~done, tokens[-1], chosen, top_ids, top_values))
         step_mask = (~done).long()
         done = done | torch.isin(next_ids, stop)

@@ -2,19 +2,25 @@
 
 Everything here works from ``model.config`` and from one real forward pass, never from tables
 keyed on a model family: any Hugging Face causal LM that speaks the standard cache API works.
+Architectures that transformers does not ship (the toy world's, or a user's own) plug in through
+the ``cartridges.models`` entry-point group: this module imports no model code of its own.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import functools
 import hashlib
 import json
 import logging
 import os
+import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from importlib.metadata import entry_points
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -98,15 +104,36 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def _import_model_plugins() -> None:
-    """Register the project's own architectures (the toy-world model) with the Auto classes."""
-    with contextlib.suppress(ImportError):  # the toy world is optional for real models
-        import cartridges.toy_world  # noqa: F401
+MODEL_PLUGINS = "cartridges.models"
+"""Entry-point group of model plugins: each entry names a module (or an object in one) whose
+import registers an architecture with the transformers Auto classes, e.g. in ``pyproject.toml``::
+
+    [project.entry-points."cartridges.models"]
+    my_arch = "my_package.modeling"
+"""
+
+
+@functools.cache
+def load_model_plugins() -> tuple[str, ...]:
+    """Import every installed model plugin once; return the names of those that loaded.
+
+    A plugin whose own dependencies are missing is skipped with a warning, so that it cannot
+    keep the models transformers ships from loading; any other error in a plugin is raised.
+    """
+    loaded = []
+    for plugin in entry_points(group=MODEL_PLUGINS):
+        try:
+            plugin.load()
+        except ImportError as error:
+            logger.warning("Skipped model plugin %r (%s): %s", plugin.name, plugin.value, error)
+            continue
+        loaded.append(plugin.name)
+    return tuple(loaded)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """Load a tokenizer by hub name or local directory, with a clear error when offline."""
-    _import_model_plugins()
+    load_model_plugins()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as error:
@@ -116,24 +143,62 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-@lru_cache(maxsize=4)
+@dataclass(frozen=True)
+class _Loaded:
+    """A loaded model, never handed out itself, and its tensors' versions when it was loaded."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    versions: tuple[int, ...]
+
+
+# Loaded models, most recently used last; see load_model. The lock keeps two threads (a server's
+# workers) from reading the same weights twice.
+_LOADED: OrderedDict[tuple[str, str, str], _Loaded] = OrderedDict()
+_LOADED_MAX = 4
+_LOADING = threading.Lock()
+
+
 def load_model(
-    name_or_path: str, dtype: str = "float32", device: str = "cpu"
+    name_or_path: str | os.PathLike, dtype: str = "float32", device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a frozen causal LM and its tokenizer, cached per process.
+    """Load a frozen causal LM and its tokenizer; the weights are read once per process.
 
     The model is put in eval mode with every weight's ``requires_grad`` off: cartridges train a
-    KV prefix, never the model. Callers must not modify the returned model.
+    KV prefix, never the model. Each call gets its own module objects and tokenizer, sharing
+    one copy of the weight tensors, so that what a caller does to its model (a PEFT adapter, a
+    hook, ``requires_grad_``, ``.to()``) never reaches another caller. Only changing the weights
+    in place is shared; it is detected (by the tensors' version counters) and the next call
+    reads the weights again.
 
     Args:
         name_or_path: a Hugging Face hub name or a local directory.
         dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``).
         device: ``cpu``, ``cuda``, ``cuda:1``, ... or ``auto``.
     """
+    key = (str(name_or_path), str(dtype), str(device))
+    with _LOADING:
+        loaded = _LOADED.get(key)
+        if loaded is not None and _versions(loaded.model) != loaded.versions:
+            logger.warning("The weights of %s were changed in place: loading them again", key[0])
+            loaded = None
+        if loaded is None:
+            model, tokenizer = _read_model(*key)
+            loaded = _Loaded(model, tokenizer, _versions(model))
+        _LOADED[key] = loaded
+        _LOADED.move_to_end(key)
+        while len(_LOADED) > _LOADED_MAX:
+            _LOADED.popitem(last=False)
+    return _own_copy(loaded.model), copy.deepcopy(loaded.tokenizer)
+
+
+def _read_model(
+    name_or_path: str, dtype: str, device: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     tokenizer = load_tokenizer(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
     except (OSError, ValueError) as error:
         raise _not_found(name_or_path, error) from error
     model.to(torch_device).eval()
@@ -146,6 +211,25 @@ def load_model(
         model.device,
     )
     return model, tokenizer
+
+
+def _versions(model: PreTrainedModel) -> tuple[int, ...]:
+    """Each weight's version counter: it moves whenever the tensor is changed in place."""
+    return tuple(t._version for t in chain(model.parameters(), model.buffers()))
+
+
+def _own_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A deep copy of ``model`` whose parameters and buffers are new tensors on the same storage.
+
+    New tensor objects (not the shared ones) so that ``requires_grad_`` or ``.to()`` on the copy
+    stays with the copy; the same storage so that the weights exist once in memory.
+    """
+    memo: dict[int, torch.Tensor] = {}
+    for parameter in model.parameters():
+        memo[id(parameter)] = torch.nn.Parameter(parameter.detach(), requires_grad=False)
+    for buffer in model.buffers():
+        memo[id(buffer)] = buffer.detach()
+    return copy.deepcopy(model, memo)
 
 
 def load_model_from(spec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -184,7 +268,7 @@ def _not_found(name_or_path: str | os.PathLike, error: Exception) -> ModelNotFou
     return ModelNotFoundError(
         f"Could not resolve model '{name_or_path}': it is not a local directory and it is not "
         "in the local Hugging Face cache (this machine may be offline). Either download it "
-        f"on a connected machine (`huggingface-cli download {name_or_path}`) and copy the "
+        f"on a connected machine (`hf download {name_or_path}`) and copy the "
         "cache over, or set `model.name_or_path` in conf/<env>/parameters.yml to a local "
         f"directory holding the model's config, weights and tokenizer. Original error: {error}"
     )

@@ -8,21 +8,20 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-from cartridges.toy_world import PREV_IDS_ATTR, ToyWorldForCausalLM, world
+from cartridges.toy_world import PREV_IDS_ATTR, ToyWorldForCausalLM, language, registry
 from cartridges.toy_world.tokenizer import encode_conversation
 
 
 def _doc_ids(tokenizer, n_facts: int, seed: int) -> list[int]:
-    doc = world.make_document(random.Random(seed), n_facts)
+    doc = registry.make_registry(random.Random(seed), n_facts)
     return encode_conversation(tokenizer, [{"role": "system", "content": doc.text}])[0], doc
 
 
 def _query_ids(tokenizer, doc, seed: int) -> list[int]:
     rng = random.Random(seed)
     name = rng.choice(doc.facts)[0]
-    text = (
-        f"<user> {world.question(name, world.HELDOUT_TEMPLATES[0])} <end> <assistant> {name} owns"
-    )
+    asked = registry.question(name, language.HELDOUT_TEMPLATES[0])
+    text = f"<user> {asked} <end> <assistant> {name} owns"
     return tokenizer(text)["input_ids"]
 
 
@@ -133,7 +132,7 @@ def test_left_padded_batch_generate_matches_single(tokenizer, make_tiny):
     model = make_tiny(shift_width=3, init_std=0.5, seed=1)
     convs = []
     for seed, n in ((0, 2), (1, 5)):
-        doc = world.make_document(random.Random(seed), n)
+        doc = registry.make_registry(random.Random(seed), n)
         convs.append(
             [
                 {"role": "system", "content": doc.text},

@@ -6,16 +6,16 @@ import random
 
 from transformers import AutoTokenizer
 
-from cartridges.toy_world import segment_start_ids, world
+from cartridges.toy_world import language, registry, segment_start_ids
 from cartridges.toy_world.tokenizer import build_tokenizer, encode_conversation
 
 
-def _chat(doc: world.Document) -> list[dict[str, str]]:
+def _chat(doc: registry.Registry) -> list[dict[str, str]]:
     name, item = doc.facts[0]
     return [
         {"role": "system", "content": doc.text},
-        {"role": "user", "content": world.question(name, world.ASK_TEMPLATES[0])},
-        {"role": "assistant", "content": world.answer(name, item)},
+        {"role": "user", "content": registry.question(name, language.ASK_TEMPLATES[0])},
+        {"role": "assistant", "content": registry.answer(name, item)},
     ]
 
 
@@ -24,7 +24,7 @@ def test_deterministic_vocabulary():
 
 
 def test_decode_encode_round_trip(tokenizer):
-    doc = world.make_document(random.Random(0), 6)
+    doc = registry.make_registry(random.Random(0), 6)
     ids = tokenizer.apply_chat_template(_chat(doc), tokenize=True, return_dict=True)["input_ids"]
     text = tokenizer.decode(ids, skip_special_tokens=True)
     assert "<" not in text and text.split()[:3] == doc.text.split()[:3]
@@ -34,7 +34,7 @@ def test_decode_encode_round_trip(tokenizer):
 
 
 def test_chat_template_layout(tokenizer):
-    doc = world.make_document(random.Random(1), 3)
+    doc = registry.make_registry(random.Random(1), 3)
     msgs = _chat(doc)
     text = tokenizer.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True)
     assert text.startswith("<bos><system> ") and text.endswith("<end> <assistant>")
@@ -61,7 +61,7 @@ def test_chat_template_layout(tokenizer):
 def test_save_load_round_trip(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
-    doc = world.make_document(random.Random(2), 4)
+    doc = registry.make_registry(random.Random(2), 4)
     a = tokenizer.apply_chat_template(_chat(doc), tokenize=True, return_dict=True)["input_ids"]
     b = loaded.apply_chat_template(_chat(doc), tokenize=True, return_dict=True)["input_ids"]
     assert a == b

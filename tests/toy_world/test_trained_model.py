@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cartridges.toy_world import ToyWorldForCausalLM, world
+from cartridges.generation import generate
+from cartridges.toy_world import ToyWorldForCausalLM, conversations, language, registry
 from cartridges.toy_world.evaluate import exact_match, generate_replies, heldout_items
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "06_models" / "toy_world"
@@ -26,7 +28,9 @@ def trained():
 
 def test_in_context_vs_no_context(trained):
     model, tokenizer = trained
-    with_ctx, no_ctx = heldout_items(50, n_facts=32, seed=2024, template=world.HELDOUT_TEMPLATES[0])
+    with_ctx, no_ctx = heldout_items(
+        50, n_facts=32, seed=2024, template=language.HELDOUT_TEMPLATES[0]
+    )
     icl = sum(exact_match(model, tokenizer, with_ctx)) / len(with_ctx)
     none = sum(exact_match(model, tokenizer, no_ctx)) / len(no_ctx)
     assert icl >= 0.9, icl
@@ -36,7 +40,7 @@ def test_in_context_vs_no_context(trained):
 def test_generated_answer_and_self_study_question(trained):
     """Greedy ``generate`` answers a held-out question; the ``question`` seed gets a question."""
     model, tokenizer = trained
-    doc = world.make_document(__import__("random").Random(99), 32)
+    doc = registry.make_registry(random.Random(99), 32)
     name, item = doc.facts[7]
     system = {"role": "system", "content": doc.text}
     torch.manual_seed(0)
@@ -44,10 +48,29 @@ def test_generated_answer_and_self_study_question(trained):
         model,
         tokenizer,
         [
-            [system, {"role": "user", "content": world.question(name, world.HELDOUT_TEMPLATES[0])}],
-            [system, {"role": "user", "content": world.SEED_PROMPTS["question"][0]}],
+            [
+                system,
+                {"role": "user", "content": registry.question(name, language.HELDOUT_TEMPLATES[0])},
+            ],
+            [system, {"role": "user", "content": language.SEED_PROMPTS["question"][0]}],
         ],
     )
-    assert replies[0] == world.answer(name, item)
-    asked = [n for n in world.mentioned_names(replies[1]) if n in dict(doc.facts)]
-    assert asked and replies[1] in {world.question(asked[0], t) for t in world.ASK_TEMPLATES}
+    assert replies[0] == registry.answer(name, item)
+    asked = [n for n in conversations.mentioned_names(replies[1]) if n in dict(doc.facts)]
+    assert asked and replies[1] in {registry.question(asked[0], t) for t in language.ASK_TEMPLATES}
+
+
+def test_generate_ends_the_reply_at_end_of_sequence_by_default(trained):
+    """``generate`` stops at ``<end>`` (the model's eos) without being given stop ids."""
+    model, tokenizer = trained
+    doc = registry.make_registry(random.Random(99), 32)
+    name, item = doc.facts[7]
+    messages = [
+        {"role": "system", "content": doc.text},
+        {"role": "user", "content": registry.question(name, language.HELDOUT_TEMPLATES[0])},
+    ]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    (reply,) = generate(model, [prompt], max_new_tokens=24)
+    assert reply.stopped and reply.token_ids[-1] == tokenizer.eos_token_id
+    text = tokenizer.decode(reply.token_ids, skip_special_tokens=True)
+    assert text == registry.answer(name, item)

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cartridges.toy_world import world
+from cartridges.modeling import pad_token_id
+from cartridges.toy_world.conversations import assistant_reply, mentioned_names, seed_prompt
+from cartridges.toy_world.language import ASK_TEMPLATES, HELDOUT_TEMPLATES, SEED_TYPES
+from cartridges.toy_world.registry import Registry, heldout_questions, make_registry
 from cartridges.toy_world.tokenizer import encode_conversation
 
 logger = logging.getLogger(__name__)
@@ -23,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QAItem:
-    """One question with its exact expected reply; ``context`` is the document text or None."""
+    """One question with its exact expected reply; ``context`` is the registry's text or None."""
 
     context: str | None
     question: str
@@ -44,7 +47,7 @@ def exact_match(
 ) -> list[bool]:
     """Teacher-forced exact match of each item's reply (see the module docstring)."""
     vocab = tokenizer.get_vocab()
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
     results: list[bool] = []
     model.eval()
     device = next(model.parameters()).device
@@ -75,14 +78,14 @@ def heldout_items(
     n_questions: int,
     n_facts: int = 32,
     seed: int = 12345,
-    template: str = world.HELDOUT_TEMPLATES[0],
+    template: str = HELDOUT_TEMPLATES[0],
 ) -> tuple[list[QAItem], list[QAItem]]:
-    """Fresh documents, one held-out-template question each: (with context, without context)."""
+    """Fresh registries, one held-out-template question each: (with context, without context)."""
     rng = random.Random(seed)
     with_ctx, no_ctx = [], []
     for k in range(n_questions):
-        doc = world.make_document(rng, n_facts, doc_id=f"eval_{k}")
-        qa = world.heldout_questions(doc, rng, n=1, template=template)[0]
+        doc = make_registry(rng, n_facts, doc_id=f"eval_{k}")
+        qa = heldout_questions(doc, rng, n=1, template=template)[0]
         with_ctx.append(QAItem(doc.text, qa.question, qa.answer))
         no_ctx.append(QAItem(None, qa.question, qa.answer))
     return with_ctx, no_ctx
@@ -98,7 +101,6 @@ def generate_replies(
     seed: int = 0,
 ) -> list[str]:
     """Assistant replies to chats (left-padded batch, HF ``generate``), decoded without specials."""
-    tokenizer.padding_side = "left"
     enc = tokenizer.apply_chat_template(
         conversations,
         tokenize=True,
@@ -106,6 +108,7 @@ def generate_replies(
         padding=True,
         return_tensors="pt",
         return_dict=True,
+        tokenizer_kwargs={"padding_side": "left"},  # the caller's tokenizer is left as it is
     )
     kwargs = (
         dict(do_sample=False)
@@ -118,7 +121,7 @@ def generate_replies(
         attention_mask=enc["attention_mask"],
         max_new_tokens=max_new_tokens,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=pad_token_id(tokenizer),
         **kwargs,
     )
     new = out[:, enc["input_ids"].shape[1] :]
@@ -144,24 +147,22 @@ def self_study_check(
     document; bot B's exact-match accuracy on replies to those messages (document in context).
     """
     rng = random.Random(seed)
-    docs = [world.make_document(rng, n_facts, doc_id=f"ss_{k}") for k in range(n_docs)]
-    ask_forms = {tpl.format(name="{}") for tpl in world.ASK_TEMPLATES}
+    docs = [make_registry(rng, n_facts, doc_id=f"ss_{k}") for k in range(n_docs)]
+    ask_forms = {tpl.format(name="{}") for tpl in ASK_TEMPLATES}
     q_ok = q_total = all_total = 0
     covered = []
-    bot_b_items: list[tuple[world.Document, str]] = []
+    bot_b_items: list[tuple[Registry, str]] = []
     for doc in docs:
         types = [("question", "generic")[j % 2] for j in range(n_questions_per_doc)]
-        types += [
-            st for st in world.SEED_TYPES if st not in ("question", "generic") for _ in range(2)
-        ]
-        convs = [_prompt_messages(doc.text, world.seed_prompt(st, rng)) for st in types]
+        types += [st for st in SEED_TYPES if st not in ("question", "generic") for _ in range(2)]
+        convs = [_prompt_messages(doc.text, seed_prompt(st, rng)) for st in types]
         msgs = generate_replies(
             model, tokenizer, convs, temperature=temperature, seed=rng.randrange(1 << 30)
         )
         names_seen = set()
         doc_names = dict(doc.facts)
         for st, msg in zip(types, msgs, strict=True):
-            names = world.mentioned_names(msg)
+            names = mentioned_names(msg)
             well_formed = bool(names) and all(n in doc_names for n in names)
             if st in ("question", "generic"):
                 q_total += 1
@@ -173,7 +174,7 @@ def self_study_check(
             if well_formed:
                 bot_b_items.append((doc, msg))
         covered.append(len(names_seen) / len(doc.facts))
-    items = [QAItem(doc.text, msg, world.assistant_reply(doc, msg)) for doc, msg in bot_b_items]
+    items = [QAItem(doc.text, msg, assistant_reply(doc, msg)) for doc, msg in bot_b_items]
     b_ok = exact_match(model, tokenizer, items) if items else []
     return {
         "seed_question_well_formed": q_ok / max(q_total, 1),
@@ -191,16 +192,12 @@ def evaluate_model(
     seed: int = 12345,
     with_self_study: bool = True,
 ) -> dict[str, float]:
-    """Held-out ICL and no-context exact match on fresh documents (each template), plus
+    """Held-out ICL and no-context exact match on fresh registries (each template), plus
     self-study."""
     metrics: dict[str, float] = {}
-    for k, tpl in enumerate(world.HELDOUT_TEMPLATES + world.ASK_TEMPLATES):
+    for k, tpl in enumerate(HELDOUT_TEMPLATES + ASK_TEMPLATES):
         with_ctx, no_ctx = heldout_items(n_questions, n_facts, seed + k, tpl)
-        tag = (
-            f"heldout{k}"
-            if k < len(world.HELDOUT_TEMPLATES)
-            else f"ask{k - len(world.HELDOUT_TEMPLATES)}"
-        )
+        tag = f"heldout{k}" if k < len(HELDOUT_TEMPLATES) else f"ask{k - len(HELDOUT_TEMPLATES)}"
         metrics[f"icl_{tag}"] = sum(exact_match(model, tokenizer, with_ctx)) / n_questions
         metrics[f"no_context_{tag}"] = sum(exact_match(model, tokenizer, no_ctx)) / n_questions
     metrics["icl"] = metrics["icl_heldout0"]

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
@@ -31,7 +30,9 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from transformers import PreTrainedTokenizerFast
 
 from cartridges.files import atomic_write
-from cartridges.toy_world import world
+from cartridges.modeling import pad_token_id
+from cartridges.schedule import lr_at
+from cartridges.toy_world import conversations, language
 from cartridges.toy_world.evaluate import (
     evaluate_model,
     exact_match,
@@ -64,6 +65,11 @@ class PretrainConfig:
     otherwise it has ``curriculum[-1] // 2 .. curriculum[-1]`` records."""
     advance_threshold: float = 0.9
     n_turns: int = 8
+    max_documents: int = 1
+    """A context holds up to this many registries of distinct towns, separated by a blank line
+    (a corpus of several documents in context, or cartridges of several composed)."""
+    multi_document_prob: float = 0.0  # chance that a context holds 2..max_documents registries
+    init_from: str | None = None  # a saved toy model to start from (fine-tuning), else random
     # model
     hidden_size: int = 128
     intermediate_size: int = 512
@@ -123,21 +129,27 @@ def facts_range(cfg: PretrainConfig, level: int) -> tuple[int, int]:
     return max(2, top // 2), top
 
 
-def make_batch(
+def sample_batch(
     cfg: PretrainConfig, tokenizer: PreTrainedTokenizerFast, level: int, step: int
 ) -> dict[str, torch.Tensor]:
-    """The batch of a step: deterministic in (seed, step, level), so a resumed run sees the
-    same data."""
+    """Sample a step's language-modelling batch from the toy world (unlike ``batching.make_batch``,
+    which batches stored distillation targets): deterministic in (seed, step, level), so that a
+    resumed run sees the same data."""
     rng = random.Random(cfg.seed * 1_000_003 + step * 7 + level)
     lo, hi = facts_range(cfg, level)
     vocab = tokenizer.get_vocab()
-    item_ids = {vocab[i] for i in world.ITEMS}
+    item_ids = {vocab[i] for i in language.ITEMS}
     seqs, masks, value_masks = [], [], []
     for _ in range(cfg.batch_size):
         n_facts = rng.randint(lo, hi)
         if level == len(cfg.curriculum) - 1 and rng.random() < cfg.full_town_prob:
-            n_facts = world.TOWN_SIZE
-        _, messages, kinds, bos_user = world.sample_conversation(rng, n_facts, cfg.n_turns)
+            n_facts = language.TOWN_SIZE
+        n_documents = 1
+        if cfg.max_documents > 1 and rng.random() < cfg.multi_document_prob:
+            n_documents = rng.randint(2, cfg.max_documents)
+        _, messages, kinds, bos_user = conversations.sample_conversation(
+            rng, n_facts, cfg.n_turns, n_documents=n_documents
+        )
         ids, mask = encode_conversation(tokenizer, messages, bos_before_first_user=bos_user)
         # value positions: the item token of each "qa" answer (last content word of that turn)
         vmask = [False] * len(ids)
@@ -151,7 +163,7 @@ def make_batch(
         masks.append(mask)
         value_masks.append(vmask)
     width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((len(seqs), width), pad_token_id(tokenizer), dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
     values = torch.zeros((len(seqs), width), dtype=torch.bool)
     for r, (s, m, v) in enumerate(zip(seqs, masks, value_masks, strict=True)):
@@ -160,16 +172,6 @@ def make_batch(
         labels[r, : len(s)] = torch.where(torch.tensor(m), t, torch.full_like(t, -100))
         values[r, : len(s)] = torch.tensor(v)
     return {"input_ids": input_ids, "labels": labels, "values": values}
-
-
-def lr_at(cfg: PretrainConfig, step: int) -> float:
-    """Linear warmup then cosine decay to ``min_lr_ratio * lr``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.lr * (
-        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-    )
 
 
 def _save_checkpoint(
@@ -187,20 +189,12 @@ def _save_checkpoint(
         torch.save(state, temporary)
 
 
-def pretrain(
-    cfg: PretrainConfig,
-    tokenizer: PreTrainedTokenizerFast | None = None,
-    on_step: Callable[[StepInfo], None] | None = None,
-) -> tuple[ToyWorldForCausalLM, PreTrainedTokenizerFast]:
-    """Train a toy-world model from scratch (or resume from ``cfg.checkpoint_dir``)."""
-    torch.set_num_threads(cfg.num_threads)
-    torch.manual_seed(cfg.seed)
-    tokenizer = tokenizer or build_tokenizer()
-    model = make_model(cfg, tokenizer)
+def _optimizer(model: ToyWorldForCausalLM, cfg: PretrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases or embeddings)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or "embed" in name else decay).append(p)
-    optim = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
@@ -208,16 +202,81 @@ def pretrain(
         lr=cfg.lr,
         betas=cfg.betas,
     )
-    step, level, running = 0, 0, 0.0
+
+
+def _resume(path: Path | None, model, optim) -> tuple[int, int, float]:
+    """Load ``path``'s checkpoint if there is one; return (step, level, running accuracy)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if path is None or not path.exists():
+        return 0, 0, 0.0
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optim.load_state_dict(state["optim"])
+    logger.info("resumed from %s at step %d (level %d)", path, state["step"], state["level"])
+    return state["step"], state["level"], state["running_acc"]
+
+
+def _train_step(
+    model: ToyWorldForCausalLM, optim, batch: dict[str, torch.Tensor], lr: float, grad_clip: float
+) -> tuple[float, float]:
+    """One optimiser step on assistant tokens; return the loss and the accuracy on values."""
+    for g in optim.param_groups:
+        g["lr"] = lr
+    logits = model(input_ids=batch["input_ids"]).logits
+    shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
+    loss = F.cross_entropy(shift_logits.flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optim.step()
+    with torch.no_grad():
+        vpos = batch["values"][:, 1:]
+        pred = shift_logits.argmax(-1)
+        acc = (pred[vpos] == shift_labels[vpos]).float().mean().item() if vpos.any() else 0.0
+    return loss.item(), acc
+
+
+def _evaluate(
+    model: ToyWorldForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    cfg: PretrainConfig,
+    eval_items,
+    step: int,
+    at_last: bool,
+) -> dict[str, float]:
+    """Held-out ICL accuracy, plus the self-study checks once at the last curriculum level."""
+    metrics = {"heldout_icl": sum(exact_match(model, tokenizer, eval_items)) / len(eval_items)}
+    if at_last:
+        ss = self_study_check(
+            model, tokenizer, n_docs=2, n_facts=cfg.curriculum[-1], seed=cfg.seed + step
+        )
+        metrics["seed_q_ok"] = ss["seed_question_well_formed"]
+        metrics["seed_q_cov"] = ss["seed_question_name_coverage"]
+        metrics["bot_a_ok"] = ss["bot_a_well_formed"]
+    model.train()
+    return metrics
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> tuple[ToyWorldForCausalLM, PreTrainedTokenizerFast]:
+    """Train a toy-world model from scratch (or resume from ``cfg.checkpoint_dir``).
+
+    The loop reads top to bottom as one step (data, update, curriculum, evaluation, logging,
+    checkpoint, early stop), so it is kept in one piece.
+    """
+    torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    tokenizer = tokenizer or build_tokenizer()
+    model = make_model(cfg, tokenizer)
+    if cfg.init_from is not None:  # fine-tune: same architecture, weights of a saved model
+        model.load_state_dict(ToyWorldForCausalLM.from_pretrained(cfg.init_from).state_dict())
+    optim = _optimizer(model, cfg)
     ckpt_path = Path(cfg.checkpoint_dir) / "checkpoint.pt" if cfg.checkpoint_dir else None
-    if ckpt_path is not None:
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        if ckpt_path.exists():
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            model.load_state_dict(state["model"])
-            optim.load_state_dict(state["optim"])
-            step, level, running = state["step"], state["level"], state["running_acc"]
-            logger.info("resumed from %s at step %d (level %d)", ckpt_path, step, level)
+    step, level, running = _resume(ckpt_path, model, optim)
     eval_items = heldout_items(
         cfg.eval_questions, n_facts=cfg.curriculum[-1], seed=cfg.seed + 4242
     )[0]
@@ -225,29 +284,12 @@ def pretrain(
     t_last, tok_count = time.time(), 0
     while step < cfg.steps:
         t_step = time.time()
-        batch = make_batch(cfg, tokenizer, level, step)
-        lr = lr_at(cfg, step)
-        for g in optim.param_groups:
-            g["lr"] = lr
-        logits = model(input_ids=batch["input_ids"]).logits
-        shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
-        loss = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]),
-            shift_labels.reshape(-1),
-            ignore_index=-100,
-        )
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optim.step()
+        batch = sample_batch(cfg, tokenizer, level, step)
+        lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, min_ratio=cfg.min_lr_ratio)
+        loss, acc = _train_step(model, optim, batch, lr, cfg.grad_clip)
         step += 1
-        with torch.no_grad():
-            vpos = batch["values"][:, 1:]
-            pred = shift_logits.argmax(-1)
-            acc = (pred[vpos] == shift_labels[vpos]).float().mean().item() if vpos.any() else 0.0
         running = acc if step == 1 else 0.95 * running + 0.05 * acc
         tok_count += int(batch["input_ids"].numel())
-        metrics: dict[str, float] = {}
         if running > cfg.advance_threshold and level < len(cfg.curriculum) - 1:
             level += 1
             running = 0.0
@@ -255,50 +297,28 @@ def pretrain(
                 "step %d: curriculum -> level %d, facts %s", step, level, facts_range(cfg, level)
             )
         at_last = level == len(cfg.curriculum) - 1
+        metrics: dict[str, float] = {}
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            metrics["heldout_icl"] = sum(exact_match(model, tokenizer, eval_items)) / len(
-                eval_items
-            )
-            if at_last:
-                ss = self_study_check(
-                    model, tokenizer, n_docs=2, n_facts=cfg.curriculum[-1], seed=cfg.seed + step
-                )
-                metrics["seed_q_ok"] = ss["seed_question_well_formed"]
-                metrics["seed_q_cov"] = ss["seed_question_name_coverage"]
-                metrics["bot_a_ok"] = ss["bot_a_well_formed"]
-            model.train()
+            metrics = _evaluate(model, tokenizer, cfg, eval_items, step, at_last)
         step_tps = batch["input_ids"].numel() / max(time.time() - t_step, 1e-9)
         if step % cfg.log_every == 0 or metrics:
-            dt = time.time() - t_last
             logger.info(
                 "step %d loss %.4f value_acc %.3f running %.3f level %d lr %.2e %.0f tok/s %s",
-                step,
-                loss.item(),
-                acc,
-                running,
-                level,
-                lr,
-                tok_count / max(dt, 1e-9),
+                *(step, loss, acc, running, level, lr),
+                tok_count / max(time.time() - t_last, 1e-9),
                 " ".join(f"{k}={v:.3f}" for k, v in metrics.items()),
             )
             t_last, tok_count = time.time(), 0
         if on_step is not None:
-            on_step(
-                StepInfo(
-                    step, loss.item(), acc, level, facts_range(cfg, level)[1], lr, step_tps, metrics
-                )
-            )
-        if ckpt_path is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            max_facts = facts_range(cfg, level)[1]
+            on_step(StepInfo(step, loss, acc, level, max_facts, lr, step_tps, metrics))
+        icl = metrics.get("heldout_icl")  # only on evaluation steps
+        stop = cfg.stop_icl is not None and at_last and icl is not None and icl >= cfg.stop_icl
+        due = step % cfg.checkpoint_every == 0 or step == cfg.steps or stop
+        if ckpt_path is not None and due:
             _save_checkpoint(ckpt_path, model, optim, step, level, running, cfg)
-        if cfg.stop_icl is not None and at_last and metrics.get("heldout_icl", 0.0) >= cfg.stop_icl:
-            logger.info(
-                "step %d: held-out ICL %.3f >= %.3f, stopping",
-                step,
-                metrics["heldout_icl"],
-                cfg.stop_icl,
-            )
-            if ckpt_path is not None:
-                _save_checkpoint(ckpt_path, model, optim, step, level, running, cfg)
+        if stop:
+            logger.info("step %d: held-out ICL %.3f >= %.3f, stopping", step, icl, cfg.stop_icl)
             break
     model.eval()
     return model, tokenizer
@@ -359,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         if f.name in ("checkpoint_dir", "curriculum", "betas"):
             continue
         default = getattr(defaults, f.name)
-        typ = type(default) if default is not None else float
+        typ = str if "str" in str(f.type) else type(default) if default is not None else float
         parser.add_argument("--" + f.name.replace("_", "-"), type=typ, default=default)
     parser.add_argument("--curriculum", default=",".join(map(str, defaults.curriculum)))
     parser.add_argument(

@@ -13,7 +13,7 @@ import logging
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from cartridges.toy_world.world import ROLE_TOKENS, SPECIAL_TOKENS, all_words
+from cartridges.toy_world.language import ROLE_TOKENS, SPECIAL_TOKENS, all_words
 
 logger = logging.getLogger(__name__)
 

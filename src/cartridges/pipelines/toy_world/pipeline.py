@@ -1,4 +1,4 @@
-"""toy_world: pretrain the embedded model (run on demand: kedro run --pipeline toy_world)."""
+"""toy_world: pretrain the embedded model (run on demand: kedro run --pipelines toy_world)."""
 
 from kedro.pipeline import Node, Pipeline
 
