@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cartridges.distributed import world
 from cartridges.initialization import from_cartridge
 from cartridges.training import TrainConfig, train_cartridge
 from tests.training_data import setting
@@ -19,6 +20,7 @@ def _worker(rank: int, world_size: int, rendezvous: str, output: str) -> None:
         "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size
     )
     try:
+        assert world() == (rank, world_size)
         model, _, examples, cartridge = setting()
         config = TrainConfig(**CONFIG, micro_batch_size=4)  # 4 rows per process per step
         trained, _ = train_cartridge(model, from_cartridge(cartridge), examples, config, 0)
@@ -31,6 +33,7 @@ def _worker(rank: int, world_size: int, rendezvous: str, output: str) -> None:
 
 def test_two_processes_match_one_process(tmp_path):
     output = tmp_path / "keys.pt"
+    assert world() == (0, 1)  # no process group here
     mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(output)), nprocs=2, join=True)
     model, _, examples, cartridge = setting()
     single, _ = train_cartridge(

@@ -75,7 +75,9 @@ def test_batched_greedy_generation_matches_document_in_context(architecture):
     generator = torch.Generator().manual_seed(2)
     document = _random_ids(generator, DOC_LEN)
     prompts = [_random_ids(generator, n) for n in QUERY_LENGTHS]
-    ours = generate(model, prompts, prefix=from_token_ids(model, document), max_new_tokens=10)
+    ours = generate(
+        model, prompts, prefix=from_token_ids(model, document), max_new_tokens=10, stop_token_ids=()
+    )
     for prompt, generation in zip(prompts, ours, strict=True):
         reference = model.generate(
             torch.tensor([document + prompt]),
@@ -109,7 +111,9 @@ def test_prefix_longer_than_sliding_window_stays_exact(architecture):
     # Left padding would shift the windows: refused in a forward pass, avoided by generate().
     with pytest.raises(ValueError, match="sliding-window attention layers"):
         _max_logit_error(model, document, queries, "left")
-    ours = generate(model, queries, prefix=from_token_ids(model, document), max_new_tokens=8)
+    ours = generate(
+        model, queries, prefix=from_token_ids(model, document), max_new_tokens=8, stop_token_ids=()
+    )
     for prompt, generation in zip(queries, ours, strict=True):
         reference = model.generate(
             torch.tensor([document + prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None
@@ -130,7 +134,7 @@ def _random_batch(model, generator: torch.Generator, prefix_len: int):
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_the_chunked_loss_equals_the_whole_loss_and_its_gradient(architecture):
-    from cartridges.training import loss_sum
+    from cartridges.objective import loss_sum
 
     # A soft cap small enough to matter, so that the chunked logits must reproduce it.
     capped = {"final_logit_softcapping": 0.5} if architecture.startswith("gemma") else {}
@@ -150,7 +154,7 @@ def test_the_chunked_loss_equals_the_whole_loss_and_its_gradient(architecture):
 
 
 def test_a_model_whose_logits_are_not_reproduced_is_refused_by_the_chunked_loss():
-    from cartridges.training import loss_sum
+    from cartridges.objective import loss_sum
 
     model = build_model("llama")
     model.config.final_logit_softcapping = 0.5  # Llama ignores it; the chunked loss would not

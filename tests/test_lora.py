@@ -13,7 +13,8 @@ from cartridges.lora import (
     lora_config_for_budget,
     trainable_parameters,
 )
-from cartridges.training import TrainConfig, held_out_kl, train
+from cartridges.objective import held_out_kl
+from cartridges.training import TrainConfig, train
 from tests.training_data import setting
 
 

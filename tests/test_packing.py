@@ -13,10 +13,11 @@ from cartridges import attention
 from cartridges.attention import PackedLayout, choose_attention, segment_starts
 from cartridges.batching import make_batch, packed_batch
 from cartridges.initialization import from_cartridge, from_token_ids
+from cartridges.objective import CartridgeStudent
 from cartridges.prefix import forward_with_prefix
-from cartridges.training import TrainConfig, _loss_sum, train_cartridge
+from cartridges.training import TrainConfig, train_cartridge
 from tests.architectures import ARCHITECTURES, VOCAB_SIZE, build_model
-from tests.training_data import make_examples, setting
+from tests.training_data import assert_rows_match_alone, make_examples, setting
 
 
 def _segments(lengths_per_row: list[list[int]], row_length: int) -> torch.Tensor:
@@ -139,7 +140,7 @@ def test_block_sparse_packed_rows_give_the_padded_loss_and_gradient(architecture
     for plan, pack_length in (([[0, 1, 2], [3, 4]], 40), ([[i] for i in range(5)], None)):
         cartridge.zero_grad(set_to_none=True)
         batch = make_batch(examples, plan, 0, 12, model.dtype, pack_length, "flex")
-        loss = _loss_sum(model, cartridge, batch)
+        loss = CartridgeStudent(model, cartridge).loss_sum(batch)
         loss.backward()
         results.append((loss.detach(), [p.grad for p in cartridge.parameters() if p.requires_grad]))
     (packed, packed_grads), (padded, padded_grads) = results
@@ -155,22 +156,7 @@ def test_block_sparse_rows_never_attend_across_conversations():
     rows = [[0, 1, 2], [3, 4]]
     packed = make_batch(examples, rows, 0, cartridge.num_tokens, model.dtype, 40, "flex")
     assert isinstance(packed.attention_mask, PackedLayout)  # no dense mask was built
-    logits = forward_with_prefix(
-        model,
-        cartridge.as_cache(2, model.config),
-        packed.input_ids,
-        packed.attention_mask,
-        position_ids=packed.position_ids,
-    ).logits
-    for r, row in enumerate(rows):
-        offset = 0
-        for index in row:
-            tokens = examples[index].token_ids
-            alone = forward_with_prefix(
-                model, cartridge.as_cache(1, model.config), tokens[None]
-            ).logits
-            assert (logits[r, offset : offset + len(tokens)] - alone[0]).abs().max() <= 1e-5
-            offset += len(tokens)
+    assert_rows_match_alone(model, cartridge, examples, rows, packed)
 
 
 def test_the_attention_implementation_is_restored_after_an_error():

@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from cartridges.batching import Example, plan_batches
-from cartridges.evaluation.tasks import held_out_conversations
+from cartridges.evaluation import held_out_conversations
+from cartridges.objective import evaluate_kl
 from cartridges.tables import ShardedTable, ShardError
 from cartridges.target_store import LazyExamples, prefetch
 from cartridges.targets import TargetsError, one_hot, to_examples
-from cartridges.training import TrainConfig, evaluate_kl, run_key, train_cartridge
+from cartridges.train_state import run_key
+from cartridges.training import TrainConfig, train_cartridge
 from tests.training_data import setting
 
 FIELDS = ("token_ids", "positions", "teacher_ids", "teacher_logprobs")
@@ -232,7 +234,7 @@ def test_mixed_and_empty_tables_are_refused(tables, tmp_path):
 
 # --------------------------------------------------------------------------- run key, fidelity
 def test_run_key_follows_the_data_without_reading_targets(tables, tmp_path):
-    from cartridges.training import CartridgeStudent
+    from cartridges.objective import CartridgeStudent
 
     model, _, _, cartridge = setting()
     _, targets, conversation_table, _ = tables

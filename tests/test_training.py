@@ -15,10 +15,11 @@ import torch
 
 from cartridges.batching import make_batch, pack_rows
 from cartridges.initialization import from_cartridge
-from cartridges.prefix import forward_with_prefix
-from cartridges.training import TrainConfig, _loss_sum, evaluate_kl, train_cartridge
+from cartridges.objective import CartridgeStudent, evaluate_kl
+from cartridges.schedule import lr_at
+from cartridges.training import TrainConfig, train_cartridge
 from tests.resume_worker import CONFIG
-from tests.training_data import setting
+from tests.training_data import assert_rows_match_alone, setting
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,7 @@ def test_training_lowers_the_kl_to_the_teacher(data):
     assert after < 0.7 * before
     assert history[-1]["loss"] < history[0]["loss"]
     assert torch.equal(trained.frozen_keys, cartridge.frozen_keys)
+    assert [h["lr"] for h in history] == [lr_at(step, 60, 0.2, 2) for step in range(60)]
 
 
 def test_evaluation_hooks_run_every_eval_every_steps_on_the_current_cartridge(data):
@@ -76,28 +78,12 @@ def test_packed_rows_never_attend_across_conversations(data):
     model, _, examples, cartridge = data
     rows = [[0, 1, 2], [3, 4]]
     packed = make_batch(examples, rows, 0, cartridge.num_tokens, model.dtype, pack_length=40)
-    logits = forward_with_prefix(
-        model,
-        cartridge.as_cache(2, model.config),
-        packed.input_ids,
-        packed.attention_mask,
-        position_ids=packed.position_ids,
-    ).logits
-    for r, row in enumerate(rows):
-        offset = 0
-        for index in row:
-            tokens = examples[index].token_ids
-            alone = forward_with_prefix(
-                model, cartridge.as_cache(1, model.config), tokens[None]
-            ).logits
-            assert (logits[r, offset : offset + len(tokens)] - alone[0]).abs().max() <= 1e-5
-            offset += len(tokens)
+    assert_rows_match_alone(model, cartridge, examples, rows, packed)
     padded = make_batch(
         examples, [[i] for i in (0, 1, 2, 3, 4)], 0, cartridge.num_tokens, model.dtype
     )
-    assert torch.allclose(
-        _loss_sum(model, cartridge, packed), _loss_sum(model, cartridge, padded), atol=1e-5
-    )
+    student = CartridgeStudent(model, cartridge)
+    assert torch.allclose(student.loss_sum(packed), student.loss_sum(padded), atol=1e-5)
 
 
 def test_packing_accumulation_and_loss_chunks_do_not_change_the_result(data):

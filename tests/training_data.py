@@ -6,6 +6,7 @@ import torch
 
 from cartridges.batching import Example
 from cartridges.initialization import from_token_ids
+from cartridges.prefix import forward_with_prefix
 from tests.architectures import VOCAB_SIZE, build_model
 
 TOP_K = 8
@@ -35,3 +36,23 @@ def setting(seed: int = 0):
     examples = make_examples(model, document, 24, seed)
     cartridge = from_token_ids(model, document[:1] + document[-11:], num_frozen_tokens=1)
     return model, document, examples, cartridge
+
+
+def assert_rows_match_alone(model, cartridge, examples, rows, packed) -> None:
+    """Each conversation of a packed batch gets the logits it gets alone after the cartridge."""
+    logits = forward_with_prefix(
+        model,
+        cartridge.as_cache(len(rows), model.config),
+        packed.input_ids,
+        packed.attention_mask,
+        position_ids=packed.position_ids,
+    ).logits
+    for r, row in enumerate(rows):
+        offset = 0
+        for index in row:
+            tokens = examples[index].token_ids
+            alone = forward_with_prefix(
+                model, cartridge.as_cache(1, model.config), tokens[None]
+            ).logits
+            assert (logits[r, offset : offset + len(tokens)] - alone[0]).abs().max() <= 1e-5
+            offset += len(tokens)

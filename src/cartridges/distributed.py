@@ -1,4 +1,8 @@
-"""Join the process group a launcher such as torchrun describes in the environment."""
+"""Join the process group a launcher such as torchrun describes in the environment.
+
+Also the one place that says which process this is (:func:`world`), so that code which splits
+work over processes reads the same rank and size whether or not a group was started here.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,13 @@ import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the current process group; ``(0, 1)`` when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 @contextmanager
@@ -24,7 +35,7 @@ def process_group(backend: str = "gloo"):
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 or dist.is_initialized():
-        yield (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        yield world()
         return
     if backend == "nccl" and not torch.cuda.is_available():
         raise ValueError("distributed backend 'nccl' needs CUDA devices; use 'gloo' on CPUs.")

@@ -1,9 +1,10 @@
 """The parameterisation ablation: a LoRA adapter trained exactly like a cartridge.
 
 The paper compares a trainable KV prefix with LoRA at equal size, on the same synthetic data
-and the same distillation loss. Here the adapter is a :class:`~cartridges.training.Student`
-of the same training loop (batching, loss, schedule, checkpoints, data parallelism), its rank
-chosen so that it trains no more parameters than the cartridge it is compared with.
+and the same distillation loss. Here the adapter is a :class:`~cartridges.objective.Student`
+scored by the same objective and trained by the same loop (``cartridges.training``: batching,
+schedule, checkpoints, data parallelism), its rank chosen so that it trains no more parameters
+than the cartridge it is compared with.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from transformers import PreTrainedModel
 
 from cartridges.batching import Batch
 from cartridges.cartridge import Cartridge
-from cartridges.training import loss_sum
+from cartridges.objective import loss_sum
 
 
 def trainable_parameters(cartridge: Cartridge) -> int:
@@ -65,8 +66,9 @@ def lora_config_for_budget(
 def lora_adapter(model: PreTrainedModel, config: LoraConfig) -> Iterator[PeftModel]:
     """A fresh adapter on the shared frozen model, removed again on exit.
 
-    ``get_peft_model`` edits the model in place; the model is shared (cached by
-    :func:`~cartridges.modeling.load_model`), so the adapter must not outlive its use.
+    ``get_peft_model`` edits the model in place, so the adapter is removed on exit and the
+    caller's model is plain again (other callers of :func:`~cartridges.modeling.load_model` get
+    their own module objects either way).
     """
     peft_model = get_peft_model(model, config)
     try:

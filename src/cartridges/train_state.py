@@ -1,0 +1,91 @@
+"""Resumable training state: which run a checkpoint belongs to, and saving and restoring it.
+
+A checkpoint holds the student's trainable tensors, the optimiser and the number of steps done,
+written with :func:`~cartridges.files.atomic_write`, so a run killed mid-write leaves the
+previous checkpoint whole. It is restored only by a run with the same key (parameters, kind of
+student, initial tensors, data): a run that changed anything starts afresh rather than
+continuing another run's optimisation. When to checkpoint is the loop's business
+(``cartridges.training``); what the tensors mean is the student's (``cartridges.objective``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from cartridges.batching import Example
+from cartridges.files import atomic_write
+from cartridges.objective import Student
+
+if TYPE_CHECKING:
+    from cartridges.training import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+
+
+def run_key(config: TrainConfig, student: Student, examples: Sequence[Example]) -> str:
+    """Identifies a run: a checkpoint is resumed only by a run with the same key.
+
+    Lazy examples contribute their fingerprint (shard footers and samples, conversation ids
+    and lengths), so that computing the key never reads every target from disk.
+    """
+    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
+    digest.update(type(student).__name__.encode())
+    for tensor in student.trainable():
+        digest.update(tensor.detach().float().cpu().numpy().tobytes()[: 1 << 16])
+    fingerprint = getattr(examples, "fingerprint", None)
+    if fingerprint is not None:
+        digest.update(fingerprint().encode())
+    else:
+        for example in examples:
+            digest.update(example.token_ids.numpy().tobytes())
+            digest.update(example.teacher_logprobs.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def saved_state(directory: Path | None) -> Path | None:
+    """The checkpoint file in ``directory``, if one has been written."""
+    path = directory / STATE_FILE if directory is not None else None
+    return path if path is not None and path.exists() else None
+
+
+def save_state(
+    directory: Path, key: str, step: int, student: Student, optimizer: torch.optim.Optimizer
+) -> None:
+    """Atomically write everything needed to resume after ``step`` optimiser steps."""
+    state = {
+        "key": key,
+        "step": step,
+        "trainable": [tensor.detach().cpu() for tensor in student.trainable()],
+        "optimizer": optimizer.state_dict(),
+    }
+    with atomic_write(directory / STATE_FILE) as temporary:
+        torch.save(state, temporary)
+
+
+def load_state(
+    directory: Path, key: str, student: Student, optimizer: torch.optim.Optimizer
+) -> int:
+    """Restore a matching checkpoint into ``student`` and ``optimizer``; return its step."""
+    path = saved_state(directory)
+    if path is None:
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["key"] != key:
+        logger.warning("Ignoring checkpoint %s: it belongs to a different run.", path)
+        return 0
+    with torch.no_grad():
+        for tensor, saved in zip(student.trainable(), state["trainable"], strict=True):
+            tensor.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    logger.info("Resuming from %s at step %d", path, state["step"])
+    return int(state["step"])
