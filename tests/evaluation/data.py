@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+from transformers import PreTrainedTokenizerBase
 
 from cartridges.chat import continuation_ids
+from cartridges.evaluation import EvalConfig
+from cartridges.modeling import load_tokenizer
+from cartridges.tiny_model import CHAT_TEMPLATE
 from tests.conftest import CORPUS
 
 SYSTEM_PROMPT = "Conversation about:\n{chunk}"
 SYSTEM_TEXT = SYSTEM_PROMPT.format(chunk=CORPUS)
+FAST = EvalConfig(max_new_tokens=4, batch_size=2, decode_tokens=2, cost_repeats=1)
 QUESTIONS = [
     {"question": "Who built the pump?", "answer": "Halvard Industrial"},
     {"question": "How often is the seal replaced?", "answer": "every 18 months"},
@@ -42,3 +47,22 @@ def conversation_tables(tokenizer, count: int = 2) -> tuple[pd.DataFrame, pd.Dat
             for p in range(len(prompt), len(token_ids))
         ]
     return pd.DataFrame(rows), pd.DataFrame(targets)
+
+
+# The tiny template with a Qwen3-style switch: enable_thinking=false appends a marker token after
+# the generation prompt, so that a prompt shows whether the switch reached the template.
+SWITCH_MARKER = "<|system|>"
+SWITCH_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{{ '<|assistant|>' }}",
+    "{{ '<|assistant|>' }}{% if enable_thinking is defined and not enable_thinking %}"
+    f"{{{{ '{SWITCH_MARKER}' }}}}{{% endif %}}",
+)
+NO_THINKING = {"enable_thinking": False}
+
+
+def switch_tokenizer(model_dir) -> PreTrainedTokenizerBase:
+    """The tiny model's tokenizer, with :data:`SWITCH_TEMPLATE` as its chat template."""
+    tokenizer = load_tokenizer(str(model_dir))
+    assert tokenizer.chat_template != SWITCH_TEMPLATE  # the switch was spliced in
+    tokenizer.chat_template = SWITCH_TEMPLATE
+    return tokenizer

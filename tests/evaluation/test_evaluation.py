@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from cartridges.cartridge import Cartridge, CartridgeInfo, CartridgeMismatchError
-from cartridges.chat import context_ids
 from cartridges.evaluation import (
     EvalConfig,
     QuestionsError,
@@ -16,25 +15,10 @@ from cartridges.evaluation import (
     choose_option,
     chrf,
     evaluate,
-    held_out_conversations,
     load_questions,
 )
 from cartridges.initialization import from_token_ids
-from tests.evaluation.data import SYSTEM_TEXT, conversation_tables, write_questions
-
-FAST = EvalConfig(max_new_tokens=4, batch_size=2, decode_tokens=2, cost_repeats=1)
-
-
-@pytest.fixture()
-def inputs(tiny, tmp_path):
-    model, tokenizer = tiny
-    context = context_ids(tokenizer, SYSTEM_TEXT)
-    conversations, targets = conversation_tables(tokenizer)
-    return {
-        "context": context,
-        "questions": load_questions(write_questions(tmp_path / "questions.jsonl")),
-        "held_out": held_out_conversations(conversations, targets, None, 8),
-    }
+from tests.evaluation.data import FAST, SYSTEM_TEXT
 
 
 def test_icl_and_a_cartridge_of_the_whole_context_score_identically(tiny, inputs):

@@ -14,19 +14,22 @@ import yaml
 from kedro.io import DataCatalog
 from nbclient import NotebookClient
 
-from cartridges.chat import context_ids
+from cartridges.context import corpus_context
 from cartridges.evaluation import EvalConfig, build_methods, evaluate, load_questions
+from cartridges.evaluation.plot import tradeoff_figure
 from cartridges.initialization import from_token_ids
 from cartridges.modeling import load_model
-from cartridges.pipelines.evaluation.nodes import plot_tradeoff
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSIONS = ("2026-01-01T00.00.00.000Z", "2026-01-02T00.00.00.000Z")
 
 
-@pytest.fixture()
-def project(tmp_path, monkeypatch) -> Path:
-    """A copy of the project with a corpus, a cartridge, two report versions and a plot."""
+@pytest.fixture(params=[2, 1], ids=["two-versions", "one-version"])
+def project(request, tmp_path, monkeypatch) -> Path:
+    """A copy of the project with a corpus, a cartridge, report versions and plots.
+
+    Two versions after a second run; one after a first run, which the comparison must survive.
+    """
     copy = tmp_path / "project"
     models = ("data/06_models/tiny_llama", "data/06_models/toy_world")
     for name in ("conf", "src", "notebooks", "data/01_raw", *models):
@@ -38,20 +41,20 @@ def project(tmp_path, monkeypatch) -> Path:
     wanted = {k: entries[k] for k in ("corpus", "cartridge", "evaluation_report", "tradeoff_plot")}
 
     model, tokenizer = load_model(params["model"]["name_or_path"], "float32", "cpu")
-    corpus = "\n\n".join(p.read_text() for p in sorted((copy / "data/01_raw/corpus").glob("*")))
-    system_text = params["system_prompt"].format(chunk=corpus)
-    context = context_ids(tokenizer, system_text)
-    cartridge = from_token_ids(model, context[:16])
-    methods = build_methods(model, context, {"cartridge": cartridge}, 4000)
+    texts = [p.read_text() for p in sorted((copy / "data/01_raw/corpus").glob("*"))]
+    corpus = corpus_context(texts, tokenizer, params["system_prompt"])
+    cartridge = from_token_ids(model, corpus.ids[:16])
+    methods = build_methods(model, corpus.ids, {"cartridge": cartridge}, 4000)
     questions = load_questions(copy / "data/01_raw/questions.jsonl")[:2]
-    for version, tokens in zip(VERSIONS, (2, 4), strict=True):
+    runs = list(zip(VERSIONS, (2, 4), strict=True))[: request.param]
+    for version, tokens in runs:
         config = EvalConfig(tasks=("qa",), max_new_tokens=tokens, decode_tokens=2, cost_repeats=1)
-        report = evaluate(model, tokenizer, methods, questions, [], system_text, config)
+        report = evaluate(model, tokenizer, methods, questions, [], corpus.system_text, config)
         catalog = DataCatalog.from_config(wanted, save_version=version)
-        catalog.save("corpus", pd.DataFrame({"text": [corpus]}))
+        catalog.save("corpus", pd.DataFrame({"text": texts}))
         catalog.save("cartridge", cartridge)
         catalog.save("evaluation_report", report)
-        catalog.save("tradeoff_plot", plot_tradeoff(report))
+        catalog.save("tradeoff_plot", tradeoff_figure(report))
     return copy
 
 
@@ -82,5 +85,14 @@ def test_the_notebook_runs(project, tmp_path, monkeypatch):
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     assert "image/png" in "".join(str(o.get("data", {}).keys()) for o in outputs)
     assert "truncated_icl_p16" in html  # the latest report is shown
-    assert f"quality {VERSIONS[0]}" in html and f"quality {VERSIONS[1]}" in html
+    saved = sorted(p.name for p in (project / "data/08_reporting/evaluation_report.csv").iterdir())
+    if len(saved) == 2:
+        assert f"quality {VERSIONS[0]}" in html and f"quality {VERSIONS[1]}" in html
+        assert "change" in html
+    else:  # after a first run: the one report, and how to get a comparison
+        assert f"quality {VERSIONS[0]}" in html and "change" not in html
+        assert f"Only one report version ({VERSIONS[0]})" in text
     assert text.count("assistant:") == 3  # three greedy turns with the cartridge
+    # Asked in the model's own language: the first questions of the evaluation set.
+    (first, *_) = load_questions(project / "data/01_raw/questions.jsonl")
+    assert f"user: {first.question}\n" in text and "tell me the thing that belongs to" in text

@@ -1,6 +1,8 @@
-"""The evaluation pipeline on the tiny model: versioned cartridges, report, PNG plot, metrics."""
+"""The evaluation pipeline on the tiny model: versioned cartridges, report, PNG + SVG, metrics."""
 
 from __future__ import annotations
+
+import shutil
 
 import matplotlib.image
 import pandas as pd
@@ -12,11 +14,20 @@ from kedro_datasets.pandas import CSVDataset
 
 from cartridges.chat import context_ids
 from cartridges.datasets import CartridgeDataset, CartridgeHistoryDataset, QuestionsDataset
+from cartridges.evaluation import answers
 from cartridges.initialization import from_token_ids
 from cartridges.pipelines.evaluation import create_pipeline
 from cartridges.tables import ShardedTable
 from tests.conftest import CORPUS
-from tests.evaluation.data import SYSTEM_PROMPT, SYSTEM_TEXT, conversation_tables, write_questions
+from tests.evaluation.data import (
+    NO_THINKING,
+    SWITCH_MARKER,
+    SYSTEM_PROMPT,
+    SYSTEM_TEXT,
+    conversation_tables,
+    switch_tokenizer,
+    write_questions,
+)
 
 
 @pytest.fixture()
@@ -39,6 +50,11 @@ def catalog(tiny, tiny_model_dir, tmp_path):
             ),
             "tradeoff_plot": MatplotlibDataset(
                 filepath=str(tmp_path / "plot.png"), version=Version(None, None)
+            ),
+            "tradeoff_plot_svg": MatplotlibDataset(
+                filepath=str(tmp_path / "plot.svg"),
+                version=Version(None, None),
+                save_args={"format": "svg"},
             ),
             "evaluation_metrics": MemoryDataset(),
         }
@@ -64,7 +80,7 @@ def catalog(tiny, tiny_model_dir, tmp_path):
     return catalog, tmp_path
 
 
-def test_the_latest_cartridge_is_compared_and_the_plot_is_a_png(catalog):
+def test_the_latest_cartridge_is_compared_and_the_plot_is_a_png_and_an_svg(catalog):
     catalog, tmp_path = catalog
     SequentialRunner().run(create_pipeline(), catalog)
 
@@ -92,6 +108,8 @@ def test_the_latest_cartridge_is_compared_and_the_plot_is_a_png(catalog):
     (png,) = (tmp_path / "plot.png").glob("*/plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(png).shape[0] > 100
+    (svg,) = (tmp_path / "plot.svg").glob("*/plot.svg")
+    assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()
 
 
 def test_listed_versions_compare_sizes_and_their_composition(catalog):
@@ -135,3 +153,28 @@ def test_a_missing_questions_file_fails_before_the_model_loads(catalog):
     # The catalog reads the questions before the node (and its model) runs.
     with pytest.raises(DatasetError, match="none.jsonl' not found"):
         SequentialRunner().run(create_pipeline(), catalog)
+
+
+def test_the_model_blocks_template_switches_reach_the_question_prompts(
+    catalog, tiny_model_dir, monkeypatch
+):
+    catalog, tmp_path = catalog
+    model_dir = tmp_path / "switch_model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tokenizer = switch_tokenizer(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    marker = tokenizer.convert_tokens_to_ids(SWITCH_MARKER)
+    model = catalog["params:model"].load()
+    catalog["params:model"] = model | {
+        "name_or_path": str(model_dir),
+        "chat_template_kwargs": NO_THINKING,
+    }
+    params = catalog["params:evaluation"].load()
+    catalog["params:evaluation"] = params | {"tasks": ["qa"], "max_new_tokens": 2}
+    prompts = []
+    real = answers.generate
+    monkeypatch.setattr(answers, "generate", lambda m, p, **k: prompts.extend(p) or real(m, p, **k))
+    SequentialRunner().run(create_pipeline(), catalog)
+
+    assert len(prompts) == 4 * 3  # icl, no_context, cartridge, truncated_icl_p16 x 3 questions
+    assert all(prompt[-1] == marker for prompt in prompts)

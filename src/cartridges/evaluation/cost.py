@@ -56,6 +56,7 @@ def measure_cost(
                 prefix=method.prefix,
                 max_new_tokens=new_tokens,
                 pad_token_id=pad_token_id,
+                stop_token_ids=(),  # time exactly new_tokens steps per row
             )
 
         full = _median_seconds(model, lambda: run(decode_tokens), repeats)

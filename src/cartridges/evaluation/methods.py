@@ -16,8 +16,18 @@ from transformers import PreTrainedModel
 
 from cartridges.cartridge import Cartridge, CartridgeMismatchError, compose
 from cartridges.initialization import from_token_ids
+from cartridges.modeling import context_length
 
 logger = logging.getLogger(__name__)
+
+KINDS: dict[str, str] = {
+    "icl": "ICL (whole corpus)",
+    "no_context": "no context",
+    "truncated_icl": "truncated ICL",
+    "cartridge": "cartridge",
+    "composition": "composed cartridges",
+}
+"""The kinds of method, with their human names (legends, tables)."""
 
 
 @dataclass
@@ -53,11 +63,12 @@ class Method:
 
 def context_budget(model: PreTrainedModel, reserve_tokens: int, limit: int | None = None) -> int:
     """How many context tokens fit: the model's positions minus room for questions and answers."""
-    limit = limit or getattr(
-        model.config.get_text_config(decoder=True), "max_position_embeddings", None
-    )
+    limit = limit or context_length(model.config)
     if limit is None:
-        raise ValueError("The model config has no max_position_embeddings: set max_context_tokens.")
+        raise ValueError(
+            f"The config of '{model.name_or_path}' does not say its context length "
+            "(max_position_embeddings): set evaluation.max_context_tokens."
+        )
     return max(limit - reserve_tokens, 1)
 
 

@@ -1,11 +1,15 @@
-"""Scores of generated answers: exact match, token F1 (SQuAD-style), option accuracy, chrF."""
+"""Scores of generated answers: exact match, token F1 (SQuAD-style), option accuracy, chrF.
+
+Pure functions of strings; which questions they apply to is the tasks' business.
+"""
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from difflib import SequenceMatcher
 
 from sacrebleu.metrics import CHRF
@@ -56,6 +60,12 @@ def choose_option(generation: str, options: Sequence[str]) -> int:
         return LETTERS.index(match.group(1).upper())
     similarity = [SequenceMatcher(None, answer, normalise_answer(o)).ratio() for o in options]
     return max(range(len(options)), key=similarity.__getitem__)
+
+
+def mean(values: Iterable[float | bool]) -> float:
+    """The mean of per-item scores; ``nan`` for none."""
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else math.nan
 
 
 def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:

@@ -1,38 +1,26 @@
-"""Nodes of evaluation: ICL, no context, truncated ICL and cartridges on the same tasks."""
+"""Nodes of evaluation: catalog data and parameters in, one library call, the report out.
+
+Choosing which catalog versions of the cartridge to compare is the pipeline's (it knows the
+catalog); everything else, from the corpus in context to the scores, is
+:func:`cartridges.evaluation.compare_methods`.
+"""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # headless: the plot is a catalog artifact, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from cartridges import lineage  # noqa: E402
-from cartridges.cartridge import Cartridge  # noqa: E402
-from cartridges.chat import context_ids  # noqa: E402
-from cartridges.corpus import join_documents  # noqa: E402
-from cartridges.datasets import CartridgeHistory  # noqa: E402
-from cartridges.evaluation import (  # noqa: E402
-    Question,
-    build_methods,
-    context_budget,
-    evaluate,
-    format_report,
-    held_out_conversations,
-    prompt_text,
-    question_ids,
-    report_metrics,
-)
-from cartridges.evaluation.methods import Method  # noqa: E402
-from cartridges.modeling import load_model  # noqa: E402
-from cartridges.params import EvaluationParams, ModelParams, parse  # noqa: E402
-from cartridges.tables import ShardedTable  # noqa: E402
-
-logger = logging.getLogger(__name__)
+from cartridges import lineage
+from cartridges.cartridge import Cartridge
+from cartridges.context import corpus_context
+from cartridges.datasets import CartridgeHistory
+from cartridges.evaluation import Question, compare_methods, report_metrics
+from cartridges.evaluation.plot import tradeoff_figure
+from cartridges.modeling import load_model_from
+from cartridges.params import EvaluationParams, ModelParams, parse
+from cartridges.tables import ShardedTable
 
 
 def evaluate_methods(
@@ -66,46 +54,27 @@ def evaluate_methods(
     """
     params, model = parse("evaluation", params), parse("model", model)
     system_prompt = parse("system_prompt", system_prompt)
-    config = params.eval_config
-    questions = list(questions) if config.needs_questions else []
-    llm, tokenizer = load_model(model.name_or_path, model.dtype, model.device)
+    llm, tokenizer = load_model_from(model)
     cartridges, versions = _select_cartridges(cartridge, cartridge_history, params)
     if params.include_sweep:
         cartridges |= {f"sweep_{name}": swept for name, swept in cartridge_sweep.items()}
         versions |= {f"sweep_{name}": _version(swept) for name, swept in cartridge_sweep.items()}
-    system_text = system_prompt.format(chunk=join_documents(list(corpus["text"])))
-    held_out = []
-    if "fidelity" in config.tasks:
-        held_out = held_out_conversations(
-            conversations,
-            teacher_logprobs,
-            _held_out_ids(cartridges),
-            config.fidelity_conversations,
-        )
-        if not held_out:
-            logger.warning("Fidelity skipped: no held-out conversation with teacher targets.")
-    no_context = Method("no_context", "no_context", None)
-    reserve = max(
-        [len(question_ids(tokenizer, no_context, "", [_user(q)])) for q in questions]
-        + [len(c.token_ids) for c in held_out]
-        + [1]
-    )
-    budget = context_budget(llm, reserve + config.max_new_tokens, params.max_context_tokens)
-    methods = build_methods(
+    template_kwargs = model.chat_template_kwargs
+    report = compare_methods(
         llm,
-        context_ids(tokenizer, system_text),
+        tokenizer,
+        corpus_context(list(corpus["text"]), tokenizer, system_prompt, template_kwargs),
         cartridges,
-        budget,
-        versions,
-        params.compose,
+        questions,
+        conversations,
+        teacher_logprobs,
+        params.eval_config,
+        versions=versions,
+        compose=params.compose,
+        max_context_tokens=params.max_context_tokens,
+        template_kwargs=template_kwargs,
     )
-    report = evaluate(llm, tokenizer, methods, questions, held_out, system_text, config)
-    logger.info("Evaluation report:\n%s", format_report(report))
     return report, report_metrics(report)
-
-
-def _user(question) -> dict[str, str]:
-    return {"role": "user", "content": prompt_text(question)}
 
 
 def _select_cartridges(
@@ -136,49 +105,7 @@ def _version(cartridge: Cartridge) -> str:
     return extra.get("catalog_version") or (extra.get(lineage.LINEAGE) or {}).get("version") or ""
 
 
-def _held_out_ids(cartridges: dict[str, Cartridge]) -> list[str] | None:
-    """Conversations no selected cartridge trained on; ``None`` (all) when one does not say."""
-    recorded = [c.info.extra.get("held_out_conversations") for c in cartridges.values()]
-    if any(ids is None for ids in recorded):
-        logger.warning(
-            "A cartridge does not record its held-out conversations (trained before they were "
-            "recorded): fidelity is measured on conversations it may have trained on."
-        )
-        return None
-    return sorted(set.intersection(*(set(ids) for ids in recorded)))
-
-
-def plot_tradeoff(evaluation_report: pd.DataFrame) -> plt.Figure:
-    """Quality versus KV memory (log x), one panel per task, as in the paper's figure.
-
-    Each method and cartridge size is one point; truncated ICL and the cartridges are joined
-    across sizes; no context (no KV at all) is a dashed line.
-    """
-    panels = evaluation_report.dropna(subset=["quality"]).groupby(["task", "metric"], sort=False)
-    figure, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 4))
-    axes = [axes] if not hasattr(axes, "__len__") else list(axes)
-    for axis, ((task, metric), rows) in zip(axes, panels, strict=False):
-        with_memory = rows[rows["kv_bytes"] > 0]
-        for kind, series in with_memory.groupby("kind", sort=False):
-            series = series.sort_values("kv_bytes")
-            marker = {"icl": "*", "truncated_icl": "s", "composition": "D"}.get(kind, "o")
-            axis.plot(series["kv_bytes"], series["quality"], marker=marker, label=kind)
-            for row in series.itertuples():
-                axis.annotate(
-                    row.method,
-                    (row.kv_bytes, row.quality),
-                    textcoords="offset points",
-                    xytext=(4, 4),
-                    fontsize=7,
-                )
-        for row in rows[rows["kv_bytes"] == 0].itertuples():
-            axis.axhline(row.quality, linestyle="--", color="grey", label=row.method)
-        axis.set_xscale("log")
-        axis.set_xlabel("KV cache bytes (log scale)")
-        better = "higher" if rows["higher_is_better"].iloc[0] else "lower"
-        axis.set_ylabel(f"{metric} ({better} is better)")
-        axis.set_title(task)
-        axis.legend(fontsize=7)
-    figure.suptitle("Quality versus memory")
-    figure.tight_layout()
-    return figure
+def plot_tradeoff(evaluation_report: pd.DataFrame) -> tuple[Figure, Figure]:
+    """The trade-off figure, once for each format the catalog saves (PNG, SVG)."""
+    figure = tradeoff_figure(evaluation_report)
+    return figure, figure

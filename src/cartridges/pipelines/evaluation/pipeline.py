@@ -1,4 +1,4 @@
-"""evaluation: corpus + cartridges + questions + held-out conversations -> report and plot."""
+"""evaluation: corpus + cartridges + questions + held-out conversations -> report and plots."""
 
 from kedro.pipeline import Node, Pipeline
 
@@ -28,7 +28,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 plot_tradeoff,
                 inputs="evaluation_report",
-                outputs="tradeoff_plot",
+                outputs=["tradeoff_plot", "tradeoff_plot_svg"],
                 name="plot_tradeoff_node",
             ),
         ]

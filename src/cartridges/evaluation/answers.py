@@ -1,0 +1,96 @@
+"""How a method reads a question: its prompt tokens, its greedy answers, its log-probabilities.
+
+A method's question tokens follow the chat convention of the project: after a prefix they are
+``continuation_ids(system_text, messages)`` (the prefix stands in for the system message that
+carries the corpus); with no prefix they are a fresh chat. Every rendering takes the model's
+chat-template switches (``template_kwargs``, e.g. Qwen3's ``enable_thinking``), so a question is
+asked exactly as the model is asked everywhere else. Scoring the answers is the tasks' business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from cartridges.chat import Message, TemplateKwargs, chat_ids, continuation_ids
+from cartridges.evaluation.methods import Method
+from cartridges.evaluation.questions import Question, prompt_text
+from cartridges.generation import default_stop_ids, generate
+from cartridges.modeling import pad_token_id
+from cartridges.prefix import forward_with_prefix, head_only_at
+
+
+def user_message(question: Question) -> Message:
+    """The user turn that asks ``question`` (options listed for multiple choice)."""
+    return {"role": "user", "content": prompt_text(question)}
+
+
+def question_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    method: Method,
+    system_text: str,
+    messages: Sequence[Message],
+    add_generation_prompt: bool = True,
+    template_kwargs: TemplateKwargs = None,
+) -> list[int]:
+    """The tokens that follow the method's prefix: the chat continuation, or a fresh chat."""
+    if method.prefix is None:
+        return chat_ids(tokenizer, messages, add_generation_prompt, template_kwargs)
+    return continuation_ids(
+        tokenizer, system_text, messages, add_generation_prompt, template_kwargs
+    )
+
+
+def answer_questions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    method: Method,
+    questions: Sequence[Question],
+    system_text: str,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    template_kwargs: TemplateKwargs = None,
+) -> list[str]:
+    """Greedy answers of ``method`` to each question (options listed for multiple choice)."""
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        prompts = [
+            question_ids(
+                tokenizer, method, system_text, [user_message(q)], template_kwargs=template_kwargs
+            )
+            for q in questions[start : start + batch_size]
+        ]
+        generations = generate(
+            model,
+            prompts,
+            prefix=method.prefix,
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=default_stop_ids(model, tokenizer),
+            pad_token_id=pad_token_id(tokenizer),
+        )
+        answers += [
+            tokenizer.decode(g.token_ids, skip_special_tokens=True).strip() for g in generations
+        ]
+    return answers
+
+
+def generation_suffix(tokenizer: PreTrainedTokenizerBase, template_kwargs: TemplateKwargs) -> int:
+    """How many tokens ``add_generation_prompt`` appends after a finished turn."""
+    messages = [{"role": "user", "content": "x"}]
+    prompted = chat_ids(tokenizer, messages, True, template_kwargs)
+    return len(prompted) - len(chat_ids(tokenizer, messages, False, template_kwargs))
+
+
+@torch.no_grad()
+def token_logprobs(
+    model: PreTrainedModel, method: Method, token_ids: Sequence[int], positions: Iterable[int]
+) -> torch.Tensor:
+    """``[N, V]`` float32 log-probabilities of the tokens at ``positions``, after the prefix."""
+    ids = torch.tensor([list(token_ids)], device=model.device)
+    cache = method.prefix.as_cache(1, model.config) if method.prefix is not None else None
+    columns = torch.tensor([p - 1 for p in positions], device=model.device)  # i-1 predicts i
+    with head_only_at(model, torch.zeros_like(columns), columns):
+        logits = forward_with_prefix(model, cache, ids, use_cache=False).logits[0]  # [N, V]
+    return torch.log_softmax(logits.float(), dim=-1)

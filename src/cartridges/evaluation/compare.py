@@ -1,0 +1,99 @@
+"""The whole comparison in one call: a corpus, cartridges and question sets -> the report.
+
+It decides what the evaluation needs from the selected tasks (questions, held-out conversations),
+budgets the ICL context so that the longest question and answer still fit the model, builds the
+methods and runs them. Where the inputs come from (catalog versions, parameters) is the pipeline's
+business; scoring is the tasks'.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from cartridges.cartridge import Cartridge
+from cartridges.chat import TemplateKwargs
+from cartridges.context import CorpusContext
+from cartridges.evaluation.answers import question_ids, user_message
+from cartridges.evaluation.config import EvalConfig
+from cartridges.evaluation.conversations import (
+    HeldOutConversation,
+    held_out_conversations,
+    held_out_ids,
+)
+from cartridges.evaluation.methods import Method, build_methods, context_budget
+from cartridges.evaluation.questions import Question
+from cartridges.evaluation.report import format_report
+from cartridges.evaluation.run import evaluate
+from cartridges.evaluation.tasks import Need
+from cartridges.tables import ShardedTable
+
+logger = logging.getLogger(__name__)
+
+
+def compare_methods(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    corpus: CorpusContext,
+    cartridges: Mapping[str, Cartridge],
+    questions: Sequence[Question],
+    conversations: pd.DataFrame | ShardedTable,
+    teacher_logprobs: pd.DataFrame | ShardedTable,
+    config: EvalConfig,
+    *,
+    versions: Mapping[str, str] | None = None,
+    compose: bool = True,
+    max_context_tokens: int | None = None,
+    template_kwargs: TemplateKwargs = None,
+) -> pd.DataFrame:
+    """ICL, no context, truncated ICL and ``cartridges`` on ``config``'s tasks; the report.
+
+    Args:
+        corpus: the corpus in context (:func:`cartridges.context.corpus_context`), built with
+            the same ``template_kwargs``.
+        cartridges: by report name, in report order.
+        questions: the question set (ignored unless a selected task needs questions).
+        conversations, teacher_logprobs: self-study's tables; the conversations no cartridge
+            trained on are used when a selected task needs held-out conversations.
+        versions: catalog version of each cartridge, for the report.
+        compose: with two or more cartridges, also evaluate their composition.
+        max_context_tokens: the ICL budget; ``None``: the model's context length.
+        template_kwargs: the model's chat-template switches, used for every prompt.
+    """
+    questions = list(questions) if config.needs(Need.QUESTIONS) else []
+    held_out = []
+    if config.needs(Need.CONVERSATIONS):
+        held_out = held_out_conversations(
+            conversations,
+            teacher_logprobs,
+            held_out_ids(cartridges),
+            config.fidelity_conversations,
+        )
+        if not held_out:
+            logger.warning("No held-out conversation with teacher targets: fidelity skipped.")
+    reserve = _longest_input(tokenizer, questions, held_out, template_kwargs)
+    budget = context_budget(model, reserve + config.max_new_tokens, max_context_tokens)
+    methods = build_methods(model, corpus.ids, cartridges, budget, versions, compose)
+    report = evaluate(
+        model, tokenizer, methods, questions, held_out, corpus.system_text, config, template_kwargs
+    )
+    logger.info("Evaluation report:\n%s", format_report(report))
+    return report
+
+
+def _longest_input(
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[Question],
+    conversations: Sequence[HeldOutConversation],
+    template_kwargs: TemplateKwargs,
+) -> int:
+    """Tokens the longest question prompt or held-out conversation takes after the context."""
+    no_context = Method("no_context", "no_context", None)
+    prompts = [
+        len(question_ids(tokenizer, no_context, "", [user_message(q)], True, template_kwargs))
+        for q in questions
+    ]
+    return max([*prompts, *(len(c.token_ids) for c in conversations), 1])

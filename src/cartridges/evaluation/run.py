@@ -1,0 +1,172 @@
+"""Score and time methods on the selected tasks: the loop over methods x tasks, with progress.
+
+Tasks are looked up in the registry (:mod:`cartridges.evaluation.tasks`) and scored one method
+at a time, so a progress bar with an ETA and a log line per method show where a long evaluation
+is. Building the methods is :mod:`cartridges.evaluation.methods`'; the row layout is
+:mod:`cartridges.evaluation.report`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from cartridges.chat import TemplateKwargs
+from cartridges.evaluation.answers import question_ids
+from cartridges.evaluation.config import EvalConfig
+from cartridges.evaluation.conversations import HeldOutConversation
+from cartridges.evaluation.cost import measure_cost
+from cartridges.evaluation.methods import Method
+from cartridges.evaluation.questions import Question, QuestionsError
+from cartridges.evaluation.report import report_frame
+from cartridges.evaluation.tasks import Need, Task, TaskInputs, measure_of
+from cartridges.modeling import pad_token_id
+from cartridges.progress import progress_bar
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    methods: Sequence[Method],
+    questions: Sequence[Question],
+    conversations: Sequence[HeldOutConversation],
+    system_text: str,
+    config: EvalConfig,
+    template_kwargs: TemplateKwargs = None,
+) -> pd.DataFrame:
+    """Score and time every method; the first method (ICL) is the teacher and the reference.
+
+    A task that needs held-out conversations is skipped when there are none.
+
+    Raises:
+        QuestionsError: a task needs questions and there are none.
+    """
+    tasks = _runnable(config.selected, questions, conversations)
+    inputs = TaskInputs(
+        model, tokenizer, questions, conversations, system_text, config, methods[0], template_kwargs
+    )
+    rows = []
+    with progress_bar(total=len(methods) * len(tasks), desc="evaluation", unit="task") as bar:
+        for index, method in enumerate(methods, start=1):
+            started = time.perf_counter()
+            bar.set_postfix_str(f"{method.name}: cost")
+            common = _costs(inputs, method, methods[0])
+            scored = []
+            for task in tasks:
+                bar.set_postfix_str(f"{method.name}: {task.name}")
+                scored += task.score(method, inputs)
+                bar.update()
+            rows += [row | common for row in scored]
+            logger.info(
+                "Evaluated %s (%d/%d) in %.1f s: %s",
+                method.name,
+                index,
+                len(methods),
+                time.perf_counter() - started,
+                _summary(scored),
+            )
+    return report_frame(rows, config.decode_batch_sizes)
+
+
+def score_method(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    method: Method,
+    questions: Sequence[Question],
+    system_text: str,
+    config: EvalConfig,
+    template_kwargs: TemplateKwargs = None,
+) -> list[dict[str, Any]]:
+    """Report rows of ``method`` on the selected tasks that score from questions alone.
+
+    ``model`` may be the frozen model with an adapter (the LoRA baseline): it answers after the
+    method's prefix like any other.
+    """
+    tasks = [task for task in config.selected if Need.CONVERSATIONS not in task.needs]
+    tasks = _runnable(tasks, questions, ())
+    inputs = TaskInputs(
+        model, tokenizer, questions, (), system_text, config, template_kwargs=template_kwargs
+    )
+    return [row for task in tasks for row in task.score(method, inputs)]
+
+
+def question_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    method: Method,
+    questions: Sequence[Question],
+    system_text: str,
+    config: EvalConfig,
+    template_kwargs: TemplateKwargs = None,
+) -> dict[str, float]:
+    """:func:`score_method` as ``{task: quality, "<task>_<metric>": value}`` (``qa_exact_match``).
+
+    Empty without questions, so that a caller with an optional question set needs no check.
+    """
+    if not questions:
+        return {}
+    scores = {}
+    rows = score_method(model, tokenizer, method, questions, system_text, config, template_kwargs)
+    for row in rows:
+        scores[row["task"]] = row["quality"]
+        measure = measure_of(row["task"])
+        for metric in measure.extras if measure is not None else ():
+            scores[f"{row['task']}_{metric.name}"] = row[metric.name]
+    return scores
+
+
+def _runnable(
+    tasks: Sequence[Task],
+    questions: Sequence[Question],
+    conversations: Sequence[HeldOutConversation],
+) -> list[Task]:
+    """``tasks`` minus those missing held-out conversations; refuses a missing question set."""
+    asking = [task.name for task in tasks if Need.QUESTIONS in task.needs]
+    if asking and not questions:
+        raise QuestionsError(
+            f"The question set is empty: the {', '.join(asking)} task(s) need one."
+        )
+    return [task for task in tasks if conversations or Need.CONVERSATIONS not in task.needs]
+
+
+def _costs(inputs: TaskInputs, method: Method, icl: Method) -> dict[str, Any]:
+    """The method's columns of every row: its size, its speed and where it came from."""
+    text = inputs.questions[0].question if inputs.questions else "What is this document about?"
+    prompt = question_ids(
+        inputs.tokenizer,
+        method,
+        inputs.system_text,
+        [{"role": "user", "content": text}],
+        template_kwargs=inputs.template_kwargs,
+    )
+    config = inputs.config
+    costs = measure_cost(
+        inputs.model,
+        method,
+        prompt,
+        config.decode_tokens,
+        config.decode_batch_sizes,
+        config.cost_repeats,
+        pad_token_id(inputs.tokenizer),
+    )
+    return costs | {
+        "method": method.name,
+        "kind": method.kind,
+        "kv_tokens": method.num_tokens,
+        "kv_bytes": method.kv_bytes,
+        "compression_vs_icl": icl.kv_bytes / method.kv_bytes if method.kv_bytes else math.inf,
+        "cartridge_version": method.version,
+        "note": method.note,
+    }
+
+
+def _summary(rows: Sequence[dict[str, Any]]) -> str:
+    return ", ".join(f"{r['task']} {r['metric']} {r['quality']:.4g}" for r in rows) or "no scores"
