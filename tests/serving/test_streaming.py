@@ -10,8 +10,8 @@ import pytest
 
 from cartridges.generation import generate
 from cartridges.serving import engine as engine_module
-from cartridges.serving.app import _TextStream
 from cartridges.serving.engine import BatchEngine, Job, Row, StreamToken
+from cartridges.serving.text import TextStream, render
 from tests.serving.test_completions import QUESTION
 
 
@@ -124,7 +124,7 @@ def test_streamed_chat_with_a_stop_string_equals_the_whole_answer(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
 
 
-def _stream(stream: _TextStream, ids: list[int]) -> list[str]:
+def _stream(stream: TextStream, ids: list[int]) -> list[str]:
     """The pieces a stream releases token by token, the last token ending it by length."""
     pieces = []
     for i, token_id in enumerate(ids):
@@ -136,13 +136,12 @@ def _stream(stream: _TextStream, ids: list[int]) -> list[str]:
 
 
 @pytest.mark.parametrize("stops", [[], ["☃"], ["漢字"], ["ïv"], ["e ☃x", "seal"], ["字 s"]])
-def test_text_stream_waits_for_whole_characters_and_joins_to_the_rendered_text(server, tiny, stops):
+def test_text_stream_waits_for_whole_characters_and_joins_to_the_rendered_text(tiny, stops):
     _, tokenizer = tiny
-    service = server.server.config.app.state.service
     ids = tokenizer("Pümp ☃ naïve – 漢字 seal", add_special_tokens=False)["input_ids"]
     assert any(tokenizer.decode([i]) == "\ufffd" for i in ids)  # tokens inside a character
-    rendered = service.render(Row(token_ids=ids, stopped=False), stops)
-    text = _TextStream(tokenizer, stops)
+    rendered = render(tokenizer, Row(token_ids=ids, stopped=False), stops)
+    text = TextStream(tokenizer, stops)
     pieces = _stream(text, ids)
     assert "".join(pieces) == rendered.text
     assert not any("\ufffd" in piece for piece in pieces)
@@ -291,7 +290,18 @@ def test_text_stream_matches_the_full_decode_with_a_leading_space_tokenizer(stop
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.convert_ids_to_tokens(ids[1]).startswith("\u2581")  # the marker case
     full = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    pieces = _stream(_TextStream(tokenizer, stops), ids)
+    pieces = _stream(TextStream(tokenizer, stops), ids)
     expected = full[: full.find("seal")] if stops else full
     assert "".join(pieces) == expected
     assert not any("\ufffd" in piece for piece in pieces)
+
+
+@pytest.mark.parametrize("stop", [["mpx"], ["pu"]])
+def test_streamed_text_offsets_equal_the_whole_ones(client, stop):
+    """Text held back while it could begin a stop string does not shift the later offsets."""
+    options = dict(model="tiny", prompt="pump", max_tokens=8, temperature=0, stop=stop, logprobs=1)
+    whole = client.completions.create(**options).choices[0].logprobs.text_offset
+    chunks = client.completions.create(stream=True, **options)
+    choices = [choice for chunk in chunks for choice in chunk.choices if choice.logprobs]
+    streamed = [offset for choice in choices for offset in choice.logprobs.text_offset]
+    assert streamed == whole

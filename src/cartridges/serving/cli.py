@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,9 @@ def serve_main(argv: list[str] | None = None) -> None:
 
 
 # --------------------------------------------------------------------------- chat
-def chat_main(argv: list[str] | None = None) -> None:
-    """Chat with a cartridge in the terminal, through a running server or an in-process one."""
+def _chat_parser() -> argparse.ArgumentParser:
+    from cartridges.serving.terminal import HISTORY_FILE
+
     parser = argparse.ArgumentParser(
         prog="cartridges-chat",
         description="Interactive chat with a cartridge (history kept, answers streamed).",
@@ -137,30 +139,57 @@ def chat_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampled answers")
     parser.add_argument("--system", default=None, help="system message (without cartridges)")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--history-file",
+        default=HISTORY_FILE,
+        help=f"where the prompt's line history is kept (default: {HISTORY_FILE}; '' = none)",
+    )
+    return parser
+
+
+def chat_main(argv: list[str] | None = None) -> None:
+    """Chat with a cartridge in the terminal, through a running server or an in-process one.
+
+    The server and the cartridges are checked before the first prompt: a refusal ends the
+    command with one line on stderr and exit status 1. Ctrl-C or Ctrl-D end it with status 0.
+    """
+    args = _chat_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from openai import OpenAI
 
-    from cartridges.serving.terminal import HELP, chat_loop
+    from cartridges.serving.terminal import ChatSetupError, check_cartridges, served_model
 
     options = dict(
-        cartridges=args.cartridge,
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         seed=args.seed,
         system=args.system,
     )
-    if args.url:
-        client = OpenAI(base_url=args.url, api_key=args.api_key or "none")
-        model = client.models.list().data[0].id
-        print(HELP)  # noqa: T201 - CLI output
-        chat_loop(client, model, **options)
-        return
-    from cartridges.serving.app import create_app
-    from cartridges.serving.server import BackgroundServer
+    try:
+        if args.url:
+            client = OpenAI(base_url=args.url, api_key=args.api_key or "none")
+            model = served_model(client)
+            check_cartridges(client, model, args.cartridge)
+            _chat(client, model, args, options)
+            return
+        from cartridges.serving.app import create_app
+        from cartridges.serving.server import BackgroundServer
 
-    config = _load(args, api_key=None)
-    with BackgroundServer(create_app(config)) as server:
-        client = OpenAI(base_url=server.base_url, api_key="none")
+        config = _load(args, api_key=None)
+        with BackgroundServer(create_app(config)) as server:
+            client = OpenAI(base_url=server.base_url, api_key="none")
+            check_cartridges(client, config.model_id, args.cartridge)
+            _chat(client, config.model_id, args, options)
+    except ChatSetupError as error:
+        print(f"cartridges-chat: {error}", file=sys.stderr)  # noqa: T201 - CLI output
+        sys.exit(1)
+    except KeyboardInterrupt:  # while starting up: no traceback
+        sys.exit(130)
+
+
+def _chat(client, model: str, args: argparse.Namespace, options: dict) -> None:
+    from cartridges.serving.terminal import HELP, chat_loop, line_editing
+
+    with line_editing(args.history_file):
         print(HELP)  # noqa: T201 - CLI output
-        chat_loop(client, config.model_id, **options)
+        chat_loop(client, model, args.cartridge, **options)

@@ -6,7 +6,7 @@ only :mod:`cartridges.serving.cli` reads the project's ``conf/`` folder.
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import field, fields
 from typing import Any
 
 from pydantic import ConfigDict
@@ -38,6 +38,10 @@ class ServingConfig:
         cartridge_cache_size: loaded (and composed) cartridges kept in memory, LRU.
         max_batch_size: most rows decoded in one ``generate`` call.
         batch_wait_ms: how long the batcher waits for more requests once one has arrived.
+        chat_template_kwargs: chat-template switches for every chat request (e.g.
+            ``{"enable_thinking": False}`` for Qwen3), from the ``model`` block, so that the
+            server renders conversations as the pipelines do; a request's own
+            ``chat_template_kwargs`` are merged over them.
     """
 
     model_name_or_path: str = "data/06_models/tiny_llama"
@@ -59,6 +63,7 @@ class ServingConfig:
     cartridge_cache_size: int = 8
     max_batch_size: int = 32
     batch_wait_ms: float = 5.0
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in (
@@ -98,10 +103,19 @@ class ServingConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"Unknown serving parameters {unknown}; known: {sorted(known)}.")
-        for key, target in (("name_or_path", "model_name_or_path"), ("dtype", "dtype")):
+        if "chat_template_kwargs" in values:
+            raise ValueError(
+                f"serving.chat_template_kwargs={values['chat_template_kwargs']!r}: set "
+                "model.chat_template_kwargs instead, so that the server renders conversations "
+                "as the pipelines do."
+            )
+        for key, target in (
+            ("name_or_path", "model_name_or_path"),
+            ("dtype", "dtype"),
+            ("device", "device"),
+            ("chat_template_kwargs", "chat_template_kwargs"),
+        ):
             if model and model.get(key) is not None:
                 values.setdefault(target, model[key])
-        if model and model.get("device") is not None:
-            values.setdefault("device", model["device"])
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)

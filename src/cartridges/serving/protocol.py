@@ -4,17 +4,98 @@ Extensions: ``cartridges`` (KV prefixes to answer with, composed in order), vLLM
 ``return_tokens_as_token_ids`` (logprob tokens as ``"token_id:<id>"``) and ``return_token_ids``
 (generated and prompt ids in the response). Every log-probability entry also carries a
 ``token_id`` field, so a self-study client can map teacher distributions back to ids exactly.
-Unknown fields are ignored, as OpenAI clients send fields that this server does not use.
+Chat requests also take vLLM's ``chat_template_kwargs`` (switches of the chat template).
+
+A field that OpenAI (or vLLM's sampling) defines but this server does not honour, such as
+``tools`` or ``response_format``, is noted when it asks for something (a value other than null
+or its do-nothing default), so that the request is refused naming it rather than answered as
+if it were absent (:meth:`BaseCompletionRequest.unsupported`). Bookkeeping fields that do not
+change an answer (``user``, ``metadata``, ``store``, ``service_tier``...) and unknown fields are
+ignored.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 _LIMITS = ConfigDict(extra="ignore", allow_inf_nan=False)
 MaxTokens = Annotated[int | None, Field(default=None, ge=1)]
+
+# field -> (why it cannot be honoured, values that ask for nothing besides null)
+Unsupported = dict[str, tuple[str, tuple[Any, ...]]]
+_TOOLS = "tool and function calling is not supported (answers are plain text)"
+_PENALTIES = "penalties and logit biases are not supported (sampling uses temperature only)"
+_SAMPLING: Unsupported = {
+    "frequency_penalty": (_PENALTIES, (0,)),
+    "presence_penalty": (_PENALTIES, (0,)),
+    "logit_bias": (_PENALTIES, ({},)),
+    "best_of": ("best_of is not supported; ask for n choices instead", (1,)),
+    # vLLM's sampling extensions
+    "repetition_penalty": (_PENALTIES, (1,)),
+    "top_k": ("top_k sampling is not supported; use temperature", (-1, 0)),
+    "min_p": ("min_p sampling is not supported; use temperature", (0,)),
+}
+CHAT_UNSUPPORTED: Unsupported = {
+    "tools": (_TOOLS, ([],)),
+    "tool_choice": (_TOOLS, ("none",)),
+    "parallel_tool_calls": (_TOOLS, ()),
+    "functions": (_TOOLS, ([],)),
+    "function_call": (_TOOLS, ("none",)),
+    "response_format": (
+        "structured output (JSON mode, JSON schema) is not supported",
+        ({"type": "text"},),
+    ),
+    **_SAMPLING,
+    "audio": ("only text output is supported", ()),
+    "modalities": ("only text output is supported", (["text"],)),
+    "prediction": ("predicted outputs are not supported", ()),
+    "reasoning_effort": (
+        "reasoning effort is not supported; a chat template's thinking switch is set with "
+        "chat_template_kwargs",
+        (),
+    ),
+    "verbosity": ("verbosity is not supported", ()),
+    "web_search_options": ("web search is not supported", ()),
+}
+COMPLETION_UNSUPPORTED: Unsupported = {
+    **_SAMPLING,
+    "suffix": ("suffix (insertion) is not supported", ("",)),
+    "chat_template_kwargs": ("a raw prompt is not rendered by the chat template", ({},)),
+}
+MESSAGE_UNSUPPORTED: Unsupported = {"tool_calls": (_TOOLS, ([],)), "function_call": (_TOOLS, ())}
+
+
+def _asked(data: Any, table: Unsupported) -> dict[str, Any]:
+    """The fields of ``table`` that ``data`` sets to something other than null or a no-op."""
+    if not isinstance(data, dict):
+        return {}
+    return {
+        name: data[name]
+        for name, (_, neutral) in table.items()
+        if data.get(name) is not None and data[name] not in neutral
+    }
+
+
+class _NotesUnsupported(BaseModel):
+    """A body that remembers the unsupported fields it was sent (they are not fields of it)."""
+
+    model_config = _LIMITS
+    unsupported_fields: ClassVar[Unsupported] = {}
+    _asked: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _note_unsupported(cls, data: Any, handler: Any) -> Any:
+        body = handler(data)
+        if isinstance(body, _NotesUnsupported):
+            body._asked = _asked(data, cls.unsupported_fields)
+        return body
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        """``(field, why it is not supported)`` for each unsupported field this body asks for."""
+        return [(name, self.unsupported_fields[name][0]) for name in self._asked]
 
 
 class TokenizeRequest(BaseModel):
@@ -40,8 +121,8 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = _LIMITS
+class ChatMessage(_NotesUnsupported):
+    unsupported_fields = MESSAGE_UNSUPPORTED
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -57,10 +138,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class BaseCompletionRequest(BaseModel):
+class BaseCompletionRequest(_NotesUnsupported):
     """Fields shared by chat and text completions."""
 
-    model_config = _LIMITS
     model: str = Field(max_length=512)
     cartridges: list[CartridgeRef] = Field(default_factory=list)
     max_tokens: MaxTokens
@@ -83,15 +163,25 @@ class BaseCompletionRequest(BaseModel):
 class ChatCompletionRequest(BaseCompletionRequest):
     """``POST /v1/chat/completions``."""
 
+    unsupported_fields = CHAT_UNSUPPORTED
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: MaxTokens
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0)
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        """The request's unsupported fields, then its messages' (as ``messages[i].field``)."""
+        found = super().unsupported()
+        for i, message in enumerate(self.messages):
+            found += [(f"messages[{i}].{name}", why) for name, why in message.unsupported()]
+        return found
 
 
 class CompletionRequest(BaseCompletionRequest):
     """``POST /v1/completions``: a text or token-id prompt, or a list of them."""
 
+    unsupported_fields = COMPLETION_UNSUPPORTED
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0)

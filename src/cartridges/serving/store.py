@@ -5,21 +5,28 @@ An id is either a catalog dataset name (``cartridge`` is its latest version,
 directory (``manual`` or ``team/manual.safetensors``). Ids come from the network, so they are
 checked twice: by a strict pattern (no absolute paths, no ``..``, no hidden components) and by
 resolving symlinks and requiring the real path to stay inside its root.
+
+:meth:`CartridgeStore.available` lists the ids that resolve to cartridge files made for the
+served model, for ``/v1/models``; it reads file headers only, never the tensors.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedModel
 
 from cartridges.cartridge import Cartridge, CartridgeMismatchError, compose
-from cartridges.checkpoint import CartridgeFormatError, load_cartridge
+from cartridges.checkpoint import CartridgeFormatError, load_cartridge, read_metadata
+from cartridges.modeling import model_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +45,14 @@ class CartridgeLookupError(Exception):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+@dataclass(frozen=True)
+class Available:
+    """A cartridge a request can name: its id and its file's modification time (seconds)."""
+
+    id: str
+    created: int
 
 
 class CartridgeStore:
@@ -142,6 +157,60 @@ class CartridgeStore:
                 f"Cartridge {cartridge_id!r} not found.", status=404, code="cartridge_not_found"
             )
         return real
+
+    # ------------------------------------------------------------------ listing
+    def available(self) -> list[Available]:
+        """The ids that name a cartridge file made for the served model, each file once per id.
+
+        Catalog datasets first (the name, for the latest version, then ``name@<version>``,
+        newest first), then the files of the cartridge directory by path (without the
+        ``.safetensors`` suffix). Ids the store would refuse (hidden or odd names, symlinks out
+        of their root) are left out, as are files that are not cartridges or were made for
+        another model, and files shadowed by a catalog name.
+        """
+        fingerprint = model_fingerprint(self.model)
+        found = []
+        for cartridge_id in [*self._catalog_ids(), *self._directory_ids()]:
+            try:
+                path = self.resolve(cartridge_id)
+            except CartridgeLookupError:
+                continue
+            if self._made_for(path, fingerprint):
+                found.append(Available(cartridge_id, int(path.stat().st_mtime)))
+        return found
+
+    def _catalog_ids(self) -> Iterator[str]:
+        for name, filepath in self.catalog.items():
+            root = filepath.resolve()
+            if not root.is_dir():
+                continue
+            versions = sorted(
+                (d.name for d in root.iterdir() if (d / filepath.name).is_file()), reverse=True
+            )
+            if versions:
+                yield name
+            yield from (f"{name}@{version}" for version in versions)
+
+    def _directory_ids(self) -> Iterator[str]:
+        if not self.root.is_dir():
+            return
+        for folder, subfolders, files in os.walk(self.root):  # symlinked folders not followed
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            relative = Path(folder).relative_to(self.root)
+            for name in sorted(f for f in files if f.endswith(SUFFIX)):
+                cartridge_id = (relative / name).as_posix().removesuffix(SUFFIX)
+                inside = (Path(folder) / name).resolve().is_relative_to(self.root)
+                if inside and cartridge_id not in self.catalog:  # links out: skipped, unlogged
+                    yield cartridge_id
+
+    @staticmethod
+    def _made_for(path: Path, fingerprint: str) -> bool:
+        """Whether the file's header says it is a cartridge for the model of ``fingerprint``."""
+        try:
+            info = json.loads(read_metadata(path).get("info", "{}"))
+        except (CartridgeFormatError, ValueError):
+            return False
+        return isinstance(info, dict) and info.get("model_fingerprint") in (None, "", fingerprint)
 
     # ------------------------------------------------------------------ loading
     def get(self, cartridge_ids: Sequence[str]) -> tuple[tuple[CacheKey, ...], Cartridge]:
