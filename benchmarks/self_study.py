@@ -22,7 +22,7 @@ from models import build_model
 
 from cartridges.chat import chat_ids
 from cartridges.modeling import load_tokenizer
-from cartridges.synthesis.backends import LocalBackend
+from cartridges.synthesis.local_backend import LocalBackend
 
 logger = logging.getLogger("benchmark")
 TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "06_models" / "tiny_llama"

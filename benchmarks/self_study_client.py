@@ -33,9 +33,10 @@ import numpy as np
 import openai
 
 from cartridges.modeling import load_tokenizer
-from cartridges.synthesis.backends import Completion
+from cartridges.synthesis.backends import Completion, Sampling
 from cartridges.synthesis.openai_backend import OpenAIBackend
-from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig, run_self_study
+from cartridges.synthesis.runs import run_self_study
+from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig
 from cartridges.synthesis.stand_in_teacher import StandInTeacher, TeacherSettings
 
 logger = logging.getLogger("benchmark")
@@ -53,16 +54,18 @@ class OneBatchClient:
         self.tokenizer, self.base_url, self.model = tokenizer, base_url, model
         self.max_concurrency = max_concurrency
         self.requests_in_flight = 0
+        self.max_length = None  # the server refuses what does not fit
 
     def batches_in_flight(self, batch_size: int) -> int:
         return 1
 
+    def identity(self) -> str:
+        return f"one-batch:{self.base_url}:{self.model}"
+
     async def aclose(self) -> None:
         return None
 
-    async def acomplete(
-        self, system, conversations, *, temperature, max_tokens, top_logprobs=0, seed=0
-    ) -> list[Completion]:
+    async def acomplete(self, system, conversations, sampling: Sampling) -> list[Completion]:
         client = openai.AsyncOpenAI(base_url=self.base_url, api_key="unused", max_retries=1)
         semaphore = asyncio.Semaphore(self.max_concurrency)
 
@@ -71,14 +74,14 @@ class OneBatchClient:
                 response = await client.chat.completions.create(
                     model=self.model,
                     messages=[{"role": "system", "content": system}, *messages],
-                    temperature=temperature,
-                    max_tokens=max_tokens,
-                    seed=seed + row,
+                    temperature=sampling.temperature,
+                    max_tokens=sampling.max_tokens,
+                    seed=sampling.seed + row,
                     logprobs=True,
-                    top_logprobs=max(top_logprobs, 1),
+                    top_logprobs=max(sampling.top_logprobs, 1),
                     extra_body={"return_tokens_as_token_ids": True},
                 )
-            return self._parse(response, top_logprobs)
+            return self._parse(response, sampling.top_logprobs)
 
         try:
             return list(await asyncio.gather(*(one(i, c) for i, c in enumerate(conversations))))

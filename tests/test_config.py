@@ -93,3 +93,11 @@ def test_the_llm_environment_overrides_single_keys():
         == base["distill_training"]["num_frozen_tokens"]
     )
     assert llm["self_study"]["extra_seed_prompts"] is None
+
+
+def test_the_llm_question_writer_does_not_think_and_the_answers_follow_the_model():
+    validated = validate_parameters(_params("llm"))
+    model = validated["model"]
+    config = validated["self_study"].config(validated["system_prompt"], model.chat_template_kwargs)
+    assert config.question_template_kwargs["enable_thinking"] is False
+    assert config.chat_template_kwargs == model.chat_template_kwargs

@@ -15,13 +15,8 @@ from pathlib import Path
 import pytest
 from pypdf import PdfWriter
 
-from cartridges.corpus import (
-    CorpusConfig,
-    CorpusError,
-    corpus_statistics,
-    join_documents,
-    load_corpus,
-)
+from cartridges.context import join_documents
+from cartridges.corpus import CorpusConfig, CorpusError, corpus_statistics, load_corpus
 from cartridges.documents import Unusable, decode_text, normalise_text, parse_document
 
 

@@ -182,6 +182,50 @@ def test_the_self_study_config_keeps_its_resume_identity():
     assert isinstance(params, SelfStudyParams)
 
 
+def test_self_study_reads_the_models_switches_and_merges_the_question_writers_over_them():
+    params = parse("self_study", {"question_chat_template_kwargs": {"enable_thinking": False}})
+    config = params.config("{chunk}", {"enable_thinking": True, "style": "brief"})
+    assert config.chat_template_kwargs == {"enable_thinking": True, "style": "brief"}
+    assert config.question_template_kwargs == {"enable_thinking": False, "style": "brief"}
+    assert params.config("{chunk}").chat_template_kwargs == {}
+    with pytest.raises(ParameterError) as error:
+        validate_parameters({"self_study": {"chat_template_kwargs": {"enable_thinking": False}}})
+    assert str(error.value) == (
+        "Invalid parameter 'self_study.chat_template_kwargs': got {'enable_thinking': False}; "
+        "set `model.chat_template_kwargs` (the answering bot's, as wherever the model reads a "
+        "conversation) or `self_study.question_chat_template_kwargs`."
+    )
+
+
+def test_a_registered_backend_kind_brings_its_choice_and_its_settings_block(monkeypatch):
+    """A new kind is its module and a registry entry: the block and the node follow."""
+    from pydantic import TypeAdapter
+    from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+    from cartridges import params as parameters
+    from cartridges.synthesis import registry
+
+    @pydantic_dataclass
+    class EchoSettings:
+        voice: str = "low"
+
+    built = []
+    kind = registry.BackendKind(
+        lambda settings, model: built.append((settings, model)), EchoSettings
+    )
+    backends = {**registry.BACKENDS, "echo": kind}
+    monkeypatch.setattr(registry, "BACKENDS", backends)
+    block = TypeAdapter(parameters._with_backends(SelfStudyParams, backends))
+    params = block.validate_python({"backend": "echo", "echo": {"voice": "high"}})
+    assert params.backend_settings == EchoSettings(voice="high")
+    registry.build_backend(params.backend, params.backend_settings, "the model block")
+    assert built == [(EchoSettings(voice="high"), "the model block")]
+    assert parse("self_study", {"backend": "openai"}).backend_settings.max_concurrency == 32
+    assert parse("self_study", {}).backend_settings is None  # local: no settings of its own
+    with pytest.raises(ValueError, match=r"Unknown self-study backend 'vllm'; use one of"):
+        registry.build_backend("vllm", None, "the model block")
+
+
 def test_library_configs_keep_their_keyword_api_and_refuse_unknown_keywords():
     config = TrainConfig(learning_rate=0.1, epochs=2)
     assert dataclasses.asdict(config)["learning_rate"] == 0.1

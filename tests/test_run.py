@@ -38,6 +38,8 @@ def project(tmp_path_factory) -> Path:
         text=True,
     ).stdout.split()
     for relative in tracked:
+        if not (ROOT / relative).exists():  # deleted in the working tree, not yet committed
+            continue
         (copy / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / relative, copy / relative)
     return copy

@@ -34,7 +34,6 @@ __all__ = [
     "Skipped",
     "corpus_statistics",
     "discover",
-    "join_documents",
     "load_corpus",
     "normalise_text",
 ]
@@ -262,11 +261,6 @@ def load_corpus(
     for item in iter_corpus(config, count_tokens):
         (documents if isinstance(item, Document) else skipped).append(item)
     return documents, skipped
-
-
-def join_documents(texts: list[str]) -> str:
-    """The whole corpus as one text, documents separated by a blank line (for ICL and init)."""
-    return "\n\n".join(texts)
 
 
 # ---------------------------------------------------------------------------- statistics

@@ -1,6 +1,6 @@
 """Kedro hooks: lineage in every artifact, and only rank 0 writing under a distributed launcher.
 
-``torchrun --nproc-per-node N -m kedro run --pipeline distill_training`` starts N Kedro sessions.
+``torchrun --nproc-per-node N -m kedro run --pipelines distill_training`` starts N Kedro sessions.
 All of them must train (each holds a shard of every global batch), but only rank 0 may save the
 catalog's outputs. On the other ranks this hook wraps every persisted dataset so that its saves
 stay in memory for the rest of the run while its loads still read the inputs from disk.

@@ -5,7 +5,8 @@ else: an unknown key is an error that names the closest valid key, a value of th
 range is an error that names the key and the value, and all the errors of a run come in one
 message. The defaults live in these models (and the library configs they build on:
 ``TrainConfig``, ``SelfStudyConfig``, ``EvalConfig``, ``CorpusConfig``, ``ChunkingConfig``,
-``PretrainConfig``, ``ServingConfig``), never in the nodes.
+``PretrainConfig``, ``ServingConfig``, ``DistillConfig``), never in the nodes. The self-study
+backends' choices and settings come from their registry (``cartridges.synthesis.registry``).
 
 ``ParametersHook`` checks a run's blocks before its first node, so that ``kedro run --params``
 with a typo fails in seconds rather than after the model has loaded; each node also validates its
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -39,11 +41,12 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from cartridges.chunking import ChunkingConfig
 from cartridges.corpus import CorpusConfig
-from cartridges.evaluation.report import EvalConfig
+from cartridges.distillation import DistillConfig
+from cartridges.evaluation.config import EvalConfig
 from cartridges.modeling import resolve_dtype
 from cartridges.serving.config import ServingConfig
+from cartridges.synthesis.registry import BACKENDS, DEFAULT_BACKEND, BackendKind
 from cartridges.synthesis.self_study import SelfStudyConfig
-from cartridges.toy_world.pretrain import PretrainConfig
 from cartridges.training import TrainConfig
 
 # Kedro's own hook marker (``kedro.framework.hooks.hook_impl``), made here so that the models
@@ -51,9 +54,6 @@ from cartridges.training import TrainConfig
 hook_impl = pluggy.HookimplMarker("kedro")
 
 STRICT = ConfigDict(extra="forbid")
-
-OBJECTIVES = ("distillation", "cross_entropy", "memorization")
-INITIALIZERS = ("text", "random_tokens", "random_vectors")
 
 
 class ParameterError(ValueError):
@@ -118,28 +118,35 @@ class DocumentPrepParams(CorpusConfig):
         return _library(self, CorpusConfig)
 
 
-@pydantic_dataclass(config=STRICT)
-class OpenAIParams:
-    """``self_study.openai``: the OpenAI-compatible servers (``OpenAIBackend``'s arguments)."""
+def _with_backends(cls: type, backends: Mapping[str, BackendKind] = BACKENDS) -> type:
+    """``cls`` plus ``backend`` (a registered kind) and one sub-block per kind with settings.
 
-    base_urls: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])
-    model: str = "default"  # the served model's name
-    api_key_env: str = "OPENAI_API_KEY"
-    max_concurrency: Annotated[int, Field(ge=1)] = 32
-    max_retries: Annotated[int, Field(ge=0)] = 5
-    timeout_s: Annotated[float, Field(gt=0)] = 120.0
-    backoff_s: Annotated[float, Field(ge=0)] = 0.5  # first retry's wait, doubled per retry
+    The sub-block is named after its kind (``self_study.openai``), so a new kind in the
+    registry needs no change here.
+    """
+    kinds = {name: kind.settings for name, kind in backends.items() if kind.settings is not None}
+    annotations = {"backend": typing.Literal[tuple(backends)], **kinds}
+    defaults = {name: field(default_factory=settings) for name, settings in kinds.items()}
+    namespace = {
+        "__annotations__": annotations,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        "backend": DEFAULT_BACKEND,
+        **defaults,
+    }
+    return pydantic_dataclass(type(cls.__name__, (cls,), namespace), config=STRICT)
 
 
+@_with_backends
 @pydantic_dataclass(config=STRICT)
 class SelfStudyParams(SelfStudyConfig):
-    """The ``self_study`` block: ``SelfStudyConfig`` + the backend and where shards go.
+    """The ``self_study`` block: ``SelfStudyConfig`` + the backend, its settings, the shard folder.
 
-    The system prompt is the shared top-level ``system_prompt``, not a key of this block.
+    The system prompt is the shared top-level ``system_prompt`` and the answering bot's template
+    switches are the ``model`` block's ``chat_template_kwargs``: neither is a key of this block.
     """
 
-    backend: typing.Literal["local", "openai"] = "local"
-    openai: OpenAIParams = field(default_factory=OpenAIParams)
     shard_dir: str = "data/03_primary/self_study_shards"  # finished batches; a rerun resumes
 
     @field_validator("system_prompt")
@@ -147,52 +154,35 @@ class SelfStudyParams(SelfStudyConfig):
     def _not_here(cls, value: str) -> str:
         raise ValueError("set the top-level `system_prompt` parameter; self-study reads it there")
 
-    def config(self, system_prompt: str) -> SelfStudyConfig:
-        """The library config (its resume identity leaves out backend and shard_dir)."""
-        return SelfStudyConfig(
-            **{**asdict(_library(self, SelfStudyConfig)), "system_prompt": system_prompt}
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _model_switches(cls, value: dict) -> dict:
+        raise ValueError(
+            f"got {value!r}; set `model.chat_template_kwargs` (the answering bot's, as wherever "
+            "the model reads a conversation) or `self_study.question_chat_template_kwargs`"
         )
+
+    @property
+    def backend_settings(self) -> Any:
+        """The chosen kind's own sub-block (``None`` for a kind without settings)."""
+        return getattr(self, self.backend, None)
+
+    def config(
+        self, system_prompt: str, chat_template_kwargs: Mapping[str, Any] | None = None
+    ) -> SelfStudyConfig:
+        """The library config (its resume identity leaves out the backend and shard_dir).
+
+        ``chat_template_kwargs`` are the model's, read by the answering bot and the student.
+        """
+        values = asdict(_library(self, SelfStudyConfig))
+        values["system_prompt"] = system_prompt
+        values["chat_template_kwargs"] = dict(chat_template_kwargs or {})
+        return SelfStudyConfig(**values)
 
 
 @pydantic_dataclass(config=STRICT)
-class DistillTrainingParams:
-    """The ``distill_training`` block: the cartridge's size, start and objective + ``train``."""
-
-    num_cartridge_tokens: Annotated[int, Field(ge=1)] | None = None  # p; None: from compression
-    compression: Annotated[float, Field(ge=1)] = 4.0  # p = corpus context tokens / compression
-    sweep_compressions: list[Annotated[float, Field(ge=1)]] = field(
-        default_factory=lambda: [2.0, 8.0, 16.0]
-    )
-    num_frozen_tokens: Annotated[int, Field(ge=0)] = 1
-    initializer: str = "text"
-    objective: str = "distillation"
-    held_out_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    eval_generations: Annotated[int, Field(ge=0)] = 2
-    eval_max_new_tokens: Annotated[int, Field(ge=1)] = 48
-    train: TrainConfig = field(default_factory=TrainConfig)
-    distributed_backend: str = "gloo"  # nccl on GPUs
-    checkpoint_dir: str | None = None  # None: no resumable checkpoints
-
-    @field_validator("initializer")
-    @classmethod
-    def _known_initializer(cls, value: str) -> str:
-        if value not in INITIALIZERS:
-            raise ValueError(f"Unknown initializer {value!r}; use one of {list(INITIALIZERS)}")
-        return value
-
-    @field_validator("objective")
-    @classmethod
-    def _known_objective(cls, value: str) -> str:
-        if value not in OBJECTIVES:
-            raise ValueError(f"Unknown objective {value!r}; use one of {list(OBJECTIVES)}")
-        return value
-
-    def cartridge_size(self, context_length: int, compression: float | None = None) -> int:
-        """``num_cartridge_tokens``, or the corpus context length divided by the compression."""
-        if compression is None and self.num_cartridge_tokens is not None:
-            return self.num_cartridge_tokens
-        ratio = self.compression if compression is None else compression
-        return max(self.num_frozen_tokens + 1, round(context_length / ratio))
+class DistillTrainingParams(DistillConfig):
+    """The ``distill_training`` block: ``DistillConfig`` (its recipe, ``train``, the sweep)."""
 
 
 def _overrides(name: str, cls: type) -> type[BaseModel]:
@@ -236,7 +226,13 @@ class EvaluationParams(EvalConfig):
 def _serving_block() -> type[BaseModel]:
     """The ``serving`` block that ``cartridges-serve`` reads: ``ServingConfig``'s fields and
     defaults, minus those the ``model`` block sets; ``catalog_datasets`` names catalog entries."""
-    taken = {"model_name_or_path", "dtype", "device", "catalog_datasets"}
+    taken = {
+        "model_name_or_path",
+        "dtype",
+        "device",
+        "catalog_datasets",
+        "chat_template_kwargs",
+    }
     own = {
         name: (info.annotation, info)
         for name, info in ServingConfig.__pydantic_fields__.items()
@@ -270,7 +266,8 @@ SCHEMAS: dict[str, Any] = {
     "distill_training": DistillTrainingParams,
     "lora_baseline": LoraBaselineParams,
     "evaluation": EvaluationParams,
-    "toy_world": PretrainConfig,
+    # The toy world plugs in from outside the core: its block is imported when first used.
+    "toy_world": "cartridges.toy_world.pretrain:PretrainConfig",
     "serving": ServingParams,
 }
 
@@ -280,9 +277,18 @@ def _library(params: Any, cls: type) -> Any:
     return cls(**{f.name: getattr(params, f.name) for f in fields(cls)})
 
 
+def _schema(block: str) -> Any:
+    """A block's model; a ``"module:Class"`` entry is imported on first use."""
+    schema = SCHEMAS[block]
+    if isinstance(schema, str):
+        module, _, name = schema.partition(":")
+        schema = SCHEMAS[block] = getattr(importlib.import_module(module), name)
+    return schema
+
+
 @functools.cache
 def _adapter(block: str) -> TypeAdapter:
-    return TypeAdapter(SCHEMAS[block])
+    return TypeAdapter(_schema(block))
 
 
 def parse(block: str, value: Any) -> Any:
@@ -291,7 +297,7 @@ def parse(block: str, value: Any) -> Any:
     Raises:
         ParameterError: unknown keys, wrong types or values, every problem in one message.
     """
-    schema = SCHEMAS[block]
+    schema = _schema(block)
     if isinstance(schema, type) and isinstance(value, schema):
         return value
     return validate_parameters({block: value})[block]
@@ -333,7 +339,7 @@ def _describe(block: str, error: ValidationError) -> list[str]:
         key = ".".join((block, *loc))
         kind = item["type"]
         if kind in ("extra_forbidden", "unexpected_keyword_argument"):
-            lines.append(_unknown(key, _keys_at(SCHEMAS[block], item["loc"][:-1])))
+            lines.append(_unknown(key, _keys_at(_schema(block), item["loc"][:-1])))
         elif kind in ("missing", "missing_argument", "missing_keyword_only_argument"):
             lines.append(f"Missing parameter '{key}'.")
         else:

@@ -21,9 +21,10 @@ import pytest
 
 from cartridges.chat import chat_ids
 from cartridges.modeling import load_model
-from cartridges.synthesis.backends import LocalBackend
+from cartridges.synthesis.local_backend import LocalBackend
 from cartridges.synthesis.openai_backend import PROBE_TEXT, BackendError, OpenAIBackend
-from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig, run_self_study
+from cartridges.synthesis.runs import run_self_study
+from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig
 from tests.conftest import CORPUS
 
 pytestmark = pytest.mark.vllm

@@ -13,9 +13,9 @@ from kedro.io import DataCatalog
 from kedro.runner import SequentialRunner
 from kedro_datasets.pickle import PickleDataset
 
+from cartridges.corpus_tables import CHUNK_COLUMNS, CORPUS_COLUMNS
 from cartridges.modeling import load_tokenizer
 from cartridges.pipelines.document_prep import create_pipeline
-from cartridges.pipelines.document_prep.nodes import CHUNK_COLUMNS, CORPUS_COLUMNS
 from tests.conftest import CORPUS
 from tests.test_corpus import make_pdf
 
@@ -146,15 +146,15 @@ def test_catalog_versions_the_outputs_and_logs_metrics_to_mlflow():
 
 def test_the_corpus_table_keeps_every_text_exactly_across_arrow_flushes(monkeypatch):
     from cartridges.corpus import Document
-    from cartridges.pipelines.document_prep.nodes import _CorpusTable
+    from cartridges.corpus_tables import CorpusTable
 
     texts = ["Grüße, 世界 🙂", "plain", "a\nb\x00c", "é" * 7, "last one"]
     documents = [
         Document(f"id{i}", f"s{i}", "txt", f"t{i}", text, "0" * 64, len(text), i)
         for i, text in enumerate(texts)
     ]
-    monkeypatch.setattr(_CorpusTable, "FLUSH_CHARS", 10)  # several Arrow chunks
-    table = _CorpusTable()
+    monkeypatch.setattr(CorpusTable, "FLUSH_CHARS", 10)  # several Arrow chunks
+    table = CorpusTable()
     for document in documents:
         table.add(document)
     frame = table.frame()

@@ -8,8 +8,9 @@ import time
 import torch
 
 from cartridges.modeling import load_model
-from cartridges.synthesis.backends import LocalBackend
-from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig, run_self_study
+from cartridges.synthesis.local_backend import LocalBackend
+from cartridges.synthesis.runs import run_self_study
+from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig
 
 CHUNKS = [
     ("chunk-a", "The pump P2 seal was replaced in March."),
@@ -30,9 +31,9 @@ class SlowBackend(LocalBackend):
         super().__init__(*args)
         self.delay = delay
 
-    def complete(self, *args, **kwargs):
+    def generate_batch(self, *args, **kwargs):
         time.sleep(self.delay)
-        return super().complete(*args, **kwargs)
+        return super().generate_batch(*args, **kwargs)
 
 
 def study(model_dir: str, delay: float = 0.0) -> SelfStudy:

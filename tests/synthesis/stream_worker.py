@@ -6,7 +6,8 @@ import sys
 
 from cartridges.modeling import load_tokenizer
 from cartridges.synthesis.openai_backend import OpenAIBackend
-from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig, run_self_study
+from cartridges.synthesis.runs import run_self_study
+from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig
 
 # Chunk "slow" is answered late by the stand-in teacher, so its batches finish after later ones.
 CHUNKS = [

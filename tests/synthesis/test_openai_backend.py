@@ -12,9 +12,10 @@ import pytest
 
 from cartridges.modeling import load_model
 from cartridges.serving import BackgroundServer, ServingConfig, create_app
-from cartridges.synthesis.backends import LocalBackend
+from cartridges.synthesis.local_backend import LocalBackend
 from cartridges.synthesis.openai_backend import BackendError, OpenAIBackend
-from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig, run_self_study
+from cartridges.synthesis.runs import run_self_study
+from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig
 from cartridges.tiny_model import build
 from tests.conftest import CORPUS
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from cartridges.chat import context_ids
-from cartridges.synthesis.backends import LocalBackend
-from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig, run_self_study
+from cartridges.synthesis.local_backend import LocalBackend
+from cartridges.synthesis.runs import run_self_study
+from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig
 from tests.conftest import CORPUS
 from tests.synthesis.self_study_worker import CHUNKS as WORKER_CHUNKS
 from tests.synthesis.self_study_worker import study

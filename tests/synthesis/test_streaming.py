@@ -15,7 +15,8 @@ import pytest
 from cartridges.modeling import load_tokenizer
 from cartridges.synthesis.backends import BackendError
 from cartridges.synthesis.openai_backend import OpenAIBackend
-from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig, run_self_study
+from cartridges.synthesis.runs import run_self_study
+from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig
 from cartridges.synthesis.stand_in_teacher import StandInTeacher, TeacherSettings
 from tests.synthesis import stream_worker
 

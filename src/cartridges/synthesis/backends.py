@@ -1,9 +1,10 @@
-"""Synthesis backends: whatever writes the conversations' messages and the teacher's top-k.
+"""What every self-study backend shares: the request, the answer, the error and the contract.
 
-A backend answers a batch of conversations that all share one system message (the chunk). The
-local backend runs the Hugging Face model in-process and computes the system message's KV once
-for the whole batch; the OpenAI-compatible backend (``openai_backend``) sends requests to one or
-more servers. Both return token ids, so the student trains on exactly the teacher's tokens.
+A backend writes the messages of a batch of conversations that all share one system message (the
+chunk), and returns token ids, so the student trains on exactly the teacher's tokens. Each kind
+of backend lives in its own module (``local_backend``: the model in-process; ``openai_backend``:
+OpenAI-compatible servers) and is named in :mod:`cartridges.synthesis.registry`; nothing else in
+the project tells the kinds apart.
 
 Backends are asynchronous (``acomplete``) so that a run keeps many batches in flight when the
 backend can serve them (a fleet of servers); ``batches_in_flight`` says how many.
@@ -12,35 +13,31 @@ backend can serve them (a fleet of servers); ``batches_in_flight`` says how many
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cartridges.chat import Message, chat_ids, shared_prefix_length
-from cartridges.generation import generate
-from cartridges.initialization import from_token_ids
+from cartridges.chat import Message
 
 T = TypeVar("T")
 
 
-def run_blocking(backend: Backend, work: Coroutine[Any, Any, T]) -> T:
-    """Run one coroutine of ``backend`` to its end, then release what it opened."""
-
-    async def run() -> T:
-        try:
-            return await work
-        finally:
-            await backend.aclose()
-
-    return asyncio.run(run())
-
-
 class BackendError(RuntimeError):
     """A backend cannot be used: unreachable, wrong tokenizer, or malformed answers."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one call writes every row of its batch: one object, so each backend reads it alike."""
+
+    temperature: float
+    max_tokens: int
+    top_logprobs: int = 0  # teacher entries kept per generated token (0: none)
+    seed: int = 0  # row i samples with seed + i (the local backend: one generator per batch)
+    # Chat-template switches for rendering the conversation, e.g. {"enable_thinking": False}.
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -59,6 +56,9 @@ class Completion:
 class Backend(Protocol):
     """Completes conversations that share a system message."""
 
+    max_length: int | None
+    """Tokens a conversation may span (chunk, messages and answer); ``None``: unknown."""
+
     @property
     def requests_in_flight(self) -> int:
         """Requests being served right now (for progress reports)."""
@@ -68,124 +68,36 @@ class Backend(Protocol):
         """How many batches of ``batch_size`` rows a run should keep going at once."""
         ...
 
+    def identity(self) -> str:
+        """What answers, as a string: part of a run's resume key (another teacher, another run)."""
+        ...
+
     async def acomplete(
-        self,
-        system: str,
-        conversations: Sequence[Sequence[Message]],
-        *,
-        temperature: float,
-        max_tokens: int,
-        top_logprobs: int = 0,
-        seed: int = 0,
+        self, system: str, conversations: Sequence[Sequence[Message]], sampling: Sampling
     ) -> list[Completion]: ...
 
     async def aclose(self) -> None:
         """Release what ``acomplete`` opened (connections); called at the end of a run."""
         ...
 
+
+class BlockingCalls:
+    """The blocking form of ``acomplete``, shared by the backends (scripts, tests, benchmarks)."""
+
     def complete(
-        self,
-        system: str,
-        conversations: Sequence[Sequence[Message]],
-        *,
-        temperature: float,
-        max_tokens: int,
-        top_logprobs: int = 0,
-        seed: int = 0,
-    ) -> list[Completion]: ...
-
-
-class LocalBackend:
-    """The model in-process: one prefill of the shared system message per batch."""
-
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-        self.model, self.tokenizer = model, tokenizer
-        self.stop_ids = [tokenizer.eos_token_id]
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.max_length = getattr(model.config, "max_position_embeddings", None)
-        self._running = 0
-
-    @property
-    def requests_in_flight(self) -> int:
-        return self._running
-
-    def batches_in_flight(self, batch_size: int) -> int:
-        return 1  # one model: batches take turns (its batch already fills the device)
-
-    async def acomplete(
-        self,
-        system: str,
-        conversations: Sequence[Sequence[Message]],
-        *,
-        temperature: float,
-        max_tokens: int,
-        top_logprobs: int = 0,
-        seed: int = 0,
+        self, system: str, conversations: Sequence[Sequence[Message]], **sampling: Any
     ) -> list[Completion]:
-        """:meth:`complete` in a worker thread, so the event loop keeps writing shards."""
-        self._running = len(conversations)
+        """Complete a batch and wait for it; ``sampling`` holds :class:`Sampling`'s fields."""
+        return run_blocking(self, self.acomplete(system, conversations, Sampling(**sampling)))
+
+
+def run_blocking(backend: Backend, work: Coroutine[Any, Any, T]) -> T:
+    """Run one coroutine of ``backend`` to its end, then release what it opened."""
+
+    async def run() -> T:
         try:
-            return await asyncio.to_thread(
-                self.complete,
-                system,
-                conversations,
-                temperature=temperature,
-                max_tokens=max_tokens,
-                top_logprobs=top_logprobs,
-                seed=seed,
-            )
+            return await work
         finally:
-            self._running = 0
+            await backend.aclose()
 
-    async def aclose(self) -> None:
-        return None
-
-    def complete(
-        self,
-        system: str,
-        conversations: Sequence[Sequence[Message]],
-        *,
-        temperature: float,
-        max_tokens: int,
-        top_logprobs: int = 0,
-        seed: int = 0,
-    ) -> list[Completion]:
-        rows = [
-            chat_ids(self.tokenizer, [{"role": "system", "content": system}, *c], True)
-            for c in conversations
-        ]
-        longest = max(len(r) for r in rows) + max_tokens
-        if self.max_length is not None and longest > self.max_length:
-            raise ValueError(
-                f"A conversation of {longest} tokens (chunk, messages and max_tokens) exceeds the "
-                f"model's context of {self.max_length}: use shorter chunks, or set "
-                "self_study.truncate_chunks to cut chunks to fit."
-            )
-        shared = shared_prefix_length(rows)
-        prefix = (
-            from_token_ids(self.model, rows[0][:shared], num_frozen_tokens=0) if shared else None
-        )
-        generations = generate(
-            self.model,
-            [row[shared:] for row in rows],
-            prefix=prefix,
-            max_new_tokens=max_tokens,
-            temperature=temperature,
-            stop_token_ids=self.stop_ids,
-            pad_token_id=self.pad_id,
-            top_logprobs=top_logprobs,
-            generator=torch.Generator().manual_seed(seed),
-        )
-        completions = []
-        for g in generations:
-            text_ids = [t for t in g.token_ids if t not in self.stop_ids]
-            completions.append(
-                Completion(
-                    token_ids=g.token_ids,
-                    text=self.tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
-                    stopped=g.stopped,
-                    top_ids=g.top_ids.numpy().astype(np.int32),
-                    top_logprobs=g.top_logprobs.numpy().astype(np.float32),
-                )
-            )
-        return completions
+    return asyncio.run(run())

@@ -1,4 +1,4 @@
-"""Self-study through any OpenAI-compatible server (vLLM, SGLang, the project's own server, ...).
+"""The ``openai`` self-study backend: OpenAI-compatible servers (vLLM, SGLang, the project's own).
 
 Requests from many batches run concurrently under one bound (``max_concurrency`` in flight over
 all batches and all servers); each request goes to the server with the fewest requests in
@@ -6,13 +6,10 @@ flight, so a fleet of unequal servers stays busy. Transient failures (connection
 drops, timeouts, 408/409/429/5xx, a malformed body) are retried with exponential backoff and
 jitter, honouring ``Retry-After``; then the error names the server and the request.
 
-Responses are decoded straight into a few typed fields with ``msgspec``: an answer of 512 tokens
-with top-20 log-probabilities is ~10k entries, and building one pydantic object per entry (what
-the ``openai`` client does) costs more CPU than everything else in the client together. Token
-ids come as ``token_id:<id>`` (vLLM's ``return_tokens_as_token_ids``, the project's server),
-otherwise each token string is mapped through the student's tokenizer and refused if unknown.
+Responses are read by ``openai_responses`` (token ids, top-k, the student's vocabulary).
 Before anything runs, the server's tokenizer is checked against the student's: targets in
-another vocabulary would train nonsense.
+another vocabulary would train nonsense. Chat-template switches go in the request body as
+``chat_template_kwargs`` (vLLM's and SGLang's field), only when some are set.
 """
 
 from __future__ import annotations
@@ -26,17 +23,20 @@ import random
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any
 
 import aiohttp
-import msgspec
-import numpy as np
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from transformers import PreTrainedTokenizerBase
 
 from cartridges.chat import Message
-from cartridges.synthesis.backends import BackendError, Completion, run_blocking
+from cartridges.modeling import load_tokenizer
+from cartridges.synthesis.backends import BackendError, BlockingCalls, Completion, Sampling
+from cartridges.synthesis.openai_responses import MalformedResponse, ResponseReader
 
-__all__ = ["BackendError", "OpenAIBackend"]
+__all__ = ["BackendError", "OpenAIBackend", "OpenAISettings"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,42 +52,17 @@ TOKENIZE_HINT = (
 )
 
 
-# --------------------------------------------------------------------------- response shape
-# Only the fields self-study reads; msgspec skips the rest (e.g. each entry's ``bytes``) in C.
-class _TopLogprob(msgspec.Struct):
-    token: str
-    logprob: float
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
+class OpenAISettings:
+    """``self_study.openai``: the servers and how to reach them (``OpenAIBackend``'s arguments)."""
 
-
-class _TokenLogprob(msgspec.Struct):
-    token: str
-    logprob: float
-    top_logprobs: list[_TopLogprob] | None = None
-
-
-class _Logprobs(msgspec.Struct):
-    content: list[_TokenLogprob] | None = None
-
-
-class _Message(msgspec.Struct):
-    content: str | None = None
-
-
-class _Choice(msgspec.Struct):
-    message: _Message
-    finish_reason: str | None = None
-    logprobs: _Logprobs | None = None
-
-
-class _ChatCompletion(msgspec.Struct):
-    choices: list[_Choice]
-
-
-_DECODER = msgspec.json.Decoder(_ChatCompletion)
-
-
-class _MalformedResponse(ValueError):
-    """A 200 response whose body cannot be used (retried like a transient failure)."""
+    base_urls: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])
+    model: str = "default"  # the served model's name
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: Annotated[int, Field(ge=1)] = 32
+    max_retries: Annotated[int, Field(ge=0)] = 5
+    timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    backoff_s: Annotated[float, Field(ge=0)] = 0.5  # first retry's wait, doubled per retry
 
 
 @dataclass
@@ -108,7 +83,7 @@ class _Session:
     waits: list[float] = field(default_factory=list)
 
 
-class OpenAIBackend:
+class OpenAIBackend(BlockingCalls):
     """Completes conversations with an OpenAI-compatible chat completions endpoint.
 
     Args:
@@ -145,8 +120,9 @@ class OpenAIBackend:
         self.api_key = os.environ.get(api_key_env) or "unused"
         self.max_concurrency, self.max_retries = max_concurrency, max_retries
         self.timeout_s, self.backoff_s = timeout_s, backoff_s
+        self.max_length: int | None = None  # the servers refuse what does not fit
         self._session: _Session | None = None
-        self._vocabulary: dict[str, int] | None = None
+        self._reader = ResponseReader(tokenizer)
 
     @property
     def requests_in_flight(self) -> int:
@@ -250,39 +226,17 @@ class OpenAIBackend:
             raise BackendError(f"Server {url} answered {target} with invalid JSON.") from error
 
     # ------------------------------------------------------------------ completions
-    def complete(
-        self, system: str, conversations: Sequence[Sequence[Message]], **options
-    ) -> list[Completion]:
-        """Blocking form of :meth:`acomplete` (opens and closes its own connections)."""
-        return run_blocking(self, self.acomplete(system, conversations, **options))
-
     async def acomplete(
-        self,
-        system: str,
-        conversations: Sequence[Sequence[Message]],
-        *,
-        temperature: float,
-        max_tokens: int,
-        top_logprobs: int = 0,
-        seed: int = 0,
+        self, system: str, conversations: Sequence[Sequence[Message]], sampling: Sampling
     ) -> list[Completion]:
         """Complete every conversation (row ``i`` is sampled with ``seed + i``), concurrently."""
         session = self._open()
         requests = [
             self._request(
                 session,
-                {
-                    "model": self.model,
-                    "messages": [{"role": "system", "content": system}, *messages],
-                    "temperature": temperature,
-                    "max_tokens": max_tokens,
-                    "seed": seed + row,
-                    "logprobs": True,
-                    "top_logprobs": max(top_logprobs, 1),  # the sampled token's id comes with it
-                    "return_tokens_as_token_ids": True,
-                },
-                top_logprobs,
-                f"row {row} (seed {seed + row})",
+                _body(self.model, system, messages, sampling, row),
+                sampling.top_logprobs,
+                f"row {row} (seed {sampling.seed + row})",
             )
             for row, messages in enumerate(conversations)
         ]
@@ -338,7 +292,7 @@ class OpenAIBackend:
                     ) as response:
                         raw = await response.read()
                     if response.status == 200:
-                        return self._parse(raw, top_logprobs)
+                        return self._reader.completion(raw, top_logprobs)
                     failure = f"answered HTTP {response.status}"
                     detail = raw[:300].decode(errors="replace")
                     if response.status not in RETRY_STATUSES:
@@ -346,7 +300,7 @@ class OpenAIBackend:
                     retry_after = _retry_after(response.headers)
                 except (TimeoutError, aiohttp.ClientError) as error:
                     failure, detail = "is unreachable", f"{type(error).__name__}: {error}"
-                except _MalformedResponse as error:
+                except MalformedResponse as error:
                     failure, detail = "sent a malformed response", str(error)
                 except BackendError as error:
                     raise BackendError(f"Server {server.url}: {error} Request: {what}.") from error
@@ -369,85 +323,31 @@ class OpenAIBackend:
     def _backoff(self, attempt: int) -> float:
         return min(MAX_BACKOFF_S, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
 
-    def _token_id(self, token: str) -> int:
-        if token.startswith("token_id:"):
-            return int(token[9:])
-        if self._vocabulary is None:
-            self._vocabulary = self.tokenizer.get_vocab()
-        token_id = self._vocabulary.get(token)
-        if token_id is None:
-            raise BackendError(
-                f"Server returned token {token!r}, unknown to the student tokenizer."
-            )
-        return token_id
 
-    def _token_ids(self, tokens: list[str]) -> np.ndarray:
-        """Ids of many tokens at once: ``token_id:<id>`` strings are parsed in one C call."""
-        text = " ".join(tokens)
-        if text.count("token_id:") == len(tokens):
-            ids = np.fromstring(text.replace("token_id:", ""), dtype=np.int64, sep=" ")
-            if len(ids) == len(tokens):
-                return ids.astype(np.int32)
-        return np.array([self._token_id(token) for token in tokens], dtype=np.int32)
+def _body(
+    model: str, system: str, messages: Sequence[Message], sampling: Sampling, row: int
+) -> dict[str, Any]:
+    """The chat completion request of one row."""
+    body = {
+        "model": model,
+        "messages": [{"role": "system", "content": system}, *messages],
+        "temperature": sampling.temperature,
+        "max_tokens": sampling.max_tokens,
+        "seed": sampling.seed + row,
+        "logprobs": True,
+        "top_logprobs": max(sampling.top_logprobs, 1),  # the sampled token's id comes with it
+        "return_tokens_as_token_ids": True,
+    }
+    if sampling.template_kwargs:  # left out when unset: not every server knows the field
+        body["chat_template_kwargs"] = dict(sampling.template_kwargs)
+    return body
 
-    def _parse(self, raw: bytes, top_logprobs: int) -> Completion:
-        try:
-            response = _DECODER.decode(raw)
-        except msgspec.DecodeError as error:
-            raise _MalformedResponse(f"not a chat completion ({error})") from error
-        if not response.choices:
-            raise _MalformedResponse("no choices")
-        choice = response.choices[0]
-        content = choice.logprobs.content if choice.logprobs is not None else None
-        if not content:
-            raise BackendError(
-                "Malformed server response: no logprobs. The server must support "
-                "`logprobs`/`top_logprobs` on chat completions."
-            )
-        token_ids = self._token_ids([entry.token for entry in content]).tolist()
-        top_ids, top_values = self._top_k(content, top_logprobs)
-        stopped = choice.finish_reason == "stop"
-        eos = self.tokenizer.eos_token_id
-        if stopped and token_ids[-1] != eos:
-            # Servers often leave the stop token out; the turn still ends with it, but with no
-            # teacher distribution to distil at that position.
-            token_ids.append(eos)
-        # The text is the student tokenizer's decoding of the ids, as the local backend's: the
-        # server's own text can differ (e.g. a message that ends inside a UTF-8 character), and
-        # later turns re-render this text.
-        text = self.tokenizer.decode(
-            [t for t in token_ids if t != eos], skip_special_tokens=True
-        ).strip()
-        return Completion(
-            token_ids=token_ids,
-            text=text,
-            stopped=stopped,
-            top_ids=top_ids,
-            top_logprobs=top_values,
-        )
 
-    def _top_k(self, content: list[_TokenLogprob], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``[T, k]`` top ids and log-probabilities (-inf where a server sent fewer than k)."""
-        ids = np.zeros((len(content) if k else 0, k), dtype=np.int32)
-        values = np.full(ids.shape, -np.inf, dtype=np.float32)
-        if not k:
-            return ids, values
-        tops = [entry.top_logprobs for entry in content]
-        widths = [len(top) if top else 0 for top in tops]
-        if min(widths) == 0:
-            raise _MalformedResponse(f"token {widths.index(0)} has no top_logprobs")
-        if min(widths) == max(widths) == k:  # the usual case: one flat parse
-            flat = [entry for top in tops for entry in top]
-            ids[:] = self._token_ids([entry.token for entry in flat]).reshape(len(tops), k)
-            values[:] = np.array([entry.logprob for entry in flat], np.float32).reshape(-1, k)
-        else:
-            for position, top in enumerate(tops):
-                top = top[:k]
-                ids[position, : len(top)] = self._token_ids([entry.token for entry in top])
-                values[position, : len(top)] = [entry.logprob for entry in top]
-        if np.isnan(values).any() or (values > 1e-4).any():
-            raise _MalformedResponse("log-probabilities that are NaN or above 0")
-        return ids, values
+def from_settings(settings: OpenAISettings, model: Any) -> OpenAIBackend:
+    """The registry's builder: the servers of ``settings``, checked against the model's tokens."""
+    backend = OpenAIBackend(load_tokenizer(model.name_or_path), **asdict(settings))
+    backend.verify_tokenizer()
+    return backend
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

@@ -10,47 +10,40 @@ What the student later trains on is the conversation *without* the chunk: the to
 the system message in the teacher's rendering (:func:`cartridges.chat.continuation_ids`), with
 the answers' tokens exactly as the teacher produced them.
 
+Thinking models need chat-template switches (Qwen3's ``enable_thinking``): bot B, and so the
+student's tokens, render with ``chat_template_kwargs`` (the model's); bot A renders with
+``question_chat_template_kwargs`` merged over them, so that its short questions are not spent
+on reasoning.
+
 Every batch is a pure function of ``(seed, batch index)``: it always has
 ``conversations_per_chunk`` rows, even when the run needs fewer of the last one, so a
 conversation's content never depends on ``num_conversations``, and raising it extends a finished
-run instead of starting over. Many batches run at once when the backend can serve them (a fleet
-of servers); each is written to its own shard as soon as it completes, in whatever order they
-complete, so a run killed at any point (even ``kill -9``) and restarted runs only the missing
-batches and produces the same conversations, none lost and none twice.
+run instead of starting over. Running many batches, one shard each, resumably, is
+``cartridges.synthesis.runs``'s part.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import json
 import logging
-import os
 import random
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from transformers import PreTrainedTokenizerBase
 
 from cartridges.chat import Message, continuation_ids
-from cartridges.files import atomic_write
-from cartridges.lineage import RUN_ID
-from cartridges.progress import progress_bar
-from cartridges.synthesis.backends import Backend, BackendError, Completion, run_blocking
+from cartridges.synthesis.backends import Backend, Completion, Sampling, run_blocking
 from cartridges.synthesis.seed_prompts import sample_seed, seed_registry, validate_weights
-from cartridges.tables import ShardedTable
 
 logger = logging.getLogger(__name__)
 
-ROW_GROUP_SIZE = 65_536  # rows of teacher targets per parquet row group (a few conversations)
+# Settings that entered the resume identity after runs existed: left out while unset, so that
+# those runs keep their key.
+_IDENTITY_IF_SET = ("chat_template_kwargs", "question_chat_template_kwargs")
 
 
 @pydantic_dataclass(config=ConfigDict(extra="forbid"))
@@ -77,6 +70,10 @@ class SelfStudyConfig:
     top_k: int = 20
     min_prob_mass: float = 0.99
     seed: int = 0
+    # Chat-template switches of bot B and of the student's tokens (the model's own), and those
+    # bot A adds over them, e.g. {enable_thinking: false} for short questions from Qwen3.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    question_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("num_conversations", "conversations_per_chunk", "rounds", "top_k"):
@@ -103,9 +100,15 @@ class SelfStudyConfig:
         done = batch_index * self.conversations_per_chunk
         return min(self.conversations_per_chunk, self.num_conversations - done)
 
+    @property
+    def question_template_kwargs(self) -> dict[str, Any]:
+        """Bot A's chat-template switches: the model's, with the question writer's over them."""
+        return {**self.chat_template_kwargs, **self.question_chat_template_kwargs}
+
     def resume_identity(self) -> dict:
         """The settings that decide the conversations (``num_conversations`` does not)."""
-        return {k: v for k, v in asdict(self).items() if k != "num_conversations"}
+        identity = {k: v for k, v in asdict(self).items() if k != "num_conversations"}
+        return {k: v for k, v in identity.items() if v or k not in _IDENTITY_IF_SET}
 
 
 class Targets:
@@ -225,19 +228,25 @@ class SelfStudy:
             questions = await self.backend.acomplete(
                 system,
                 [[{"role": "user", "content": seeds[i][1]}, *_flip(messages[i])] for i in active],
-                temperature=config.question_temperature,
-                max_tokens=config.max_question_tokens,
-                seed=rng.getrandbits(62),
+                Sampling(
+                    temperature=config.question_temperature,
+                    max_tokens=config.max_question_tokens,
+                    seed=rng.getrandbits(62),
+                    template_kwargs=config.question_template_kwargs,
+                ),
             )
             for i, question in zip(active, questions, strict=True):
                 messages[i].append({"role": "user", "content": question.text})
             replies = await self.backend.acomplete(
                 system,
                 [self._teacher_view(messages[i], cot[i]) for i in active],
-                temperature=0.0,
-                max_tokens=config.max_answer_tokens,
-                top_logprobs=config.top_k,
-                seed=rng.getrandbits(62),
+                Sampling(
+                    temperature=0.0,
+                    max_tokens=config.max_answer_tokens,
+                    top_logprobs=config.top_k,
+                    seed=rng.getrandbits(62),
+                    template_kwargs=config.chat_template_kwargs,
+                ),
             )
             for i, reply in zip(active, replies, strict=True):
                 messages[i].append({"role": "assistant", "content": reply.text})
@@ -260,9 +269,9 @@ class SelfStudy:
 
     def _fit(self, chunk_text: str) -> str:
         """The chunk, cut to leave room for the conversation when truncation is allowed."""
-        limit = getattr(self.backend, "max_length", None)
-        if not self.config.truncate_chunks or limit is None:
+        if not self.config.truncate_chunks or self.backend.max_length is None:
             return chunk_text
+        limit = self.backend.max_length
         config = self.config
         room = limit - config.rounds * (config.max_question_tokens + config.max_answer_tokens)
         longest_seed = max(
@@ -288,6 +297,15 @@ class SelfStudy:
         }
         return [*messages[:-1], instructed]
 
+    def _student_ids(
+        self, system: str, messages: list[Message], add_generation_prompt: bool = False
+    ) -> list[int]:
+        """The model's rendering of ``messages`` after the system message: the student's tokens."""
+        if not messages:
+            return []
+        switches = self.config.chat_template_kwargs
+        return continuation_ids(self.tokenizer, system, messages, add_generation_prompt, switches)
+
     def _conversation(
         self, conversation_id, chunk_id, system, seed, messages, answers
     ) -> Conversation:
@@ -296,9 +314,8 @@ class SelfStudy:
         positions, ids, logprobs = [], [], []
         answer_start = 0
         for round_index, answer in enumerate(answers):
-            history = messages[: 2 * round_index]
-            before = continuation_ids(self.tokenizer, system, history) if history else []
-            upto = continuation_ids(self.tokenizer, system, messages[: 2 * round_index + 1], True)
+            before = self._student_ids(system, messages[: 2 * round_index])
+            upto = self._student_ids(system, messages[: 2 * round_index + 1], True)
             if upto[: len(before)] != before:
                 raise ValueError("The chat template renders earlier turns differently later on.")
             token_ids += upto[len(before) :]
@@ -329,216 +346,3 @@ class SelfStudy:
                 np.concatenate(logprobs or [np.zeros(0, dtype=np.float32)]),
             ),
         )
-
-
-# --------------------------------------------------------------------------- tables
-def conversation_tables(conversations: Sequence[Conversation]) -> tuple[pa.Table, pa.Table]:
-    """The ``conversations`` and flat ``teacher_logprobs`` tables of some conversations.
-
-    Built column by column from arrays (an answer's targets are ~10k entries), with compact
-    types: int32 positions and token ids, float32 log-probabilities.
-    """
-    conversations_table = pa.table(
-        {
-            "conversation_id": [c.conversation_id for c in conversations],
-            "chunk_id": [c.chunk_id for c in conversations],
-            "seed_type": [c.seed_type for c in conversations],
-            "seed_prompt": [c.seed_prompt for c in conversations],
-            "messages": [json.dumps(c.messages, ensure_ascii=False) for c in conversations],
-            "token_ids": pa.array([c.token_ids for c in conversations], pa.list_(pa.int32())),
-            "answer_start": pa.array([c.answer_start for c in conversations], pa.int32()),
-            "answer_truncated": [c.answer_truncated for c in conversations],
-            "num_tokens": pa.array([len(c.token_ids) for c in conversations], pa.int32()),
-        }
-    )
-    counts = [len(c.targets) for c in conversations]
-    ids = pa.array([c.conversation_id for c in conversations], pa.string())
-    empty = [np.zeros(0, dtype=np.int32)]
-    targets_table = pa.table(
-        {
-            "conversation_id": ids.take(pa.array(np.repeat(np.arange(len(counts)), counts))),
-            "position": np.concatenate([c.targets.position for c in conversations] or empty),
-            "token_id": np.concatenate([c.targets.token_id for c in conversations] or empty),
-            "logprob": np.concatenate(
-                [c.targets.logprob for c in conversations] or [np.zeros(0, dtype=np.float32)]
-            ),
-        }
-    )
-    return conversations_table, targets_table
-
-
-# --------------------------------------------------------------------------- resumable runs
-def run_key(config: SelfStudyConfig, chunks: Sequence[tuple[str, str]], backend_id: str) -> str:
-    """Identifies a run: shards are reused only by a run with the same inputs and settings.
-
-    ``num_conversations`` is left out: a batch's content does not depend on it, so a larger
-    run reuses (extends) a smaller one's shards.
-    """
-    digest = hashlib.sha256(json.dumps(config.resume_identity(), sort_keys=True).encode())
-    digest.update(backend_id.encode())
-    for chunk_id, text in chunks:
-        digest.update(f"{chunk_id}\0{text}\0".encode())
-    return digest.hexdigest()[:16]
-
-
-def _shard(directory: Path, kind: str, batch_index: int) -> Path:
-    return directory / f"{kind}-{batch_index:06d}.parquet"
-
-
-def _write_atomically(table: pa.Table, path: Path) -> None:
-    # Bounded row groups: training reads one conversation's targets by decoding its row group.
-    with atomic_write(path) as temporary:
-        pq.write_table(table, temporary, row_group_size=ROW_GROUP_SIZE)
-
-
-def _write_batch(directory: Path, batch_index: int, conversations: list[Conversation]) -> None:
-    conversations_table, targets_table = conversation_tables(conversations)
-    # The targets shard first: a conversations shard marks the batch complete.
-    _write_atomically(targets_table, _shard(directory, "targets", batch_index))
-    _write_atomically(conversations_table, _shard(directory, "conversations", batch_index))
-
-
-def _finished_batches(directory: Path) -> set[int]:
-    return {int(p.stem.split("-")[1]) for p in directory.glob("conversations-*.parquet")}
-
-
-@dataclass
-class _Throughput:
-    """What the progress bar and the totals report about this run's fresh work."""
-
-    started: float = field(default_factory=time.perf_counter)
-    conversations: int = 0
-    tokens: int = 0
-
-    def postfix(self, backend: Backend) -> dict[str, str]:
-        seconds = max(time.perf_counter() - self.started, 1e-9)
-        return {
-            "in_flight": str(backend.requests_in_flight),
-            "conv_per_s": f"{self.conversations / seconds:.1f}",
-            "tok_per_s": f"{self.tokens / seconds:.0f}",
-        }
-
-
-async def _synthesize(
-    study: SelfStudy,
-    chunks: Sequence[tuple[str, str]],
-    directory: Path,
-    batches: Sequence[int],
-    progress,
-    throughput: _Throughput,
-) -> None:
-    """Run ``batches`` with as many in flight as the backend serves; write each as it ends."""
-    config, backend = study.config, study.backend
-    order = list(range(len(chunks)))
-    random.Random(config.seed).shuffle(order)
-    pending = iter(batches)
-
-    async def worker() -> None:
-        for batch_index in pending:  # shared: each worker takes the next batch when free
-            chunk_id, text = chunks[order[batch_index % len(order)]]
-            try:
-                conversations = await study.arun_batch(batch_index, chunk_id, text)
-            except BackendError as error:
-                raise BackendError(
-                    f"Self-study batch {batch_index} (chunk {chunk_id}) failed: {error} "
-                    f"Finished batches are kept in {directory}; rerun to resume."
-                ) from error
-            await asyncio.to_thread(_write_batch, directory, batch_index, conversations)
-            kept = conversations[: config.rows_kept(batch_index)]
-            throughput.conversations += len(kept)
-            throughput.tokens += sum(len(c.token_ids) for c in kept)
-            progress.update(len(kept))
-            progress.set_postfix(throughput.postfix(backend), refresh=False)
-
-    workers = [
-        asyncio.create_task(worker())
-        for _ in range(min(backend.batches_in_flight(config.conversations_per_chunk), len(batches)))
-    ]
-    try:
-        await asyncio.gather(*workers)
-    except BaseException:
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-        raise
-    finally:
-        await backend.aclose()
-
-
-def _trimmed(directory: Path, kind: str, batch_index: int, rows: int, keep: set[str]) -> Path:
-    """A shard of the last batch holding only the rows the run returns (written once)."""
-    path = directory / "trimmed" / f"{kind}-{batch_index:06d}-{rows:03d}.parquet"
-    if not path.exists():
-        path.parent.mkdir(exist_ok=True)
-        table = pq.read_table(_shard(directory, kind, batch_index))
-        mask = pc.is_in(table["conversation_id"], pa.array(sorted(keep), pa.string()))
-        _write_atomically(table.filter(mask), path)
-    return path
-
-
-def _run_files(directory: Path, config: SelfStudyConfig) -> tuple[list[Path], list[Path]]:
-    """The shard files of the run's ``num_conversations`` conversations, in order."""
-    conversations, targets = [], []
-    for batch_index in range(config.num_batches):
-        rows = config.rows_kept(batch_index)
-        if rows == config.conversations_per_chunk:
-            conversations.append(_shard(directory, "conversations", batch_index))
-            targets.append(_shard(directory, "targets", batch_index))
-            continue
-        keep = {f"conv-{batch_index:06d}-{row:03d}" for row in range(rows)}
-        conversations.append(_trimmed(directory, "conversations", batch_index, rows, keep))
-        targets.append(_trimmed(directory, "targets", batch_index, rows, keep))
-    return conversations, targets
-
-
-def run_self_study(
-    study: SelfStudy,
-    chunks: Sequence[tuple[str, str]],
-    shard_dir: str | os.PathLike,
-    backend_id: str,
-) -> tuple[ShardedTable, ShardedTable, dict[str, float]]:
-    """Run (or resume, or extend) every batch, one shard per batch, and return the tables.
-
-    The tables are lazy handles over the shard files: nothing is read back into memory.
-
-    Returns:
-        ``conversations``, ``teacher_logprobs`` and totals (conversations, tokens, seconds).
-    """
-    if not chunks:
-        raise ValueError("The chunk set is empty: run document_prep on a non-empty corpus first.")
-    config = study.config
-    directory = Path(shard_dir) / run_key(config, chunks, backend_id)
-    directory.mkdir(parents=True, exist_ok=True)
-    done = _finished_batches(directory)
-    todo = [b for b in range(config.num_batches) if b not in done]
-    if done:
-        logger.info(
-            "Resuming self-study: %d of %d batches already in %s",
-            config.num_batches - len(todo),
-            config.num_batches,
-            directory,
-        )
-    throughput = _Throughput()
-    initial = sum(config.rows_kept(b) for b in range(config.num_batches) if b in done)
-    with progress_bar(
-        total=config.num_conversations, initial=initial, desc="self-study", unit="conv"
-    ) as progress:
-        if todo:
-            asyncio.run(_synthesize(study, chunks, directory, todo, progress, throughput))
-    seconds = time.perf_counter() - throughput.started
-    conversation_files, target_files = _run_files(directory, config)
-    # One run id in both tables: training refuses conversations and targets of different runs
-    # (conversation ids alone repeat from run to run).
-    attrs = {RUN_ID: f"{directory.name}-{config.num_conversations}"}
-    conversations = ShardedTable(conversation_files, attrs=attrs)
-    targets = ShardedTable(target_files, attrs=attrs)
-    summary = conversations.to_pandas(columns=["num_tokens", "answer_truncated"])
-    totals = {
-        "conversations": float(conversations.num_rows),
-        "tokens": float(summary["num_tokens"].sum()),
-        "teacher_entries": float(targets.num_rows),
-        "truncated_answers": float(summary["answer_truncated"].sum()),
-        "conversations_per_s": throughput.conversations / seconds if seconds > 0 else 0.0,
-        "tokens_per_s": throughput.tokens / seconds if seconds > 0 else 0.0,
-    }
-    return conversations, targets, totals

@@ -8,7 +8,8 @@ a pure function of the request (messages, seed, limits), so a run against it is 
 Faults can be switched on: one request in n (chosen by content) fails its first attempt with an
 HTTP status, a dropped connection or a malformed body, or every request after the first n
 fails; and requests whose system message contains a marker can be made slower than the rest
-(batches then complete out of order).
+(batches then complete out of order). The last requests can be kept and read back, to check
+what a client sends.
 
 Run ``python -m cartridges.synthesis.stand_in_teacher --help``; from Python, ``StandInTeacher``
 starts it in a subprocess (its own interpreter, so the client's CPU is measured alone).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import hashlib
 import json
 import os
@@ -48,6 +50,7 @@ class TeacherSettings:
     slow_marker: str = ""  # requests whose system message contains it wait slow_delay_ms
     slow_delay_ms: float = 0.0
     pool: int = 64  # distinct answers per shape, encoded once
+    record_requests: int = 0  # >0: keep the last n chat request bodies (GET /requests)
 
 
 class _Teacher:
@@ -63,6 +66,9 @@ class _Teacher:
             self.tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer)
         self._bodies: dict[tuple, list[bytes]] = {}
         self._attempts: dict[bytes, int] = {}
+        self.recorded: collections.deque[dict] = collections.deque(
+            maxlen=max(settings.record_requests, 0)
+        )
 
     # ------------------------------------------------------------------ answers
     def _answer(self, index: int, length: int, top_k: int, stopped: bool) -> bytes:
@@ -137,6 +143,8 @@ class _Teacher:
         if method == "GET" and path == "/health":
             counts = {"requests": self.requests, "peak_in_flight": self.peak_in_flight}
             return await _reply(send, 200, counts)
+        if method == "GET" and path == "/requests":
+            return await _reply(send, 200, {"requests": list(self.recorded)})
         if method == "GET" and path == "/v1/models":
             model = {"id": self.settings.model, "object": "model", "root": self.settings.model}
             return await _reply(send, 200, {"object": "list", "data": [model]})
@@ -153,6 +161,8 @@ class _Teacher:
 
     async def _chat(self, request: dict, send) -> None:
         self.requests += 1
+        if self.recorded.maxlen:
+            self.recorded.append(request)
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
@@ -229,6 +239,12 @@ class StandInTeacher:
     def requests(self) -> int:
         """Chat completion requests received so far."""
         return self.health()["requests"]
+
+    def recorded_requests(self) -> list[dict]:
+        """The last chat request bodies received (``record_requests`` of them), oldest first."""
+        root = self.base_url.removesuffix("/v1")
+        with urllib.request.urlopen(f"{root}/requests", timeout=5) as response:
+            return json.loads(response.read())["requests"]
 
     def health(self) -> dict[str, int]:
         """``requests`` received and the ``peak_in_flight`` (most served at once) so far."""

@@ -1,120 +1,17 @@
-"""Nodes of document_prep: documents -> ``corpus`` -> ``chunk_set`` -> ``corpus_statistics``."""
+"""Nodes of document_prep: documents -> ``corpus`` -> ``chunk_set`` -> ``corpus_statistics``.
+
+Each node validates its parameter blocks and calls ``cartridges.corpus_tables``.
+"""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
-from transformers import PreTrainedTokenizerBase
 
-from cartridges.chunking import Encode, chunk_corpus
-from cartridges.corpus import Document, corpus_statistics, iter_corpus
+from cartridges.corpus_tables import chunk_table, corpus_table, summarise
 from cartridges.modeling import load_tokenizer
 from cartridges.params import DocumentPrepParams, ModelParams, parse
-
-logger = logging.getLogger(__name__)
-
-CORPUS_COLUMNS = ["doc_id", "source", "format", "title", "text", "sha256", "n_chars", "n_tokens"]
-CHUNK_COLUMNS = ["chunk_id", "doc_id", "token_start", "token_end", "n_tokens", "text"]
-
-
-class _Offsets(Sequence[tuple[int, int]]):
-    """Character span of each token, read from the Rust encoding only where it is asked for.
-
-    Token windows need two spans per chunk; building the whole offsets list in Python would
-    cost as much as tokenising again.
-    """
-
-    def __init__(self, encoding: Any) -> None:
-        self._encoding = encoding
-
-    def __len__(self) -> int:
-        return len(self._encoding)
-
-    def __getitem__(self, index: int) -> tuple[int, int]:  # type: ignore[override]
-        if not 0 <= index < len(self._encoding):
-            raise IndexError(index)
-        return self._encoding.token_to_chars(index)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(self._encoding.offsets)
-
-
-def _encoder(tokenizer: PreTrainedTokenizerBase) -> Encode:
-    """Character offsets of a text's tokens, no special tokens, straight from the fast tokenizer."""
-    if not tokenizer.is_fast:
-        raise ValueError(
-            f"Chunking needs a fast tokenizer (character offsets); {type(tokenizer).__name__} "
-            "is not one."
-        )
-    backend = tokenizer.backend_tokenizer
-    return lambda text: _Offsets(backend.encode(text, add_special_tokens=False))
-
-
-def _token_counter(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], int]:
-    """Tokens in a text, without special tokens (chunk spans count the same way)."""
-    if tokenizer.is_fast:  # without character offsets, counting is about 1.5x faster
-        backend = tokenizer.backend_tokenizer
-        return lambda text: len(backend.encode_batch_fast([text], add_special_tokens=False)[0])
-    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-class _CorpusTable:
-    """The corpus table, filled one document at a time with its texts kept in Arrow buffers.
-
-    Keeping Python strings until the end costs them plus pandas' Arrow copy; moving them to
-    Arrow every few megabytes frees each one early, so peak memory stays near the size of
-    the table itself however large the corpus.
-    """
-
-    FLUSH_CHARS = 8_000_000
-
-    def __init__(self) -> None:
-        self.columns: dict[str, list] = {name: [] for name in CORPUS_COLUMNS if name != "text"}
-        self.text_chunks: list[pa.Array] = []
-        self.pending: list[str] = []
-        self.pending_chars = 0
-
-    def add(self, document: Document) -> None:
-        for name, values in self.columns.items():
-            values.append(getattr(document, name))
-        self.pending.append(document.text)
-        self.pending_chars += len(document.text)
-        if self.pending_chars >= self.FLUSH_CHARS:
-            self._flush()
-
-    def _flush(self) -> None:
-        """Move the pending texts into one exactly sized Arrow array.
-
-        ``pa.array`` grows its buffer by doubling and keeps the slack; building the UTF-8 data
-        and offsets buffers directly allocates each byte once.
-        """
-        if self.pending:
-            encoded = [text.encode() for text in self.pending]
-            self.pending.clear()
-            offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-            np.cumsum([len(data) for data in encoded], out=offsets[1:])
-            data = b"".join(encoded)
-            del encoded
-            self.text_chunks.append(
-                pa.LargeStringArray.from_buffers(
-                    len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data)
-                )
-            )
-        self.pending_chars = 0
-
-    def frame(self) -> pd.DataFrame:
-        self._flush()
-        texts = pa.chunked_array(self.text_chunks, type=pa.large_string())
-        columns = dict(
-            self.columns,
-            text=pd.Series(texts, dtype=pd.StringDtype("pyarrow", na_value=float("nan"))),
-        )
-        return pd.DataFrame(columns, columns=CORPUS_COLUMNS)
 
 
 def load_documents(
@@ -131,14 +28,7 @@ def load_documents(
         (source, reason), so that every input is accounted for.
     """
     params, model = parse("document_prep", params), parse("model", model)
-    tokenizer = load_tokenizer(model.name_or_path)
-    table, skipped = _CorpusTable(), []
-    for item in iter_corpus(params.corpus, _token_counter(tokenizer)):
-        if isinstance(item, Document):
-            table.add(item)
-        else:
-            skipped.append(vars(item))
-    return table.frame(), pd.DataFrame(skipped, columns=["source", "reason"])
+    return corpus_table(params.corpus, load_tokenizer(model.name_or_path))
 
 
 def chunk_documents(
@@ -152,17 +42,7 @@ def chunk_documents(
         ``chunk_set``: ``CHUNK_COLUMNS``, one row per chunk.
     """
     params, model = parse("document_prep", params), parse("model", model)
-    config = params.chunking
-    tokenizer = load_tokenizer(model.name_or_path)
-    rows = chunk_corpus(
-        corpus["doc_id"].tolist(),
-        corpus["n_tokens"].tolist(),
-        iter(corpus["text"]),  # one document's text in Python at a time
-        _encoder(tokenizer),
-        config,
-    )
-    logger.info("Chunk set: %d chunks (%s)", len(rows), config.method)
-    return pd.DataFrame(rows, columns=CHUNK_COLUMNS)
+    return chunk_table(corpus, load_tokenizer(model.name_or_path), params.chunking)
 
 
 def summarise_corpus(
@@ -172,27 +52,8 @@ def summarise_corpus(
 
     Returns:
         ``corpus_statistics`` (a JSON report) and ``document_prep_metrics`` (kedro-mlflow's
-        ``{"value", "step"}`` format: counts, totals and token-length percentiles).
+        ``{"value", "step"}`` format: counts, totals and token-length percentiles; the catalog
+        entry's prefix names them ``document_prep.<name>`` in MLflow).
     """
-    report = corpus_statistics(
-        corpus["n_tokens"].tolist(),
-        corpus["n_chars"].tolist(),
-        corpus["format"].tolist(),
-        chunk_set["n_tokens"].tolist(),
-        len(skipped_documents),
-    )
-    metrics = {}
-    for name, value in report.items():
-        if isinstance(value, dict) and name.endswith("tokens"):
-            metrics |= {f"{name}.{stat}": v for stat, v in value.items()}
-        elif not isinstance(value, dict):
-            metrics[name] = value
-    logger.info(
-        "Corpus: %d documents, %d tokens, %d chunks, %d skipped",
-        report["num_documents"],
-        report["total_tokens"],
-        report["num_chunks"],
-        report["num_skipped"],
-    )
-    # The catalog entry's prefix names them document_prep.<name> in MLflow.
-    return report, {name: {"value": float(v), "step": 0} for name, v in metrics.items()}
+    report, numbers = summarise(corpus, skipped_documents, chunk_set)
+    return report, {name: {"value": value, "step": 0} for name, value in numbers.items()}

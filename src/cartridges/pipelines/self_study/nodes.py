@@ -1,33 +1,21 @@
-"""Nodes of self_study: ``chunk_set`` -> ``conversations`` + ``teacher_logprobs``."""
+"""Nodes of self_study: ``chunk_set`` -> ``conversations`` + ``teacher_logprobs``.
+
+The node validates its parameter blocks, builds the configured backend from the registry
+(``cartridges.synthesis.registry``) and runs ``cartridges.synthesis.runs.run_self_study``.
+"""
 
 from __future__ import annotations
 
-import logging
-from dataclasses import asdict
 from typing import Any
 
 import pandas as pd
 
-from cartridges.modeling import load_model, load_tokenizer, model_fingerprint
+from cartridges.modeling import load_tokenizer
 from cartridges.params import ModelParams, SelfStudyParams, parse
-from cartridges.synthesis.backends import LocalBackend
-from cartridges.synthesis.self_study import SelfStudy, run_self_study
+from cartridges.synthesis.registry import build_backend
+from cartridges.synthesis.runs import run_self_study
+from cartridges.synthesis.self_study import SelfStudy
 from cartridges.tables import ShardedTable
-
-logger = logging.getLogger(__name__)
-
-
-def _backend(params: SelfStudyParams, model: ModelParams):
-    """The configured backend and a string that identifies it (part of the resume key)."""
-    if params.backend == "local":
-        llm, tokenizer = load_model(model.name_or_path, model.dtype, model.device)
-        return LocalBackend(llm, tokenizer), f"local:{model.name_or_path}:{model_fingerprint(llm)}"
-    from cartridges.synthesis.openai_backend import OpenAIBackend
-
-    tokenizer = load_tokenizer(model.name_or_path)
-    backend = OpenAIBackend(tokenizer, **asdict(params.openai))
-    backend.verify_tokenizer()
-    return backend, backend.identity()
 
 
 def synthesize_conversations(
@@ -44,19 +32,11 @@ def synthesize_conversations(
         (totals, kedro-mlflow format).
     """
     params, model = parse("self_study", params), parse("model", model)
-    config = params.config(parse("system_prompt", system_prompt))
-    backend, backend_id = _backend(params, model)
-    tokenizer = load_tokenizer(model.name_or_path)
+    config = params.config(parse("system_prompt", system_prompt), model.chat_template_kwargs)
+    backend = build_backend(params.backend, params.backend_settings, model)
+    study = SelfStudy(backend, load_tokenizer(model.name_or_path), config)
     chunks = list(zip(chunk_set["chunk_id"], chunk_set["text"], strict=True))
     conversations, targets, totals = run_self_study(
-        SelfStudy(backend, tokenizer, config), chunks, params.shard_dir, backend_id
+        study, chunks, params.shard_dir, backend.identity()
     )
-    logger.info(
-        "Self-study: %d conversations, %d tokens, %d teacher entries, %d answers cut by the limit",
-        *(
-            int(totals[k])
-            for k in ("conversations", "tokens", "teacher_entries", "truncated_answers")
-        ),
-    )
-    metrics = {name: {"value": value, "step": 0} for name, value in totals.items()}
-    return conversations, targets, metrics
+    return conversations, targets, {k: {"value": v, "step": 0} for k, v in totals.items()}

@@ -1,0 +1,142 @@
+"""How a cartridge is sized, where it starts, and which examples it trains and is measured on.
+
+These rules are shared by the method (distill_training) and its parameterisation ablation
+(lora_baseline): the adapter is compared with the cartridge on exactly the same training and
+held-out conversations, so both read the split from here.
+
+- Size: ``num_cartridge_tokens``, or the corpus in context (``cartridges.context``) divided by
+  ``compression``.
+- Start: the KV of the corpus's first p context tokens (``text``, the paper's best), of random
+  tokens, or random vectors (``cartridges.initialization`` builds each).
+- Examples: the conversations, shuffled by the seed and split into training and held-out; the
+  ``objective`` picks the training targets (the teacher's top-k, the answer tokens only, or the
+  raw chunks).
+
+How the cartridge is then trained is ``cartridges.distillation``'s part.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated
+
+import pandas as pd
+import torch
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from cartridges.batching import Example
+from cartridges.cartridge import Cartridge
+from cartridges.context import CorpusContext
+from cartridges.initialization import from_random_tokens, from_random_vectors, from_token_ids
+from cartridges.tables import ShardedTable
+from cartridges.target_store import LazyExamples, select
+from cartridges.targets import memorization_examples, one_hot, to_examples
+
+OBJECTIVES = ("distillation", "cross_entropy", "memorization")
+INITIALIZERS = ("text", "random_tokens", "random_vectors")
+
+
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
+class Recipe:
+    """The cartridge's size, start, objective and held-out share (``distill_training`` keys)."""
+
+    num_cartridge_tokens: Annotated[int, Field(ge=1)] | None = None  # p; None: from compression
+    compression: Annotated[float, Field(ge=1)] = 4.0  # p = corpus context tokens / compression
+    num_frozen_tokens: Annotated[int, Field(ge=0)] = 1
+    initializer: str = "text"
+    objective: str = "distillation"
+    held_out_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+
+    @field_validator("initializer", "objective")
+    @classmethod
+    def _known_choice(cls, value: str, info: ValidationInfo) -> str:
+        choices = {"initializer": INITIALIZERS, "objective": OBJECTIVES}[info.field_name]
+        if value not in choices:
+            raise ValueError(f"Unknown {info.field_name} {value!r}; use one of {list(choices)}")
+        return value
+
+    def cartridge_size(self, context_tokens: int, compression: float | None = None) -> int:
+        """``num_cartridge_tokens``, or the corpus context length divided by the compression.
+
+        An explicit ``compression`` (a sweep's) always applies; at least one trainable token.
+        """
+        if compression is None and self.num_cartridge_tokens is not None:
+            return self.num_cartridge_tokens
+        ratio = self.compression if compression is None else compression
+        return max(self.num_frozen_tokens + 1, round(context_tokens / ratio))
+
+
+def initial_cartridge(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    context: CorpusContext,
+    recipe: Recipe,
+    seed: int,
+    compression: float | None = None,
+) -> Cartridge:
+    """The starting cartridge of ``recipe.cartridge_size`` tokens, by ``recipe.initializer``.
+
+    Raises:
+        ValueError: a ``text`` start longer than the corpus in context.
+    """
+    size = recipe.cartridge_size(context.num_tokens, compression)
+    frozen, how = recipe.num_frozen_tokens, recipe.initializer
+    generator = torch.Generator().manual_seed(seed)
+    if how == "random_tokens":
+        return from_random_tokens(model, tokenizer, size, frozen, generator)
+    if how == "random_vectors":
+        return from_random_vectors(model, size, frozen, generator)
+    if size > context.num_tokens:
+        raise ValueError(
+            f"num_cartridge_tokens={size} exceeds the {context.num_tokens} tokens of the corpus "
+            "in context; lower it or use initializer: random_tokens."
+        )
+    return from_token_ids(
+        model, context.ids[:size], frozen, initializer="text", source_sha256=context.sha256
+    )
+
+
+@dataclass
+class Split:
+    """Training and held-out examples, and the held-out conversations' ids (in example order)."""
+
+    training: Sequence[Example]
+    held_out: Sequence[Example]
+    held_out_ids: list[str]
+
+
+def split_examples(
+    conversations: pd.DataFrame | ShardedTable,
+    teacher_logprobs: pd.DataFrame | ShardedTable,
+    chunk_set: pd.DataFrame,
+    recipe: Recipe,
+    seed: int,
+    tokenizer: PreTrainedTokenizerBase,
+) -> Split:
+    """The examples of ``recipe.objective``, held out by ``held_out_fraction`` (seeded shuffle).
+
+    With shard handles the examples stay on disk: only an index is built here.
+    """
+    examples = to_examples(conversations, teacher_logprobs, len(tokenizer))
+    if isinstance(examples, LazyExamples):
+        conversation_ids = examples.conversation_ids
+    else:
+        targeted = set(teacher_logprobs["conversation_id"])
+        ids = conversations["conversation_id"]
+        conversation_ids = list(ids[ids.isin(targeted)])
+    if recipe.objective == "cross_entropy":
+        examples = one_hot(examples)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    count = max(1, int(len(order) * recipe.held_out_fraction)) if len(order) > 1 else 0
+    held_out, train = order[:count], order[count:]
+    training = select(examples, train)
+    if recipe.objective == "memorization":
+        # The baseline trains on the raw chunks; held-out KL is still measured on conversations.
+        chunks = tokenizer(list(chunk_set["text"]), add_special_tokens=False)["input_ids"]
+        training = memorization_examples(chunks)
+    return Split(training, select(examples, held_out), [conversation_ids[i] for i in held_out])

@@ -1,0 +1,100 @@
+"""The recipe shared by distill_training and lora_baseline: size, start and the example split."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from cartridges.context import corpus_context
+from cartridges.recipe import Recipe, initial_cartridge, split_examples
+from cartridges.synthesis.self_study import Conversation
+from cartridges.targets import to_tables
+from tests.conftest import CORPUS
+
+SYSTEM = "About:\n{chunk}"
+
+
+def _tables(count: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``count`` conversations of 6 tokens, each with teacher targets at positions 3-5."""
+    conversations = [
+        Conversation(
+            f"conv-{i:03d}",
+            "chunk-a",
+            "question",
+            "ask",
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            [1, 5 + i, 6, 7, 8, 2],
+            3,
+            False,
+            [(p, [8 + p, 9], [-0.1, -2.5]) for p in (3, 4, 5)],
+        )
+        for i in range(count)
+    ]
+    return to_tables(conversations)
+
+
+def test_the_size_is_given_or_the_context_divided_by_the_compression():
+    assert Recipe().cartridge_size(100) == 25  # compression 4 by default
+    assert Recipe().cartridge_size(100, compression=16) == 6
+    assert Recipe(num_cartridge_tokens=7).cartridge_size(100) == 7
+    assert Recipe(num_cartridge_tokens=7).cartridge_size(100, compression=2) == 50  # a sweep's
+    assert Recipe(num_frozen_tokens=3).cartridge_size(4) == 4  # at least one trainable token
+
+
+@pytest.mark.parametrize("initializer", ["text", "random_tokens", "random_vectors"])
+def test_each_initializer_starts_a_cartridge_of_the_recipes_size(tiny, initializer):
+    model, tokenizer = tiny
+    context = corpus_context([CORPUS], tokenizer, SYSTEM)
+    recipe = Recipe(num_cartridge_tokens=6, num_frozen_tokens=1, initializer=initializer)
+    cartridge = initial_cartridge(model, tokenizer, context, recipe, seed=0)
+    assert cartridge.num_tokens == 6 and cartridge.num_frozen_tokens == 1
+    assert cartridge.info.initializer == initializer
+    again = initial_cartridge(model, tokenizer, context, recipe, seed=0)
+    assert torch.equal(cartridge.keys, again.keys)  # seeded
+    if initializer == "text":  # the KV of the corpus's first context tokens, and its hash
+        assert cartridge.info.source_sha256 == context.sha256
+
+
+def test_a_text_start_longer_than_the_corpus_in_context_is_refused(tiny):
+    model, tokenizer = tiny
+    context = corpus_context(["pump"], tokenizer, SYSTEM)
+    recipe = Recipe(num_cartridge_tokens=context.num_tokens + 1)
+    with pytest.raises(ValueError, match=rf"={context.num_tokens + 1} exceeds the "):
+        initial_cartridge(model, tokenizer, context, recipe, seed=0)
+
+
+def test_the_split_is_seeded_and_holds_out_the_fraction(tiny):
+    _, tokenizer = tiny
+    conversations, targets = _tables(10)
+    chunks = pd.DataFrame({"text": [CORPUS]})
+    recipe = Recipe(held_out_fraction=0.2)
+    split = split_examples(conversations, targets, chunks, recipe, 3, tokenizer)
+    assert len(split.training) == 8 and len(split.held_out) == 2
+    assert (
+        split.held_out_ids
+        == split_examples(conversations, targets, chunks, recipe, 3, tokenizer).held_out_ids
+    )
+    other = split_examples(conversations, targets, chunks, recipe, 4, tokenizer).held_out_ids
+    assert other != split.held_out_ids
+    for example, conversation_id in zip(split.held_out, split.held_out_ids, strict=True):
+        row = conversations.set_index("conversation_id").loc[conversation_id]
+        assert example.token_ids.tolist() == list(row["token_ids"])
+
+
+def test_the_objective_picks_the_training_targets(tiny):
+    _, tokenizer = tiny
+    conversations, targets = _tables(4)
+    chunks = pd.DataFrame({"text": [CORPUS]})
+    one_hot = split_examples(
+        conversations, targets, chunks, Recipe(objective="cross_entropy"), 0, tokenizer
+    )
+    example = one_hot.training[0]
+    assert example.teacher_ids[:, 0].tolist() == example.token_ids[example.positions].tolist()
+    memorised = split_examples(
+        conversations, targets, chunks, Recipe(objective="memorization"), 0, tokenizer
+    )
+    chunk_ids = tokenizer(CORPUS, add_special_tokens=False)["input_ids"]
+    assert [e.token_ids.tolist() for e in memorised.training] == [chunk_ids]
+    assert len(memorised.held_out) == 1  # still conversations with the teacher's top-k
+    assert memorised.held_out[0].teacher_ids.shape[1] == 2
