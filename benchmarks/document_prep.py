@@ -2,7 +2,7 @@
 
 Writes ``--mb`` megabytes of documents (.txt .md .jsonl .html .tex .pdf, in subfolders) to a
 temporary folder, then runs ``load_documents``, ``chunk_documents`` and ``summarise_corpus``
-with the configured model's tokenizer, as ``kedro run --pipeline document_prep`` does. Prints
+with the configured model's tokenizer, as ``kedro run --pipelines document_prep`` does. Prints
 throughput and memory, and as its last line one JSON object with the headline figures.
 
 Memory: inputs are read one at a time and texts move to Arrow as they come, so peak RSS should

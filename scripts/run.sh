@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
 # Quickstart 1: install what is needed (once), then run the whole pipeline on the embedded model
-# and the bundled example corpus. Extra arguments go to `kedro run` (e.g. --pipeline evaluation).
+# and the bundled example corpus. Extra arguments go to `kedro run` (e.g. --pipelines evaluation).
 source "$(dirname "$0")/setup.sh"
 kedro run "$@"
