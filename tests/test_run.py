@@ -208,3 +208,18 @@ def test_torchrun_trains_with_two_processes_and_rank_zero_writes(project):
     assert "rank 1 of 2" in result.stdout + result.stderr
     new = set((project / "data/06_models/cartridge.safetensors").iterdir()) - before
     assert len(new) == 1  # one version, written by rank 0 only
+
+
+@pytest.mark.slow
+def test_the_run_script_prints_no_known_third_party_warning_and_no_colour_codes(project):
+    """``scripts/run.sh`` runs ``python -m cartridges``: the known warnings are filtered before
+    Kedro loads its plugins, and a log written to a file carries no ANSI codes."""
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "-m", "cartridges", "--pipelines", "document_prep"]
+    result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "\x1b[" not in output
+    for known in ("register_new_resolver", "Add type hints", "Union type hint"):
+        assert known not in output, known
