@@ -7,14 +7,18 @@ from dataclasses import replace
 import pytest
 import torch
 
+from cartridges.attention import ATTENTION_NAME as BLOCK_SPARSE
+from cartridges.attention import _configs, attention_implementation, block_sparse
 from cartridges.cartridge import CartridgeMismatchError
 from cartridges.continuous import ContinuousBatcher, Request, StepFailed
 from cartridges.generation import generate
 from cartridges.initialization import from_token_ids
 from cartridges.modeling import kv_layout
 from cartridges.shared_prefix import (
+    ATTENTION_NAME,
     SharedPrefixBatch,
     UnsupportedModelError,
+    attending_shared_prefix,
     check_calls,
     expected_windows,
 )
@@ -238,3 +242,18 @@ def test_a_layer_that_does_not_attend_as_its_config_says_is_refused():
     with pytest.raises(UnsupportedModelError, match=r"expected \{0: 64, 1: None\}"):
         check_calls(model, batch, 2)
     check_calls(model, SharedPrefixBatch(empty, empty, [], calls={0: 64, 1: None}), 2)
+
+
+def test_attention_implementation_switches_every_config_for_one_call_only():
+    model = build_model("gemma2")
+    configs = _configs(model)
+    before = [config._attn_implementation_internal for config in configs]
+    with pytest.raises(RuntimeError, match="inside"), attention_implementation(model, "sdpa"):
+        assert {c._attn_implementation_internal for c in configs} == {"sdpa"}
+        with block_sparse(model):  # nested: restored to the outer switch
+            assert {c._attn_implementation_internal for c in configs} == {BLOCK_SPARSE}
+        with attending_shared_prefix(model):
+            assert {c._attn_implementation_internal for c in configs} == {ATTENTION_NAME}
+        assert {c._attn_implementation_internal for c in configs} == {"sdpa"}
+        raise RuntimeError("inside")
+    assert [config._attn_implementation_internal for config in configs] == before

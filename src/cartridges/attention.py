@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -368,19 +368,25 @@ def choose_attention(model: PreTrainedModel, requested: str) -> str:
 
 
 @contextmanager
-def block_sparse(model: PreTrainedModel) -> Iterator[None]:
-    """Within the block the model attends through :func:`block_sparse_attention`.
+def attention_implementation(model: PreTrainedModel, name: str) -> Iterator[None]:
+    """Within the block every attention layer of ``model`` dispatches to implementation ``name``.
 
-    The configs' implementation names are restored on exit (also after an error), so other
-    callers of the same model object see it unchanged. Not thread-safe: a concurrent forward
-    of the same model object inside the block would see the switch.
+    The switch is for one call: each config's implementation name is restored on exit (also
+    after an error), so other callers of the same model object see it unchanged. Not
+    thread-safe: a concurrent forward of the same model object inside the block would see the
+    switch.
     """
     configs = _configs(model)
     saved = [config._attn_implementation_internal for config in configs]
     try:
         for config in configs:
-            config._attn_implementation_internal = ATTENTION_NAME
+            config._attn_implementation_internal = name
         yield
     finally:
         for config, implementation in zip(configs, saved, strict=True):
             config._attn_implementation_internal = implementation
+
+
+def block_sparse(model: PreTrainedModel) -> AbstractContextManager[None]:
+    """Within the block the model attends through :func:`block_sparse_attention`."""
+    return attention_implementation(model, ATTENTION_NAME)

@@ -35,14 +35,13 @@ about which rows run (:mod:`cartridges.continuous`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 
-from cartridges.attention import _configs
+from cartridges.attention import attention_implementation
 from cartridges.cartridge import Cartridge
 from cartridges.modeling import sliding_window
 
@@ -245,23 +244,12 @@ def _merge(out_a, lse_a, out_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
-@contextmanager
-def attending_shared_prefix(model: PreTrainedModel) -> Iterator[None]:
+def attending_shared_prefix(model: PreTrainedModel) -> AbstractContextManager[None]:
     """Within the block ``model`` attends through :func:`shared_prefix_attention`.
 
-    The configs' implementation names are restored on exit (also after an error), so other users
-    of the model object see it unchanged. Not thread-safe: a concurrent forward of the same model
-    object inside the block would attend this way too.
+    Restored on exit (:func:`cartridges.attention.attention_implementation`); not thread-safe.
     """
-    configs = _configs(model)
-    saved = [config._attn_implementation_internal for config in configs]
-    try:
-        for config in configs:
-            config._attn_implementation_internal = ATTENTION_NAME
-        yield
-    finally:
-        for config, implementation in zip(configs, saved, strict=True):
-            config._attn_implementation_internal = implementation
+    return attention_implementation(model, ATTENTION_NAME)
 
 
 def expected_windows(config, num_layers: int) -> dict[int, int | None]:

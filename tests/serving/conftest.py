@@ -83,11 +83,28 @@ def make_config(tiny_model_dir, cartridge_root, **overrides) -> ServingConfig:
 
 @pytest.fixture(scope="session")
 def server(tiny, tiny_model_dir, cartridge_root):
-    """The server under test: API key on, small limits, 50 ms batching window."""
+    """The server under test: continuous scheduler, API key on, small limits."""
     model, tokenizer = tiny
     app = create_app(make_config(tiny_model_dir, cartridge_root), model, tokenizer)
     with BackgroundServer(app) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def static_server(tiny, tiny_model_dir, cartridge_root):
+    """The same server with the static scheduler (today's grouping into generate calls)."""
+    model, tokenizer = tiny
+    config = make_config(tiny_model_dir, cartridge_root, scheduler="static")
+    with BackgroundServer(create_app(config, model, tokenizer)) as running:
+        yield running
+
+
+@pytest.fixture(params=["continuous", "static"])
+def scheduled(request) -> tuple[str, OpenAI]:
+    """Each scheduler's server, with a client: ``(scheduler, client)``."""
+    fixture = "server" if request.param == "continuous" else "static_server"
+    running = request.getfixturevalue(fixture)
+    return request.param, OpenAI(base_url=running.base_url, api_key=API_KEY, max_retries=0)
 
 
 @pytest.fixture

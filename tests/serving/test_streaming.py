@@ -9,15 +9,18 @@ import openai
 import pytest
 
 from cartridges.generation import generate
-from cartridges.serving import engine as engine_module
-from cartridges.serving.engine import BatchEngine, Job, Row, StreamToken
+from cartridges.serving import static as static_module
+from cartridges.serving.engine import ContinuousEngine
+from cartridges.serving.jobs import Job, Row, StreamToken
+from cartridges.serving.static import StaticEngine
 from cartridges.serving.text import TextStream, render
+from cartridges.shared_prefix import BATCH_KWARG
 from tests.serving.test_completions import QUESTION
 
 
 class LockStep:
-    """The engine's ``generate``, holding the model thread after each step until the client has
-    received that step's token.
+    """The static engine's ``generate`` (or the continuous engine's delivery of a step's tokens),
+    holding the model thread after each step until the client has received that step's token.
 
     A server that sends tokens only once decoding is over never lets it go on: every wait then
     times out (the first after ``timeout_s``, the others at once) and is counted.
@@ -37,6 +40,41 @@ class LockStep:
 
         return generate(*args, on_step=step, **kwargs)
 
+    def deliver(self, engine: ContinuousEngine, tokens) -> None:
+        DELIVER(engine, tokens)
+        if tokens:
+            self.decoded += 1
+            if not self.received.acquire(timeout=0.01 if self.timeouts else self.timeout_s):
+                self.timeouts += 1
+
+    def hold(self, scheduler: str, monkeypatch) -> None:
+        """Hold ``scheduler``'s model thread after each step."""
+        if scheduler == "static":
+            monkeypatch.setattr(static_module, "generate", self.generate)
+        else:
+            monkeypatch.setattr(ContinuousEngine, "_deliver", lambda e, t: self.deliver(e, t))
+
+
+DELIVER = ContinuousEngine._deliver
+
+
+def break_the_third_forward(scheduler: str, monkeypatch, model) -> None:
+    """Make decoding fail after two steps: ``generate`` (static) or the model's third
+    shared-prefix forward (continuous: the prefill, one decode step, then the failure)."""
+    if scheduler == "static":
+        monkeypatch.setattr(static_module, "generate", failing_generate)
+        return
+    forward, calls = model.forward, []
+
+    def failing_forward(*args, **kwargs):
+        if BATCH_KWARG in kwargs:
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("decoding broke")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", failing_forward)
+
 
 def failing_generate(*args, on_step=None, **kwargs):
     """``generate`` that breaks after its second step."""
@@ -50,9 +88,10 @@ def failing_generate(*args, on_step=None, **kwargs):
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
-def test_each_token_reaches_the_client_before_the_next_is_decoded(client, monkeypatch, endpoint):
+def test_each_token_reaches_the_client_before_the_next_is_decoded(scheduled, monkeypatch, endpoint):
+    scheduler, client = scheduled
     lock = LockStep()
-    monkeypatch.setattr(engine_module, "generate", lock.generate)
+    lock.hold(scheduler, monkeypatch)
     options = dict(model="tiny", max_tokens=6, temperature=0, stream=True)
     options["extra_body"] = {"return_token_ids": True}
     if endpoint == "chat":
@@ -149,9 +188,9 @@ def test_text_stream_waits_for_whole_characters_and_joins_to_the_rendered_text(t
     assert text.finish_reason == rendered.finish_reason
 
 
-def _engine(tiny) -> BatchEngine:
+def _engine(tiny) -> StaticEngine:
     model, tokenizer = tiny
-    return BatchEngine(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, batch_wait_ms=200)
+    return StaticEngine(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, batch_wait_ms=200)
 
 
 def test_a_streamed_job_ends_with_its_own_rows_while_its_batch_decodes_on(tiny):
@@ -201,7 +240,7 @@ def test_a_streamed_job_ends_with_its_own_rows_while_its_batch_decodes_on(tiny):
 
 
 def test_a_decoding_error_reaches_every_job_of_its_batch(tiny, monkeypatch):
-    monkeypatch.setattr(engine_module, "generate", failing_generate)
+    monkeypatch.setattr(static_module, "generate", failing_generate)
     _, tokenizer = tiny
     prompt = tokenizer("pump")["input_ids"]
     engine = _engine(tiny)
@@ -230,8 +269,9 @@ def test_a_decoding_error_reaches_every_job_of_its_batch(tiny, monkeypatch):
     assert isinstance(whole, RuntimeError)
 
 
-def test_a_decoding_error_ends_the_stream_with_an_error_event(client, monkeypatch):
-    monkeypatch.setattr(engine_module, "generate", failing_generate)
+def test_a_decoding_error_ends_the_stream_with_an_error_event(scheduled, monkeypatch, tiny):
+    scheduler, client = scheduled
+    break_the_third_forward(scheduler, monkeypatch, tiny[0])
     stream = client.completions.create(
         model="tiny", prompt="pump", max_tokens=8, temperature=0, stream=True
     )

@@ -2,8 +2,9 @@
 
 A request that names cartridges is answered by the model with their KV as prefix, in place of
 the system message that would carry the corpus (:func:`cartridges.chat.continuation_ids`); one
-that names none is a plain chat. Decoding is batched across requests by
-:class:`~cartridges.serving.engine.BatchEngine`.
+that names none is a plain chat. Decoding is batched across requests by the configured
+scheduler: :class:`~cartridges.serving.engine.ContinuousEngine` (requests join and leave a
+running decode) or :class:`~cartridges.serving.static.StaticEngine`.
 
 This module only assembles the app: the request guard (:mod:`~cartridges.serving.guard`), the
 error shapes (:mod:`~cartridges.serving.errors`), the routes (:mod:`~cartridges.serving.routes`)

@@ -12,6 +12,8 @@ from typing import Any
 from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+SCHEDULERS = ("continuous", "static")
+
 
 @pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class ServingConfig:
@@ -36,8 +38,18 @@ class ServingConfig:
         max_n: most choices per request.
         max_cartridges: most cartridges composed in one request.
         cartridge_cache_size: loaded (and composed) cartridges kept in memory, LRU.
-        max_batch_size: most rows decoded in one ``generate`` call.
-        batch_wait_ms: how long the batcher waits for more requests once one has arrived.
+        scheduler: ``continuous`` (requests join and leave a running decode at every step;
+            rows with different cartridges decode in one forward) or ``static`` (requests that
+            share a cartridge set are grouped into one ``generate`` call, and a request arriving
+            during a decode waits for it). ``continuous`` falls back to ``static``, with one log
+            line, for a model that shared-prefix attention cannot reproduce exactly.
+        max_batch_size: most rows (choices) decoded at once.
+        kv_budget_tokens: continuous scheduler: most KV tokens held at once, each cartridge
+            counted once and each request at its worst case (prompt + ``max_tokens``); requests
+            wait for room beyond it, and one that could never fit is refused. ``None``: no bound
+            but ``max_batch_size``.
+        batch_wait_ms: static scheduler: how long it waits for more requests once one has
+            arrived.
         chat_template_kwargs: chat-template switches for every chat request (e.g.
             ``{"enable_thinking": False}`` for Qwen3), from the ``model`` block, so that the
             server renders conversations as the pipelines do; a request's own
@@ -61,7 +73,9 @@ class ServingConfig:
     max_n: int = 8
     max_cartridges: int = 8
     cartridge_cache_size: int = 8
+    scheduler: str = "continuous"
     max_batch_size: int = 32
+    kv_budget_tokens: int | None = None
     batch_wait_ms: float = 5.0
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -85,6 +99,15 @@ class ServingConfig:
             )
         if self.max_top_logprobs < 0 or self.batch_wait_ms < 0:
             raise ValueError("serving.max_top_logprobs and serving.batch_wait_ms must be >= 0.")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(
+                f"serving.scheduler must be one of {list(SCHEDULERS)}, got {self.scheduler!r}."
+            )
+        if self.kv_budget_tokens is not None and self.kv_budget_tokens < 1:
+            raise ValueError(
+                f"serving.kv_budget_tokens must be null (no bound) or >= 1, got "
+                f"{self.kv_budget_tokens}."
+            )
         if self.api_key is not None and not self.api_key:
             raise ValueError("serving.api_key must be null (no key) or a non-empty string.")
 

@@ -1,124 +1,95 @@
-"""Continuous request batching: an asyncio queue feeding one model thread.
+"""The continuous scheduler: one model thread steps a ContinuousBatcher while there is work.
 
-Handlers put :class:`Job` objects on an asyncio queue. A batcher task takes what is pending
-(waiting ``batch_wait_ms`` for more once one arrives), groups the jobs that can share one
-``generate`` call (same cartridge set, same temperature, same seed when sampling) and runs each
-group on a single worker thread, so that the event loop keeps accepting requests while the model
-decodes. Rows of one call share the cartridge's KV as a broadcast view: that is where serving a
-cartridge saves memory over a document in context.
+Requests join the running decode at the next step and leave when they finish, whatever their
+cartridges and lengths (:class:`cartridges.continuous.ContinuousBatcher`): a short request that
+arrives while a long one decodes is answered before the long one ends, and each cartridge's KV
+is stored once however many rows attend to it.
 
-A streamed job gets its tokens step by step: ``generate``'s ``on_step`` callback, on the model
-thread, hands them to the job's asyncio queue through ``loop.call_soon_threadsafe``.
+Each choice of a :class:`~cartridges.serving.jobs.Job` becomes one
+:class:`~cartridges.continuous.Request` (``n`` choices, ``n`` requests) with the job's
+``max_tokens``, temperature and log-probability settings. Seeded sampling is reproducible per
+choice: choice ``i`` of a job with ``seed`` samples from its own generator seeded with
+``seed + i``, so a choice's answer depends neither on the other requests in the batch nor on
+when it joined (choice 0 of ``seed=s`` answers as a single request with ``seed=s`` does).
 
-All model work (decoding and the cartridge compatibility check) runs on that one thread.
+Threads: the event loop only posts messages (a job to add, a job to withdraw, a function to
+run) to the model thread's inbox and wakes it. The model thread handles its inbox between steps,
+steps while the batcher has work and sleeps on an event otherwise; each step's tokens go back to
+their jobs through ``loop.call_soon_threadsafe``: a streamed job's asyncio queue gets them per
+step, a whole answer's future gets its :class:`~cartridges.serving.jobs.Row` objects at the end.
+Every batcher call and every other use of the model (the cartridge check) runs on that thread.
+
+Failures: a forward that fails (:class:`~cartridges.continuous.StepFailed`) fails the jobs of
+its requests; the others decode on. Anything else leaves the batcher in an unknown state: every
+job in flight gets the error and a fresh batcher takes over.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
+import queue
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedModel
 
-from cartridges.cartridge import Cartridge
-from cartridges.generation import Step, generate
-from cartridges.prefix import forward_with_prefix
+from cartridges.continuous import ContinuousBatcher, Request, StepFailed, Token
+from cartridges.serving.jobs import EngineStats, Job, Row, StreamToken
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+_STOP = object()  # the inbox message that ends the model thread
 
 
-@dataclass
-class Row:
-    """One generated choice, cut to its request's own ``max_tokens``.
+@dataclass(eq=False)
+class _Active:
+    """A job being decoded: its requests' ids (one per choice) and what they produced so far."""
 
-    Attributes:
-        token_ids: generated ids, the stop token included when one ended the row.
-        stopped: a stop token ended it (else ``max_tokens`` did).
-        logprobs: log-probability of each generated token under the model (empty if not asked).
-        top_ids: ``(n, k)`` most likely ids per position (``k = 0``: not asked).
-        top_logprobs: ``(n, k)`` their log-probabilities.
-    """
+    job: Job
+    request_ids: list[int] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+    top: list[tuple[list[list[int]], list[list[float]]]] = field(default_factory=list)
+    open: int = 0
 
-    token_ids: list[int]
-    stopped: bool
-    logprobs: list[float] = field(default_factory=list)
-    top_ids: torch.Tensor | None = None
-    top_logprobs: torch.Tensor | None = None
+    def keep(self, choice: int, token: Token) -> None:
+        """Add ``token`` to the whole answer of ``choice``."""
+        row, (top_ids, top_values) = self.rows[choice], self.top[choice]
+        row.token_ids.append(token.token_id)
+        row.stopped = token.finish_reason == "stop"
+        if self.job.logprobs:
+            row.logprobs.append(token.logprob)
+            top_ids.append(token.top_ids)
+            top_values.append(token.top_logprobs)
 
-
-@dataclass
-class StreamToken:
-    """One token of a streamed choice, sent as soon as the model has chosen it.
-
-    Attributes:
-        choice: index of its row in the job's ``prompts``.
-        token_id: the token.
-        logprob: its log-probability (``None`` if not asked).
-        top_ids: the ``top_logprobs`` most likely ids at its position.
-        top_logprobs: their log-probabilities.
-        finish_reason: ``"stop"`` (a stop token) or ``"length"`` (``max_tokens``) on the
-            choice's last token, else ``None``.
-    """
-
-    choice: int
-    token_id: int
-    logprob: float | None = None
-    top_ids: list[int] = field(default_factory=list)
-    top_logprobs: list[float] = field(default_factory=list)
-    finish_reason: str | None = None
+    def answers(self) -> list[Row]:
+        """The rows, with their top-k as ``(n, k)`` tensors when log-probabilities were asked."""
+        if self.job.logprobs:
+            k = self.job.top_logprobs
+            for row, (top_ids, top_values) in zip(self.rows, self.top, strict=True):
+                row.top_ids = torch.tensor(top_ids, dtype=torch.long).reshape(-1, k)
+                row.top_logprobs = torch.tensor(top_values, dtype=torch.float32).reshape(-1, k)
+        return self.rows
 
 
-@dataclass
-class Job:
-    """One request's rows (``n`` choices per prompt) and its sampling settings."""
-
-    prompts: list[list[int]]
-    cartridge_key: tuple
-    cartridge: Cartridge | None
-    max_tokens: int
-    temperature: float = 0.0
-    seed: int | None = None
-    logprobs: bool = False
-    top_logprobs: int = 0
-    future: asyncio.Future | None = None
-    # A streamed job's new tokens per step, then None (or the decoding error).
-    tokens: asyncio.Queue[list[StreamToken] | Exception | None] | None = None
-
-    @property
-    def group_key(self) -> tuple:
-        """Jobs with equal keys can be decoded in one ``generate`` call."""
-        sampled = self.temperature > 0
-        return (self.cartridge_key, self.temperature if sampled else 0.0, sampled and self.seed)
-
-
-@dataclass
-class EngineStats:
-    """Counters exposed on ``/health`` (and used by tests to see batching happen)."""
-
-    requests: int = 0
-    batches: int = 0
-    max_batch_rows: int = 0
-    generated_tokens: int = 0
-
-
-class BatchEngine:
-    """Owns the model thread and the request queue.
+class ContinuousEngine:
+    """Owns the model thread and its :class:`~cartridges.continuous.ContinuousBatcher`.
 
     Args:
-        model: the frozen LLM.
-        stop_token_ids: tokens that end a row (the tokenizer's eos and the model's).
-        pad_token_id: filler id for padding.
-        max_batch_size: most rows per ``generate`` call.
-        batch_wait_ms: how long to wait for more requests after the first one arrives.
+        model: the frozen LLM; one that shared-prefix attention cannot reproduce raises
+            :class:`~cartridges.shared_prefix.UnsupportedModelError` here.
+        stop_token_ids: tokens that end a choice (the tokenizer's eos and the model's).
+        pad_token_id: filler id of left padding in a prefill.
+        max_batch_size: most requests (choices) decoding at once.
+        kv_budget_tokens: most KV tokens held at once (``None``: unbounded); admission reserves
+            each request's worst case (prompt + ``max_tokens``, and its cartridges once).
     """
+
+    scheduler = "continuous"
 
     def __init__(
         self,
@@ -126,54 +97,79 @@ class BatchEngine:
         stop_token_ids: Sequence[int],
         pad_token_id: int,
         max_batch_size: int = 32,
-        batch_wait_ms: float = 5.0,
+        kv_budget_tokens: int | None = None,
     ) -> None:
         self.model = model
-        self.stop_token_ids = list(stop_token_ids)
-        self.pad_token_id = pad_token_id
-        self.max_batch_size = max_batch_size
-        self.batch_wait_s = batch_wait_ms / 1000
+        self.stop_token_ids = tuple(stop_token_ids)
+        self._batcher_args = dict(
+            max_batch_size=max_batch_size,
+            kv_budget_tokens=kv_budget_tokens,
+            pad_token_id=pad_token_id,
+        )
+        self.batcher = ContinuousBatcher(model, **self._batcher_args)
         self.stats = EngineStats()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cartridges-model")
-        self._queue: asyncio.Queue[Job] | None = None
-        self._task: asyncio.Task | None = None
+        self._inbox: queue.SimpleQueue[Callable[[], None] | object] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._jobs: dict[int, _Active] = {}  # id(job) -> its state (model thread only)
+        self._owners: dict[int, tuple[_Active, int]] = {}  # request id -> (job, choice)
+        self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Start the batcher on the running event loop (the app's lifespan calls this)."""
-        self._queue = asyncio.Queue()
+        """Start the model thread (the app's lifespan calls this on the running loop)."""
         self._loop = asyncio.get_running_loop()
-        self._task = self._loop.create_task(self._batch_forever())
+        self._thread = threading.Thread(target=self._serve, name="cartridges-model", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """End the model thread; jobs still in flight get an error."""
+        if self._thread is not None:
+            self._post(_STOP)
+            await asyncio.to_thread(self._thread.join, 10)
+
+    @property
+    def running(self) -> int:
+        """Requests decoding now."""
+        return self.batcher.num_running
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        """Requests waiting for room in the batch."""
+        return self.batcher.num_waiting
 
+    # ------------------------------------------------------------------ event loop side
     async def run_on_model_thread(self, function: Callable[..., T], *args: Any) -> T:
-        """Run ``function`` on the model thread (serialised with decoding)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        """Run ``function`` on the model thread, between two steps."""
+        future: Future[T] = Future()
+
+        def call() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function(*args))
+                except BaseException as error:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(error)
+
+        self._post(call)
+        return await asyncio.wrap_future(future)
 
     async def submit(self, job: Job) -> list[Row]:
-        """Queue ``job`` and wait for its rows."""
-        await self._enqueue(job)
-        return await job.future
+        """Queue ``job`` and wait for its rows; a caller that is cancelled withdraws it."""
+        self._enqueue(job)
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            self.withdraw(job)
+            raise
 
     async def stream(self, job: Job) -> AsyncIterator[list[StreamToken]]:
-        """Queue ``job`` and yield its new tokens after each decoding step, until all choices end.
+        """Queue ``job`` and yield its new tokens after each step, until all its choices end.
 
         A decoding error is raised here. Leaving early (a client that went away) withdraws the
-        job if its batch has not started yet.
+        job's requests: they leave the batch before the next forward.
         """
         job.tokens = asyncio.Queue()
-        await self._enqueue(job)
+        self._enqueue(job)
         try:
             while (tokens := await job.tokens.get()) is not None:
                 if isinstance(tokens, Exception):
@@ -181,186 +177,172 @@ class BatchEngine:
                 yield tokens
         finally:
             job.future.cancel()
+            self.withdraw(job)
 
-    async def _enqueue(self, job: Job) -> None:
-        if self._queue is None:
-            raise RuntimeError("BatchEngine.start() was not called (is the app's lifespan on?)")
-        job.future = asyncio.get_running_loop().create_future()
+    def withdraw(self, job: Job) -> None:
+        """Withdraw ``job`` (its client went away): its requests leave before the next forward.
+
+        Finished jobs are ignored; any thread may call this.
+        """
+        self._post(lambda: self._withdraw(job))
+
+    def _enqueue(self, job: Job) -> None:
+        if self._thread is None:
+            raise RuntimeError("ContinuousEngine.start() was not called (is the lifespan on?)")
+        job.future = self._loop.create_future()
         self.stats.requests += 1
-        await self._queue.put(job)
+        self._post(lambda: self._add(job))
 
-    # ------------------------------------------------------------------ batching
-    async def _batch_forever(self) -> None:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = [await self._queue.get()]
-            deadline = loop.time() + self.batch_wait_s
-            while sum(len(j.prompts) for j in jobs) < self.max_batch_size:
-                timeout = deadline - loop.time()
-                if not self._queue.empty():
-                    jobs.append(self._queue.get_nowait())
-                elif timeout > 0:
-                    try:
-                        jobs.append(await asyncio.wait_for(self._queue.get(), timeout))
-                    except TimeoutError:
-                        break
-                else:
-                    break
-            for group in self._groups(jobs):
-                await self._run_group(group)
-
-    def _groups(self, jobs: list[Job]) -> list[list[Job]]:
-        """Jobs by group key, each group split so that no call exceeds ``max_batch_size`` rows."""
-        by_key: dict[tuple, list[list[Job]]] = {}
-        for job in jobs:
-            if job.future is None or job.future.done():  # the client went away
-                continue
-            chunks = by_key.setdefault(job.group_key, [[]])
-            rows = sum(len(j.prompts) for j in chunks[-1])
-            if chunks[-1] and rows + len(job.prompts) > self.max_batch_size:
-                chunks.append([])
-            chunks[-1].append(job)
-        return [chunk for chunks in by_key.values() for chunk in chunks]
-
-    async def _run_group(self, group: list[Job]) -> None:
-        try:
-            results = await self.run_on_model_thread(self._decode, group)
-        except Exception as error:  # noqa: BLE001 - handed to every waiting request
-            logger.exception("Decoding a batch of %d requests failed", len(group))
-            for job in group:
-                if job.tokens is not None:
-                    job.tokens.put_nowait(error)
-                elif not job.future.done():
-                    job.future.set_exception(error)
-            return
-        for job, rows in zip(group, results, strict=True):
-            if not job.future.done():
-                job.future.set_result(rows)
+    def _post(self, message: Callable[[], None] | object) -> None:
+        self._inbox.put(message)
+        self._wake.set()
 
     # ------------------------------------------------------------------ model thread
-    def _decode(self, group: list[Job]) -> list[list[Row]]:
-        """One ``generate`` call for the whole group; rows are then cut per job."""
-        first = group[0]
-        prompts = [prompt for job in group for prompt in job.prompts]
-        top_k = max(job.top_logprobs for job in group)
-        want_logprobs = any(job.logprobs for job in group)
-        streamed = any(job.tokens is not None for job in group)
-        generator = None
-        if first.temperature > 0 and first.seed is not None:
-            generator = torch.Generator().manual_seed(first.seed)
-        started = time.perf_counter()
-        outputs = generate(
-            self.model,
-            prompts,
-            prefix=first.cartridge,
-            max_new_tokens=max(job.max_tokens for job in group),
-            temperature=first.temperature,
+    def _serve(self) -> None:
+        """Handle the inbox, step while there is work, sleep when there is none."""
+        while True:
+            self._wake.clear()
+            while True:
+                try:
+                    message = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if message is _STOP:
+                    self._fail_all(RuntimeError("The server is shutting down."))
+                    return
+                self._guarded(message)
+            if self.batcher.has_work:
+                self._guarded(self._step)
+            else:
+                self._wake.wait()
+
+    def _guarded(self, work: Callable[[], None]) -> None:
+        """Run ``work``; an error it lets through fails every job in flight, and a fresh batcher
+        takes over (the old one's state is unknown), so that the model thread never dies."""
+        try:
+            work()
+        except Exception as error:  # noqa: BLE001 - handed to every job in flight
+            logger.exception("The model thread failed; every request in flight fails with it")
+            self._fail_all(error)
+            self._owners.clear()
+            self.batcher = ContinuousBatcher(self.model, **self._batcher_args)
+
+    def _add(self, job: Job) -> None:
+        """Add one request per choice of ``job`` (none if its client has gone already)."""
+        if job.future.done():
+            return
+        active = _Active(job, open=len(job.prompts))
+        self._jobs[id(job)] = active
+        try:
+            for choice, prompt in enumerate(job.prompts):
+                request_id = self.batcher.add(self._request(job, choice, prompt))
+                active.request_ids.append(request_id)
+                active.rows.append(Row(token_ids=[], stopped=False))
+                active.top.append(([], []))
+                self._owners[request_id] = (active, choice)
+        except Exception as error:  # noqa: BLE001 - a request the batcher refuses fails its job
+            self._fail(active, error)
+
+    def _request(self, job: Job, choice: int, prompt: list[int]) -> Request:
+        """The batcher's request for one choice; ``seed + choice`` seeds a sampled one."""
+        sampled = job.temperature > 0 and job.seed is not None
+        return Request(
+            prompt=prompt,
+            prefix=job.cartridge,
+            max_new_tokens=job.max_tokens,
+            temperature=job.temperature,
+            seed=job.seed + choice if sampled else None,
+            logprobs=job.logprobs,
+            top_logprobs=job.top_logprobs,
             stop_token_ids=self.stop_token_ids,
-            pad_token_id=self.pad_token_id,
-            top_logprobs=max(top_k, 1) if want_logprobs else 0,
-            generator=generator,
-            on_step=_Streamer(group, self.stop_token_ids, self._loop) if streamed else None,
         )
-        results, offset = [], 0
-        for job in group:
-            rows = []
-            for prompt, output in zip(
-                job.prompts, outputs[offset : offset + len(job.prompts)], strict=True
-            ):
-                rows.append(self._row(job, prompt, output))
-            offset += len(job.prompts)
-            results.append(rows)
-        tokens = sum(len(row.token_ids) for rows in results for row in rows)
+
+    def _withdraw(self, job: Job) -> None:
+        """Cancel the requests of a job whose client went away."""
+        active = self._jobs.pop(id(job), None)
+        if active is not None:
+            self._release(active)
+
+    def _release(self, active: _Active) -> None:
+        """Forget ``active``'s requests; those still decoding or waiting are cancelled."""
+        self._jobs.pop(id(active.job), None)
+        for request_id in active.request_ids:
+            if self._owners.pop(request_id, None) is not None:
+                self.batcher.cancel(request_id)
+
+    def _step(self) -> None:
+        """One step; its tokens go to their jobs, a failed forward's jobs get its error."""
+        try:
+            tokens, failed = self.batcher.step(), None
+        except StepFailed as failure:
+            tokens, failed = failure.tokens, failure
+            logger.exception("Decoding requests %s failed", failure.request_ids)
+        rows = len(tokens) + (len(failed.request_ids) if failed is not None else 0)
         self.stats.batches += 1
-        self.stats.max_batch_rows = max(self.stats.max_batch_rows, len(prompts))
-        self.stats.generated_tokens += tokens
-        logger.debug(
-            "Decoded %d rows (%d jobs, %d tokens) in %.3fs",
-            len(prompts),
-            len(group),
-            tokens,
-            time.perf_counter() - started,
-        )
-        return results
+        self.stats.max_batch_rows = max(self.stats.max_batch_rows, rows)
+        self.stats.generated_tokens += len(tokens)
+        self._deliver(tokens)
+        if failed is not None:
+            for request_id in failed.request_ids:
+                owner = self._owners.get(request_id)
+                if owner is not None:
+                    self._fail(owner[0], failed)
 
-    def _row(self, job: Job, prompt: list[int], output) -> Row:
-        cut = output.token_ids[: job.max_tokens]
-        stopped = output.stopped and len(cut) == len(output.token_ids)
-        row = Row(token_ids=cut, stopped=stopped)
-        if job.logprobs and job.tokens is None:  # a streamed job had them step by step
-            top_ids = output.top_ids[: len(cut)]
-            top_values = output.top_logprobs[: len(cut)]
-            row.top_ids = top_ids[:, : job.top_logprobs]
-            row.top_logprobs = top_values[:, : job.top_logprobs]
-            row.logprobs = self._chosen_logprobs(job, prompt, cut, top_ids, top_values)
-        return row
-
-    def _chosen_logprobs(
-        self,
-        job: Job,
-        prompt: list[int],
-        generated: list[int],
-        top_ids: torch.Tensor,
-        top_values: torch.Tensor,
-    ) -> list[float]:
-        """Each generated token's log-probability: from the top-k when there, else rescored.
-
-        A greedy token is always the top-1; a sampled one may fall outside the top-k, and then
-        one extra forward over the prompt and the answer gives the exact values.
-        """
-        chosen = torch.tensor(generated, dtype=torch.long)[:, None]  # [n, 1]
-        hits = top_ids == chosen  # [n, k]
-        if bool(hits.any(dim=-1).all()):
-            return top_values[hits].tolist()
-        cache = job.cartridge.as_cache(1, self.model.config) if job.cartridge is not None else None
-        ids = torch.tensor([prompt + generated[:-1]], dtype=torch.long, device=self.model.device)
-        with torch.no_grad():
-            logits = forward_with_prefix(self.model, cache, ids).logits[0, len(prompt) - 1 :]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
-        return logprobs.gather(-1, chosen.to(logprobs.device)).squeeze(-1).tolist()
-
-
-class _Streamer:
-    """``on_step`` for a batch: sends each streamed job its new tokens (on the model thread).
-
-    A row ends at a stop token or at its own job's ``max_tokens`` (the batch decodes to the
-    largest); once all its rows have ended, the job gets ``None``, even while others decode on.
-    """
-
-    def __init__(
-        self, group: list[Job], stop_token_ids: Sequence[int], loop: asyncio.AbstractEventLoop
-    ) -> None:
-        self.jobs, self.stop, self.loop = group, set(stop_token_ids), loop
-        self.owners = [
-            (j, choice) for j, job in enumerate(group) for choice in range(len(job.prompts))
-        ]
-        self.left = [job.max_tokens for job in group for _ in job.prompts]  # tokens still to send
-        self.open_rows = [len(job.prompts) for job in group]
-
-    def __call__(self, step: Step) -> None:
-        new: dict[int, list[StreamToken]] = {}
-        for i, row in enumerate(step.rows):
-            j, choice = self.owners[row]
-            job = self.jobs[j]
-            if job.tokens is None or self.left[row] == 0:
+    def _deliver(self, tokens: list[Token]) -> None:
+        """Hand each job its tokens of this step; end the jobs whose choices have all ended."""
+        streamed: dict[int, tuple[_Active, list[StreamToken]]] = {}
+        finished: list[_Active] = []
+        for token in tokens:
+            owner = self._owners.get(token.request_id)
+            if owner is None:  # withdrawn meanwhile
                 continue
-            self.left[row] -= 1
-            token = StreamToken(choice=choice, token_id=int(step.token_ids[i]))
-            if token.token_id in self.stop:
-                token.finish_reason = "stop"
-            elif self.left[row] == 0:
-                token.finish_reason = "length"
-            if token.finish_reason is not None:
-                self.left[row] = 0
-                self.open_rows[j] -= 1
-            if job.logprobs:
-                token.logprob = float(step.logprobs[i])
-                token.top_ids = step.top_ids[i, : job.top_logprobs].tolist()
-                token.top_logprobs = step.top_logprobs[i, : job.top_logprobs].tolist()
-            new.setdefault(j, []).append(token)
-        for j, tokens in new.items():
-            queue = self.jobs[j].tokens
-            self.loop.call_soon_threadsafe(queue.put_nowait, tokens)
-            if self.open_rows[j] == 0:
-                self.loop.call_soon_threadsafe(queue.put_nowait, None)
+            active, choice = owner
+            if active.job.tokens is not None:
+                piece = _stream_token(active.job, choice, token)
+                streamed.setdefault(id(active), (active, []))[1].append(piece)
+            else:
+                active.keep(choice, token)
+            if token.finished:
+                del self._owners[token.request_id]
+                active.open -= 1
+                if active.open == 0:
+                    finished.append(active)
+        for active, pieces in streamed.values():
+            self._loop.call_soon_threadsafe(active.job.tokens.put_nowait, pieces)
+        for active in finished:
+            self._jobs.pop(id(active.job), None)
+            if active.job.tokens is not None:
+                self._loop.call_soon_threadsafe(active.job.tokens.put_nowait, None)
+            else:
+                self._loop.call_soon_threadsafe(_resolve, active.job.future, active.answers())
+
+    def _fail(self, active: _Active, error: Exception) -> None:
+        """``active``'s job gets ``error``; its other requests are cancelled."""
+        self._release(active)
+        job = active.job
+        if job.tokens is not None:
+            self._loop.call_soon_threadsafe(job.tokens.put_nowait, error)
+        else:
+            self._loop.call_soon_threadsafe(_reject, job.future, error)
+
+    def _fail_all(self, error: Exception) -> None:
+        for active in list(self._jobs.values()):
+            self._fail(active, error)
+
+
+def _stream_token(job: Job, choice: int, token: Token) -> StreamToken:
+    piece = StreamToken(choice=choice, token_id=token.token_id, finish_reason=token.finish_reason)
+    if job.logprobs:
+        piece.logprob = token.logprob
+        piece.top_ids, piece.top_logprobs = token.top_ids, token.top_logprobs
+    return piece
+
+
+def _resolve(future: asyncio.Future, rows: list[Row]) -> None:
+    if not future.done():
+        future.set_result(rows)
+
+
+def _reject(future: asyncio.Future, error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)

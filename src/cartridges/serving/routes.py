@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 
 from cartridges.cartridge import Cartridge
-from cartridges.serving.engine import Job
+from cartridges.serving.disconnect import unless_disconnected
+from cartridges.serving.jobs import Job
 from cartridges.serving.prompts import chat_prompt, completion_prompts
 from cartridges.serving.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
 from cartridges.serving.responses import chat_completion, response_head, text_completion
@@ -33,12 +34,20 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(service: ServiceDep) -> dict:
-    """Liveness, queue depth and batching counters."""
-    stats = service.engine.stats
+    """Liveness, the scheduler, queue depth and batching counters.
+
+    ``batches`` counts ``generate`` calls (static scheduler) or steps (continuous); ``running``
+    and ``waiting`` are rows decoding now and requests (static: jobs) waiting to start.
+    """
+    engine = service.engine
+    stats = engine.stats
     return {
         "status": "ok",
         "model": service.config.model_id,
-        "pending": service.engine.pending,
+        "scheduler": engine.scheduler,
+        "pending": engine.pending,
+        "running": engine.running,
+        "waiting": engine.pending,
         "cartridges_cached": len(service.store),
         "requests": stats.requests,
         "batches": stats.batches,
@@ -79,7 +88,7 @@ async def tokenize(request: TokenizeRequest, service: ServiceDep) -> dict:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(request: ChatCompletionRequest, service: ServiceDep):
+async def chat_completions(request: ChatCompletionRequest, service: ServiceDep, http: Request):
     """Chat, optionally with cartridges standing in for the system message."""
     checked = check_chat(service, request)
     switches = template_kwargs(service, request)
@@ -91,12 +100,14 @@ async def chat_completions(request: ChatCompletionRequest, service: ServiceDep):
     head = response_head("chatcmpl", checked.model_id)
     if request.stream:
         return event_stream(chat_chunks(service, request, job, head, prompt, prefix_tokens))
-    rendered = await _whole_answers(service, request, job)
+    rendered = await _whole_answers(service, request, job, http)
+    if rendered is None:
+        return _client_left()
     return chat_completion(service.tokenizer, request, head, rendered, prompt, prefix_tokens)
 
 
 @router.post("/v1/completions")
-async def completions(request: CompletionRequest, service: ServiceDep):
+async def completions(request: CompletionRequest, service: ServiceDep, http: Request):
     """Text completion of a raw prompt (text or token ids) after the cartridges."""
     checked = check_completion(service, request)
     key, cartridge = await service.cartridge(checked.cartridge_ids)
@@ -108,7 +119,9 @@ async def completions(request: CompletionRequest, service: ServiceDep):
     head = response_head("cmpl", checked.model_id)
     if request.stream:
         return event_stream(completion_chunks(service, request, job, head, prompts, prefix_tokens))
-    rendered = await _whole_answers(service, request, job)
+    rendered = await _whole_answers(service, request, job, http)
+    if rendered is None:
+        return _client_left()
     return text_completion(service.tokenizer, request, head, rendered, prompts, prefix_tokens)
 
 
@@ -134,8 +147,21 @@ def _job(
 
 
 async def _whole_answers(
-    service: Service, request: ChatCompletionRequest | CompletionRequest, job: Job
-) -> list[Rendered]:
-    """Decode ``job`` to its end; each row rendered to text with the request's stop strings."""
-    rows = await service.engine.submit(job)
+    service: Service,
+    request: ChatCompletionRequest | CompletionRequest,
+    job: Job,
+    http: Request,
+) -> list[Rendered] | None:
+    """Decode ``job`` to its end; each row rendered to text with the request's stop strings.
+
+    ``None`` when the client went away first: its requests are then withdrawn from the batch.
+    """
+    rows = await unless_disconnected(service.engine.submit(job), http)
+    if rows is None:
+        return None
     return [render(service.tokenizer, row, request.stop_strings()) for row in rows]
+
+
+def _client_left() -> Response:
+    """What a request whose client went away gets (nobody reads it): nginx's 499."""
+    return Response(status_code=499)

@@ -8,6 +8,7 @@ One :class:`Service` per app, kept on ``app.state.service``; routes reach it thr
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Sequence
 from typing import Annotated, Any
 
@@ -18,8 +19,13 @@ from cartridges.cartridge import Cartridge
 from cartridges.generation import default_stop_ids
 from cartridges.modeling import context_length, pad_token_id
 from cartridges.serving.config import ServingConfig
-from cartridges.serving.engine import BatchEngine
+from cartridges.serving.engine import ContinuousEngine
+from cartridges.serving.jobs import Engine
+from cartridges.serving.static import StaticEngine
 from cartridges.serving.store import CacheKey, CartridgeStore
+from cartridges.shared_prefix import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
 
 
 class Service:
@@ -28,6 +34,8 @@ class Service:
     Attributes:
         vocab_size: prompt token ids must lie below it.
         max_context: the model's positions (``None`` if its config does not say).
+        kv_budget_tokens: the KV budget a request must fit on its own (``None``: none; the
+            static scheduler has none).
         reserved_template_names: names a request's ``chat_template_kwargs`` may not set, because
             the chat rendering sets them itself (``apply_chat_template``'s own parameters, the
             template's ``messages`` and the special tokens).
@@ -37,18 +45,15 @@ class Service:
         self, config: ServingConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     ) -> None:
         self.config, self.model, self.tokenizer = config, model, tokenizer
-        self.engine = BatchEngine(
-            model,
-            stop_token_ids=default_stop_ids(model, tokenizer),
-            pad_token_id=pad_token_id(tokenizer),
-            max_batch_size=config.max_batch_size,
-            batch_wait_ms=config.batch_wait_ms,
-        )
+        self.engine = build_engine(config, model, tokenizer)
         self.store = CartridgeStore(
             model, config.cartridge_dir, config.catalog_datasets, config.cartridge_cache_size
         )
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.max_context = context_length(model.config)
+        self.kv_budget_tokens = (
+            config.kv_budget_tokens if self.engine.scheduler == "continuous" else None
+        )
         parameters = inspect.signature(tokenizer.apply_chat_template).parameters.values()
         self.reserved_template_names = frozenset(
             {p.name for p in parameters if p.kind is not p.VAR_KEYWORD}
@@ -69,6 +74,31 @@ class Service:
     def template_kwargs(self, requested: dict[str, Any] | None) -> dict[str, Any]:
         """The chat-template switches for a request: its own merged over the configured ones."""
         return {**self.config.chat_template_kwargs, **(requested or {})}
+
+
+def build_engine(
+    config: ServingConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> Engine:
+    """The configured scheduler; ``continuous`` falls back to ``static`` for a model it refuses."""
+    stop_ids, pad_id = default_stop_ids(model, tokenizer), pad_token_id(tokenizer)
+    if config.scheduler == "continuous":
+        try:
+            return ContinuousEngine(
+                model,
+                stop_ids,
+                pad_id,
+                max_batch_size=config.max_batch_size,
+                kv_budget_tokens=config.kv_budget_tokens,
+            )
+        except UnsupportedModelError as error:
+            logger.warning("Serving with the static scheduler: %s", error)
+    return StaticEngine(
+        model,
+        stop_ids,
+        pad_id,
+        max_batch_size=config.max_batch_size,
+        batch_wait_ms=config.batch_wait_ms,
+    )
 
 
 def get_service(request: Request) -> Service:

@@ -13,7 +13,7 @@ from contextlib import aclosing
 
 from fastapi.responses import StreamingResponse
 
-from cartridges.serving.engine import Job
+from cartridges.serving.jobs import Job
 from cartridges.serving.protocol import ChatCompletionRequest, CompletionRequest
 from cartridges.serving.responses import chat_logprobs, completion_choice, sse, usage
 from cartridges.serving.service import Service
@@ -23,7 +23,11 @@ logger = logging.getLogger(__name__)
 
 
 def event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
-    """The SSE response sending ``chunks``."""
+    """The SSE response sending ``chunks``.
+
+    A client that leaves ends it: Starlette then closes ``chunks``, and the engine withdraws the
+    job (:meth:`~cartridges.serving.engine.ContinuousEngine.stream`).
+    """
     return StreamingResponse(
         _ending_errors(chunks),
         media_type="text/event-stream",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from cartridges.serving.engine import Row, StreamToken
+from cartridges.serving.jobs import Row, StreamToken
 
 
 @dataclass

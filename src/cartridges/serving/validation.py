@@ -90,7 +90,10 @@ def template_kwargs(service: Service, request: ChatCompletionRequest) -> dict[st
 def check_context(
     service: Service, prompts: list[list[int]], prefix_tokens: int, max_tokens: int
 ) -> None:
-    """Each prompt is non-empty, in the vocabulary, and fits the model after the cartridges."""
+    """Each prompt is non-empty, in the vocabulary, and fits the model after the cartridges.
+
+    It must also fit the continuous scheduler's KV budget on its own, else it would never start.
+    """
     for prompt in prompts:
         if not prompt:
             raise ServingError("The prompt is empty after tokenization.", param="prompt")
@@ -105,6 +108,15 @@ def check_context(
                 f"request needs {needed} (cartridges {prefix_tokens} + prompt {len(prompt)} "
                 f"+ max_tokens {max_tokens}).",
                 code="context_length_exceeded",
+                param="max_tokens",
+            )
+        budget = service.kv_budget_tokens
+        if budget is not None and needed > budget:
+            raise ServingError(
+                f"The request needs {needed} KV tokens (cartridges {prefix_tokens} + prompt "
+                f"{len(prompt)} + max_tokens {max_tokens}), more than this server's whole KV "
+                f"budget of {budget} (serving.kv_budget_tokens).",
+                code="kv_budget_exceeded",
                 param="max_tokens",
             )
 
