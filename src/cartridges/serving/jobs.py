@@ -83,6 +83,14 @@ class Job:
         sampled = self.temperature > 0
         return (self.cartridge_key, self.temperature if sampled else 0.0, sampled and self.seed)
 
+    async def stream_tokens(self) -> AsyncIterator[list[StreamToken]]:
+        """The tokens the engine sends this (streamed) job, step by step, until its end marker;
+        an error the engine sent instead is raised here."""
+        while (tokens := await self.tokens.get()) is not None:
+            if isinstance(tokens, Exception):
+                raise tokens
+            yield tokens
+
 
 @dataclass
 class EngineStats:

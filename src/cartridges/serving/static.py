@@ -113,9 +113,7 @@ class StaticEngine:
         job.tokens = asyncio.Queue()
         await self._enqueue(job)
         try:
-            while (tokens := await job.tokens.get()) is not None:
-                if isinstance(tokens, Exception):
-                    raise tokens
+            async for tokens in job.stream_tokens():
                 yield tokens
         finally:
             job.future.cancel()
