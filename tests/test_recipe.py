@@ -9,18 +9,22 @@ import torch
 from cartridges.context import corpus_context
 from cartridges.recipe import Recipe, initial_cartridge, split_examples
 from cartridges.synthesis.self_study import Conversation
+from cartridges.tables import ShardedTable
 from cartridges.targets import to_tables
 from tests.conftest import CORPUS
 
 SYSTEM = "About:\n{chunk}"
 
 
-def _tables(count: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``count`` conversations of 6 tokens, each with teacher targets at positions 3-5."""
+def _tables(
+    count: int, chunks: tuple[str, ...] = ("chunk-a",)
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``count`` conversations of 6 tokens, each with teacher targets at positions 3-5, about
+    ``chunks`` in turn."""
     conversations = [
         Conversation(
             f"conv-{i:03d}",
-            "chunk-a",
+            chunks[i % len(chunks)],
             "question",
             "ask",
             [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
@@ -98,3 +102,37 @@ def test_the_objective_picks_the_training_targets(tiny):
     assert [e.token_ids.tolist() for e in memorised.training] == [chunk_ids]
     assert len(memorised.held_out) == 1  # still conversations with the teacher's top-k
     assert memorised.held_out[0].teacher_ids.shape[1] == 2
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_document_split_keeps_only_that_documents_conversations_and_chunks(
+    tiny, tmp_path, sharded
+):
+    _, tokenizer = tiny
+    conversations, targets = _tables(12, ("a-0", "b-0", "a-1"))
+    if sharded:
+        conversations = ShardedTable.from_dataframe(conversations, tmp_path / "c.parquet")
+        targets = ShardedTable.from_dataframe(targets, tmp_path / "t.parquet")
+    chunks = pd.DataFrame(
+        {
+            "chunk_id": ["a-0", "b-0", "a-1"],
+            "doc_id": ["a", "b", "a"],
+            "text": ["a x", CORPUS, "a z"],
+        }
+    )
+    recipe = Recipe(held_out_fraction=0.25)
+    about_a = {f"conv-{i:03d}" for i in range(12) if i % 3 != 1}
+    split = split_examples(conversations, targets, chunks, recipe, 0, tokenizer, documents=["a"])
+    assert len(split.training) + len(split.held_out) == 8
+    assert set(split.held_out_ids) <= about_a and len(split.held_out_ids) == 2
+    seen = {tuple(example.token_ids.tolist()) for example in split.training}
+    rows = _tables(12, ("a-0", "b-0", "a-1"))[0].set_index("conversation_id")
+    assert seen == {tuple(rows.loc[c, "token_ids"]) for c in about_a - set(split.held_out_ids)}
+    memorised = split_examples(
+        conversations, targets, chunks, Recipe(objective="memorization"), 0, tokenizer, ["b"]
+    )
+    assert [e.token_ids.tolist() for e in memorised.training] == [
+        tokenizer(CORPUS, add_special_tokens=False)["input_ids"]
+    ]
+    with pytest.raises(ValueError, match="No self-study conversation is about the documents"):
+        split_examples(conversations, targets, chunks, recipe, 0, tokenizer, documents=["c"])

@@ -16,7 +16,7 @@ import statistics
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pydantic import ConfigDict, ValidationInfo, field_validator
@@ -102,6 +102,12 @@ class Document:
     sha256: str
     n_chars: int
     n_tokens: int | None = None
+
+
+def document_name(source: str) -> str:
+    """How questions and per-document cartridges name a document: its file name without the
+    extension (``manuals/pump.pdf`` -> ``pump``; a URL's last path segment)."""
+    return PurePosixPath(source.split("?")[0].rstrip("/")).stem or source
 
 
 @dataclass

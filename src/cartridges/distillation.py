@@ -24,12 +24,14 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cartridges.cartridge import Cartridge
-from cartridges.context import CorpusContext
+from cartridges.chat import TemplateKwargs
+from cartridges.context import CorpusContext, corpus_context
+from cartridges.corpus import document_name
 from cartridges.distributed import process_group
 from cartridges.generation import generate
 from cartridges.modeling import pad_token_id
 from cartridges.objective import evaluate_kl
-from cartridges.recipe import Recipe, Split, initial_cartridge
+from cartridges.recipe import Recipe, Split, initial_cartridge, split_examples
 from cartridges.tables import ShardedTable
 from cartridges.training import TrainConfig, train_cartridge
 
@@ -43,6 +45,9 @@ class DistillConfig(Recipe):
     sweep_compressions: list[Annotated[float, Field(ge=1)]] = field(
         default_factory=lambda: [2.0, 8.0, 16.0]
     )
+    # One cartridge per document at p = n_document / c, each trained only on its own document's
+    # conversations, to compose at inference; None: none.
+    document_compression: Annotated[float, Field(ge=1)] | None = None
     eval_generations: Annotated[int, Field(ge=0)] = 2  # held-out questions answered per eval
     eval_max_new_tokens: Annotated[int, Field(ge=1)] = 48
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -87,15 +92,19 @@ def distill(
     config: DistillConfig,
     conversations: pd.DataFrame | ShardedTable,
     run_log: RunLog | None = None,
+    label: str | None = None,
 ) -> Distilled:
     """Train ``initial`` (in place) on the split's training examples; measure the held-out KL.
 
     ``conversations`` give the held-out questions whose answers go to ``run_log`` with the
-    per-step metrics; the cartridge's ``info.extra`` records the steps, the KL and the held-out
-    conversations.
+    per-step metrics, under ``label`` (default ``p<p>``); the cartridge's ``info.extra`` records
+    the steps, the KL and the held-out conversations.
     """
     pad = pad_token_id(tokenizer)
-    log_generations = _generations_logger(model, tokenizer, conversations, split, config, run_log)
+    label = label or f"p{initial.num_tokens}"
+    log_generations = _generations_logger(
+        model, tokenizer, conversations, split, config, run_log, label
+    )
 
     def held_out_kl(cartridge: Cartridge) -> float:
         if not split.held_out:
@@ -112,7 +121,7 @@ def distill(
             pad,
             checkpoint_dir=config.checkpoint_dir,
             held_out=split.held_out,
-            on_step=_metrics_logger(f"distill_training.p{initial.num_tokens}", run_log),
+            on_step=_metrics_logger(f"distill_training.{label}", run_log),
             on_eval=log_generations,
         )
     kl_after = held_out_kl(cartridge)
@@ -160,6 +169,71 @@ def distill_sweep(
     return sweep
 
 
+def distill_documents(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    corpus: pd.DataFrame,
+    chunk_set: pd.DataFrame,
+    conversations: pd.DataFrame | ShardedTable,
+    teacher_logprobs: pd.DataFrame | ShardedTable,
+    config: DistillConfig,
+    system_prompt: str,
+    template_kwargs: TemplateKwargs = None,
+    run_log: RunLog | None = None,
+) -> dict[str, Cartridge]:
+    """One cartridge per document, each as if its document were the whole corpus.
+
+    A document's cartridge starts from that document in context, at ``document_compression``
+    of its length, and trains only on the conversations about its own chunks: nothing of the
+    other documents reaches it, so composing two of them tests what the paper claims (cartridges
+    trained separately answer together, without retraining).
+
+    Returns:
+        ``{document name: cartridge}`` (see :func:`cartridges.corpus.document_name`); empty when
+        ``document_compression`` is unset.
+    """
+    if config.document_compression is None:
+        return {}
+    names = [document_name(source) for source in corpus["source"]]
+    if len(set(names)) < len(names):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"Documents share a name {repeated}: rename the files to train one each.")
+    cartridges = {}
+    for name, doc_id, text in zip(names, corpus["doc_id"], corpus["text"], strict=True):
+        context = corpus_context([text], tokenizer, system_prompt, template_kwargs)
+        initial = initial_cartridge(
+            model, tokenizer, context, config, config.train.seed, config.document_compression
+        )
+        try:
+            split = split_examples(
+                conversations,
+                teacher_logprobs,
+                chunk_set,
+                config,
+                config.train.seed,
+                tokenizer,
+                documents=[doc_id],
+            )
+        except ValueError as error:
+            raise ValueError(
+                f"Cannot train the cartridge of document {name}: {error} Draw more chunks "
+                "(document_prep.chunking.num_chunks) or use chunking.method: structural, which "
+                "covers every document."
+            ) from error
+        logger.info(
+            "Cartridge of document %s: p=%d, %d training conversations",
+            name,
+            initial.num_tokens,
+            len(split.training),
+        )
+        trained = distill(
+            model, tokenizer, initial, split, config, conversations, run_log, f"document_{name}"
+        )
+        trained.cartridge.info.extra["document"] = name
+        cartridges[name] = trained.cartridge
+    return cartridges
+
+
 def _metrics_logger(
     prefix: str, run_log: RunLog | None
 ) -> Callable[[dict[str, float], int], None] | None:
@@ -180,6 +254,7 @@ def _generations_logger(
     split: Split,
     config: DistillConfig,
     run_log: RunLog | None,
+    label: str,
 ) -> Callable[[Cartridge, int], None]:
     """Logs the cartridge's answers to the first ``eval_generations`` held-out questions."""
     chosen = split.held_out_ids[: config.eval_generations] if run_log is not None else []
@@ -191,7 +266,7 @@ def _generations_logger(
 
     def log_generations(cartridge: Cartridge, step: int) -> None:
         if report is not None:
-            path = f"generations/p{cartridge.num_tokens}/step_{step:06d}.md"
+            path = f"generations/{label}/step_{step:06d}.md"
             run_log.log_text(report(cartridge), path)
 
     return log_generations

@@ -215,7 +215,10 @@ class EvaluationParams(EvalConfig):
 
     cartridge_versions: tuple[str, ...] = ()  # versions of `cartridge`; empty: the catalog's one
     include_sweep: bool = True  # also the latest cartridge_sweep
-    compose: bool = True  # with >= 2 cartridges, also their concatenation
+    # Cartridges of one document each (distill_training.document_compression): each on its own
+    # document's questions, and with compose their concatenation on the questions of all.
+    compose: bool = True
+    documents: tuple[str, ...] = ()  # whose cartridges, in composition order; empty: all
     max_context_tokens: Annotated[int, Field(ge=1)] | None = None  # None: the model's maximum
 
     @property

@@ -18,7 +18,7 @@ How the cartridge is then trained is ``cartridges.distillation``'s part.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -116,10 +116,13 @@ def split_examples(
     recipe: Recipe,
     seed: int,
     tokenizer: PreTrainedTokenizerBase,
+    documents: Collection[str] | None = None,
 ) -> Split:
     """The examples of ``recipe.objective``, held out by ``held_out_fraction`` (seeded shuffle).
 
-    With shard handles the examples stay on disk: only an index is built here.
+    ``documents`` (``doc_id``s) keeps only the conversations about chunks of those documents,
+    and their chunks: a cartridge of one document learns nothing of the others. With shard
+    handles the examples stay on disk: only an index is built here.
     """
     examples = to_examples(conversations, teacher_logprobs, len(tokenizer))
     if isinstance(examples, LazyExamples):
@@ -131,6 +134,12 @@ def split_examples(
     if recipe.objective == "cross_entropy":
         examples = one_hot(examples)
     order = list(range(len(examples)))
+    if documents is not None:
+        chunk_set = chunk_set[chunk_set["doc_id"].isin(set(documents))]
+        about = _conversations_about(conversations, set(chunk_set["chunk_id"]))
+        order = [i for i in order if conversation_ids[i] in about]
+        if not order:
+            raise ValueError(f"No self-study conversation is about the documents {documents}.")
     random.Random(seed).shuffle(order)
     count = max(1, int(len(order) * recipe.held_out_fraction)) if len(order) > 1 else 0
     held_out, train = order[:count], order[count:]
@@ -140,3 +149,15 @@ def split_examples(
         chunks = tokenizer(list(chunk_set["text"]), add_special_tokens=False)["input_ids"]
         training = memorization_examples(chunks)
     return Split(training, select(examples, held_out), [conversation_ids[i] for i in held_out])
+
+
+def _conversations_about(
+    conversations: pd.DataFrame | ShardedTable, chunk_ids: set[str]
+) -> set[str]:
+    """Ids of the conversations whose chunk is one of ``chunk_ids`` (two columns are read)."""
+    columns = ["conversation_id", "chunk_id"]
+    if isinstance(conversations, ShardedTable):
+        rows = conversations.to_pandas(columns=columns)
+    else:
+        rows = conversations[columns]
+    return set(rows.loc[rows["chunk_id"].isin(chunk_ids), "conversation_id"])

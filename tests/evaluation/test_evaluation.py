@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from cartridges.cartridge import Cartridge, CartridgeInfo, CartridgeMismatchError
 from cartridges.evaluation import (
+    DocumentCartridges,
     EvalConfig,
     QuestionsError,
     build_methods,
@@ -34,8 +36,62 @@ def test_icl_and_a_cartridge_of_the_whole_context_score_identically(tiny, inputs
     quality = report.pivot(index="task", columns="method", values="quality")
     assert (quality["whole"] == quality["icl"]).all()  # every task, exactly
     assert quality.loc["fidelity", "icl"] == 0.0 and quality.loc["fidelity", "whole"] == 0.0
-    assert {"no_context", "truncated_icl_p8", "composition"} <= set(report["method"])
+    assert {"no_context", "truncated_icl_p8"} <= set(report["method"])
+    assert "composition" not in set(report["method"])  # only cartridges of separate documents
+    assert set(report["questions"]) == {"all"}
     assert quality.loc["fidelity", "no_context"] > 0
+
+
+def _document_questions(questions):
+    """The question set with the first two questions about ``a`` and the third about ``b``."""
+    return [replace(q, document=d) for q, d in zip(questions, ["a", "a", "b"], strict=True)]
+
+
+def test_document_cartridges_answer_their_own_questions_alone_and_all_composed(tiny, inputs):
+    model, tokenizer = tiny
+    context = inputs["context"]
+    first, second = from_token_ids(model, context[:6]), from_token_ids(model, context[:10])
+    documents = DocumentCartridges({"a": first, "b": second}, context[:40], {"a": "v1", "b": "v2"})
+    methods = build_methods(model, context, {}, 4000, documents=documents)
+    by_name = {method.name: method for method in methods}
+    assert list(by_name) == [
+        "icl",
+        "no_context",
+        "document_a",
+        "document_b",
+        "icl_documents",
+        "composition",
+    ]
+    assert by_name["composition"].num_tokens == 16
+    assert by_name["composition"].version == "v1 + v2"
+    assert by_name["icl_documents"].context_ids == context[:40]
+    questions = _document_questions(inputs["questions"])
+    report = evaluate(
+        model, tokenizer, methods, questions, inputs["held_out"], SYSTEM_TEXT, FAST
+    ).set_index(["method", "task"])
+    # Each document's cartridge answers its own document's questions only; the composition and
+    # ICL of the documents answer the questions of both; none of them takes held-out
+    # conversations (those are about the whole corpus).
+    assert report.loc[("document_a", "qa"), "num_items"] == 2  # the two open questions of a
+    assert ("document_a", "multiple_choice") not in report.index
+    assert report.loc[("document_b", "multiple_choice"), "num_items"] == 1  # b's only one
+    assert ("document_b", "qa") not in report.index
+    assert report.loc[("composition", "log_perplexity"), "num_items"] == 3
+    assert report.loc[("document_a", "qa"), "questions"] == "a"
+    assert report.loc[("composition", "qa"), "questions"] == "a+b"
+    assert ("document_a", "fidelity") not in report.index
+    assert ("composition", "fidelity") not in report.index
+    assert ("icl", "fidelity") in report.index
+
+
+def test_a_composition_over_the_budget_is_left_out(tiny, inputs):
+    model, _ = tiny
+    context = inputs["context"]
+    halves = {"a": from_token_ids(model, context[:12]), "b": from_token_ids(model, context[:12])}
+    methods = build_methods(model, context, {}, 20, documents=DocumentCartridges(halves, context))
+    names = [method.name for method in methods]
+    assert "composition" not in names and "icl_documents" not in names
+    assert {"document_a", "document_b"} <= set(names)
 
 
 def test_kv_bytes_are_exact_and_compression_is_their_ratio(tiny, inputs):
@@ -78,6 +134,7 @@ def test_a_cartridge_for_another_model_is_refused(tiny, inputs):
     [
         ('{"question": "q", "answer": "a"}\n{"question": "q2", "answer": \n', r"line 2: not valid"),
         ('\n["q", "a"]\n', r"line 2: expected a JSON object"),
+        ('{"question": "q", "answer": "a", "document": 3}\n', r"line 1: 'document' must be a"),
         ('{"question": "q"}\n', r"line 1: 'answer' must be a non-empty string"),
         ('{"question": "q", "answer": "a", "options": ["a"]}\n', r"line 1: 'options' has 1 entry"),
         ('{"question": "q", "answer": "z", "options": ["a", "b"]}\n', r"line 1: answer 'z'"),

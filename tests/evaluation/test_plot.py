@@ -33,6 +33,7 @@ def report(sizes=(8, 9, 10, 11, 12, 16), quality: float = 0.5) -> pd.DataFrame:
                 {
                     "method": method,
                     "kind": kind,
+                    "questions": "all",
                     "task": task,
                     "metric": metric,
                     "quality": value if higher else 1 - value,
@@ -112,3 +113,19 @@ def test_human_bytes():
     assert human_bytes(1.5 * 1024**2) == "1.5 MiB"
     assert human_bytes(1000 * 1024**2) == "1000 MiB"
     assert human_bytes(3 * 1024**4) == "3 TiB"
+
+
+def test_document_cartridges_are_points_named_with_their_questions():
+    rows = report()
+    documents = rows[rows["method"] == "cartridge_p8"].assign(
+        method="document_a", kind="document_cartridge", questions="a"
+    )
+    composed = rows[rows["method"] == "composition"].assign(questions="a+b")
+    rows = pd.concat([rows[rows["method"] != "composition"], documents, composed])
+    figure = tradeoff_figure(rows)
+    qa = figure.axes[0]
+    named = {t.get_text() for t in qa.texts if isinstance(t, Annotation)}
+    assert {"document_a (questions: a)", "composition (questions: a+b)"} <= named
+    lines = {line.get_label(): line for line in qa.get_lines()}
+    assert lines["cartridge of one document"].get_linestyle() == "None"  # not joined
+    assert lines["cartridge"].get_linestyle() == "-"

@@ -21,6 +21,7 @@ from cartridges.tables import ShardedTable
 from tests.conftest import CORPUS
 from tests.evaluation.data import (
     NO_THINKING,
+    QUESTIONS,
     SWITCH_MARKER,
     SYSTEM_PROMPT,
     SYSTEM_TEXT,
@@ -61,6 +62,7 @@ def catalog(tiny, tiny_model_dir, tmp_path):
     )
     catalog["corpus"] = pd.DataFrame({"text": [CORPUS]})
     catalog["cartridge_sweep"] = {}
+    catalog["document_cartridges"] = {}
     # What the catalog's ParquetShardsDataset loads: lazy handles on parquet files.
     catalog["conversations"] = ShardedTable.from_dataframe(conversations, tmp_path / "c.parquet")
     catalog["teacher_logprobs"] = ShardedTable.from_dataframe(targets, tmp_path / "t.parquet")
@@ -112,7 +114,7 @@ def test_the_latest_cartridge_is_compared_and_the_plot_is_a_png_and_an_svg(catal
     assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()
 
 
-def test_listed_versions_compare_sizes_and_their_composition(catalog):
+def test_listed_versions_compare_sizes(catalog):
     catalog, _ = catalog
     params = catalog["params:evaluation"].load()
     catalog["params:evaluation"] = params | {
@@ -128,15 +130,50 @@ def test_listed_versions_compare_sizes_and_their_composition(catalog):
         "truncated_icl_p8",
         "cartridge_p16",
         "truncated_icl_p16",
-        "composition",
-        "truncated_icl_p24",
-    ]
+    ]  # cartridges of the same corpus are compared, not composed
     assert report.loc["cartridge_p8", "cartridge_version"] == "2026-01-01T00.00.00.000Z"
-    assert report.loc["composition", "cartridge_version"] == (
-        "2026-01-01T00.00.00.000Z + 2026-01-02T00.00.00.000Z"
+
+
+def test_document_cartridges_are_scored_alone_and_composed(catalog, tiny):
+    catalog, tmp_path = catalog
+    model, tokenizer = tiny
+    context = context_ids(tokenizer, SYSTEM_TEXT)
+    pump, valve = from_token_ids(model, context[:8]), from_token_ids(model, context[:6])
+    catalog["document_cartridges"] = {"pump": pump, "valve": valve}
+    catalog["corpus"] = pd.DataFrame(
+        {"source": ["manuals/pump.txt", "valve.md"], "text": [CORPUS, "The valve is red."]}
     )
-    assert report.loc["composition", "kv_tokens"] == 24
-    assert "composed of cartridge_p8, cartridge_p16" in report.loc["composition", "note"]
+    questions = [
+        dict(record, document=document)
+        for record, document in zip(QUESTIONS, ["pump", "pump", "valve"], strict=True)
+    ]
+    catalog["questions"] = QuestionsDataset(write_questions(tmp_path / "docs.jsonl", questions))
+    params = catalog["params:evaluation"].load()
+    catalog["params:evaluation"] = params | {"tasks": ["qa"], "documents": ["valve", "pump"]}
+    SequentialRunner().run(create_pipeline(), catalog)
+    report = catalog["evaluation_report"].load().set_index(["method", "task"])
+    assert report.loc[("document_pump", "qa"), "questions"] == "pump"
+    assert report.loc[("document_pump", "qa"), "num_items"] == 2
+    assert report.loc[("document_valve", "multiple_choice"), "num_items"] == 1
+    composed = report.loc[("composition", "qa")]
+    assert composed["questions"] == "valve+pump" and composed["kv_tokens"] == 14  # in order
+    assert "trained separately" in composed["note"]
+    assert report.loc[("icl_documents", "qa"), "kind"] == "document_icl"
+
+
+def test_unknown_or_unasked_documents_are_refused(catalog, tiny):
+    catalog, _ = catalog
+    model, tokenizer = tiny
+    cartridge = from_token_ids(model, context_ids(tokenizer, SYSTEM_TEXT)[:8])
+    catalog["document_cartridges"] = {"pump": cartridge}
+    catalog["corpus"] = pd.DataFrame({"source": ["pump.txt"], "text": [CORPUS]})
+    params = catalog["params:evaluation"].load()
+    catalog["params:evaluation"] = params | {"documents": ["valve"]}
+    with pytest.raises(Exception, match=r"names \['valve'\], which have no document cartridge"):
+        SequentialRunner().run(create_pipeline(), catalog)
+    catalog["params:evaluation"] = params | {"tasks": ["qa"]}
+    with pytest.raises(Exception, match=r"No question is about the document\(s\) \['pump'\]"):
+        SequentialRunner().run(create_pipeline(), catalog)
 
 
 def test_an_unknown_version_lists_the_available_ones(catalog):

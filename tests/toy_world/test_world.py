@@ -77,7 +77,7 @@ def test_write_example_corpus(tmp_path):
     assert len(set(names)) == len(names)  # one consistent registry across files
     by_id = {d.doc_id: d for d in docs}
     for row in rows:
-        assert set(row) >= {"question", "answer", "doc_id"}
-        doc = by_id[row["doc_id"]]
+        assert set(row) >= {"question", "answer", "document"}
+        doc = by_id[row["document"]]
         assert row["answer"] == conversations.assistant_reply(doc, row["question"])
         assert row["question"] == registry.question(row["name"], language.HELDOUT_TEMPLATES[0])

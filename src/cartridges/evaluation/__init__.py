@@ -17,7 +17,13 @@ from cartridges.evaluation.conversations import (
     held_out_ids,
 )
 from cartridges.evaluation.cost import measure_cost
-from cartridges.evaluation.methods import KINDS, Method, build_methods, context_budget
+from cartridges.evaluation.methods import (
+    KINDS,
+    DocumentCartridges,
+    Method,
+    build_methods,
+    context_budget,
+)
 from cartridges.evaluation.questions import Question, QuestionsError, load_questions, prompt_text
 from cartridges.evaluation.report import format_report, report_columns, report_metrics
 from cartridges.evaluation.run import evaluate, question_scores, score_method
@@ -47,6 +53,7 @@ __all__ = [
     "answer_log_perplexity",
     "answer_questions",
     "build_methods",
+    "DocumentCartridges",
     "choose_option",
     "chrf",
     "compare_methods",

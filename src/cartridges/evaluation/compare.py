@@ -24,8 +24,13 @@ from cartridges.evaluation.conversations import (
     held_out_conversations,
     held_out_ids,
 )
-from cartridges.evaluation.methods import Method, build_methods, context_budget
-from cartridges.evaluation.questions import Question
+from cartridges.evaluation.methods import (
+    DocumentCartridges,
+    Method,
+    build_methods,
+    context_budget,
+)
+from cartridges.evaluation.questions import Question, QuestionsError
 from cartridges.evaluation.report import format_report
 from cartridges.evaluation.run import evaluate
 from cartridges.evaluation.tasks import Need
@@ -45,11 +50,11 @@ def compare_methods(
     config: EvalConfig,
     *,
     versions: Mapping[str, str] | None = None,
-    compose: bool = True,
+    documents: DocumentCartridges | None = None,
     max_context_tokens: int | None = None,
     template_kwargs: TemplateKwargs = None,
 ) -> pd.DataFrame:
-    """ICL, no context, truncated ICL and ``cartridges`` on ``config``'s tasks; the report.
+    """ICL, no context, truncated ICL, ``cartridges`` and ``documents`` on ``config``'s tasks.
 
     Args:
         corpus: the corpus in context (:func:`cartridges.context.corpus_context`), built with
@@ -59,7 +64,8 @@ def compare_methods(
         conversations, teacher_logprobs: self-study's tables; the conversations no cartridge
             trained on are used when a selected task needs held-out conversations.
         versions: catalog version of each cartridge, for the report.
-        compose: with two or more cartridges, also evaluate their composition.
+        documents: cartridges of one document each: each scored on its own document's
+            questions, their composition on the questions about any of them.
         max_context_tokens: the ICL budget; ``None``: the model's context length.
         template_kwargs: the model's chat-template switches, used for every prompt.
     """
@@ -74,14 +80,27 @@ def compare_methods(
         )
         if not held_out:
             logger.warning("No held-out conversation with teacher targets: fidelity skipped.")
+    if questions and documents is not None:
+        _check_documents_asked(questions, documents.cartridges)
     reserve = _longest_input(tokenizer, questions, held_out, template_kwargs)
     budget = context_budget(model, reserve + config.max_new_tokens, max_context_tokens)
-    methods = build_methods(model, corpus.ids, cartridges, budget, versions, compose)
+    methods = build_methods(model, corpus.ids, cartridges, budget, versions, documents)
     report = evaluate(
         model, tokenizer, methods, questions, held_out, corpus.system_text, config, template_kwargs
     )
     logger.info("Evaluation report:\n%s", format_report(report))
     return report
+
+
+def _check_documents_asked(questions: Sequence[Question], documents: Mapping[str, Cartridge]):
+    """Refuse a document cartridge that no question is about (it could not be scored)."""
+    asked = {question.document for question in questions}
+    missing = [name for name in documents if name not in asked]
+    if missing:
+        raise QuestionsError(
+            f"No question is about the document(s) {missing} that have their own cartridge: "
+            'give each question the "document" it is about (the file name without extension).'
+        )
 
 
 def _longest_input(

@@ -2,15 +2,17 @@
 
 Every method is a prefix followed by the same question tokens, so the comparison differs only in
 what the prefix holds and how many bytes it takes: the whole corpus in context (ICL), nothing,
-the first p context tokens (truncated ICL at a cartridge's budget), a trained cartridge, or a
-composition of cartridges.
+the first p context tokens (truncated ICL at a cartridge's budget), a trained cartridge, or,
+with cartridges trained on one document each, each of those alone and their composition, next to
+ICL over the composed documents. A method may be scored on the questions about some documents
+only (a document's cartridge on its own document's questions).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedModel
 
@@ -25,7 +27,9 @@ KINDS: dict[str, str] = {
     "no_context": "no context",
     "truncated_icl": "truncated ICL",
     "cartridge": "cartridge",
-    "composition": "composed cartridges",
+    "document_cartridge": "cartridge of one document",
+    "document_icl": "ICL (composed documents)",
+    "composition": "composed document cartridges",
 }
 """The kinds of method, with their human names (legends, tables)."""
 
@@ -42,6 +46,7 @@ class Method:
             which is stored, not computed); prefill time counts computing them.
         version: the catalog version of a trained cartridge.
         note: a caveat shown in the report (e.g. the context was cut to fit the model).
+        documents: names of the documents whose questions it is scored on (``None``: all).
     """
 
     name: str
@@ -50,6 +55,12 @@ class Method:
     context_ids: list[int] | None = None
     version: str = ""
     note: str = ""
+    documents: tuple[str, ...] | None = None
+
+    @property
+    def questions(self) -> str:
+        """Which questions it answers, as the report says: ``all`` or the documents' names."""
+        return "+".join(self.documents) if self.documents is not None else "all"
 
     @property
     def num_tokens(self) -> int:
@@ -72,15 +83,34 @@ def context_budget(model: PreTrainedModel, reserve_tokens: int, limit: int | Non
     return max(limit - reserve_tokens, 1)
 
 
+@dataclass
+class DocumentCartridges:
+    """Cartridges trained on one document each, to be scored alone and composed.
+
+    Attributes:
+        cartridges: by document name, in the order to compose them.
+        context: token ids of the system message carrying those documents together (the ICL
+            the composition is compared with).
+        versions: catalog version of each, for the report.
+        compose: also evaluate their composition (with two or more).
+    """
+
+    cartridges: Mapping[str, Cartridge]
+    context: Sequence[int]
+    versions: Mapping[str, str] = field(default_factory=dict)
+    compose: bool = True
+
+
 def build_methods(
     model: PreTrainedModel,
     context: Sequence[int],
     cartridges: Mapping[str, Cartridge],
     budget: int,
     versions: Mapping[str, str] | None = None,
-    with_composition: bool = True,
+    documents: DocumentCartridges | None = None,
 ) -> list[Method]:
-    """ICL, no context, and per cartridge the cartridge and ICL truncated to its size p.
+    """ICL, no context, per cartridge the cartridge and ICL truncated to its size p, and the
+    cartridges of single documents (alone, composed, and ICL over their documents).
 
     Args:
         model: the frozen model every prefix is computed with and checked against.
@@ -89,37 +119,22 @@ def build_methods(
         budget: the most context tokens that fit the model (see :func:`context_budget`); a
             longer ICL context is cut to its first ``budget`` tokens and flagged.
         versions: catalog version of each cartridge, for the report.
-        with_composition: with two or more cartridges, also evaluate them composed.
+        documents: cartridges of one document each; each is scored on its own document's
+            questions, their composition and the ICL of their documents on theirs.
 
     Raises:
         CartridgeMismatchError: a cartridge was made for another model.
     """
-    context, note = list(context), ""
-    if len(context) > budget:
-        note = f"context truncated from {len(context)} to {budget} tokens to fit the model"
-        logger.warning("ICL: %s", note)
-        context = context[:budget]
+    context, note = _fit(list(context), budget, "ICL")
     methods = [
         Method("icl", "icl", _kv(model, context), context, note=note),
         Method("no_context", "no_context", None),
     ]
+    versions = dict(versions or {})
     for name, cartridge in cartridges.items():
         _check(cartridge, model, name)
-    selected = [(name, "cartridge", cartridge, "") for name, cartridge in cartridges.items()]
-    versions = dict(versions or {})
-    if with_composition and len(cartridges) >= 2:
-        composed = compose(list(cartridges.values()))
-        if composed.num_tokens <= budget:
-            caveat = f"composed of {', '.join(cartridges)}"
-            selected.append(("composition", "composition", composed, caveat))
-            # The composition's row names the exact versions it is made of.
-            versions["composition"] = " + ".join(versions.get(name, "") for name in cartridges)
-        else:
-            logger.warning("No composition: its %d tokens exceed the budget.", composed.num_tokens)
-    for name, kind, cartridge, caveat in selected:
         cartridge = cartridge.to(model.device, model.dtype)
-        version = versions.get(name, "")
-        methods.append(Method(name, kind, cartridge, version=version, note=caveat))
+        methods.append(Method(name, "cartridge", cartridge, version=versions.get(name, "")))
         p = cartridge.num_tokens
         truncated = f"truncated_icl_p{p}"
         if p > len(context):
@@ -127,7 +142,70 @@ def build_methods(
         elif all(m.name != truncated for m in methods):
             prefix = context[:p]
             methods.append(Method(truncated, "truncated_icl", _kv(model, prefix), prefix))
+    if documents is not None and documents.cartridges:
+        methods += _document_methods(model, documents, budget)
     return methods
+
+
+def _document_methods(
+    model: PreTrainedModel, documents: DocumentCartridges, budget: int
+) -> list[Method]:
+    """Each document's cartridge on its questions; composed with ICL over the documents."""
+    methods = []
+    for name, cartridge in documents.cartridges.items():
+        _check(cartridge, model, f"the cartridge of document {name}")
+        methods.append(
+            Method(
+                f"document_{name}",
+                "document_cartridge",
+                cartridge.to(model.device, model.dtype),
+                version=documents.versions.get(name, ""),
+                documents=(name,),
+            )
+        )
+    names = tuple(documents.cartridges)
+    if not documents.compose or len(names) < 2:
+        return methods
+    composed = compose(list(documents.cartridges.values()))
+    if composed.num_tokens > budget:
+        logger.warning(
+            "No composition: its %d tokens exceed the %d the model has room for.",
+            composed.num_tokens,
+            budget,
+        )
+        return methods
+    context, note = _fit(list(documents.context), budget, "ICL of the composed documents")
+    methods.append(
+        Method(
+            "icl_documents",
+            "document_icl",
+            _kv(model, context),
+            context,
+            note=note,
+            documents=names,
+        )
+    )
+    methods.append(
+        Method(
+            "composition",
+            "composition",
+            composed.to(model.device, model.dtype),
+            # The composition's row names the exact versions it is made of.
+            version=" + ".join(documents.versions.get(name, "") for name in names),
+            note=f"cartridges of {', '.join(names)}, trained separately, concatenated",
+            documents=names,
+        )
+    )
+    return methods
+
+
+def _fit(context: list[int], budget: int, what: str) -> tuple[list[int], str]:
+    """The context cut to the budget, and the caveat the report shows when it was cut."""
+    if len(context) <= budget:
+        return context, ""
+    note = f"context truncated from {len(context)} to {budget} tokens to fit the model"
+    logger.warning("%s: %s", what, note)
+    return context[:budget], note
 
 
 def _kv(model: PreTrainedModel, token_ids: list[int]) -> Cartridge:

@@ -24,7 +24,16 @@ from cartridges.evaluation.labels import place_labels
 from cartridges.evaluation.methods import KINDS
 from cartridges.evaluation.tasks import Measure, Metric, measure_of
 
-MARKERS = {"icl": "*", "truncated_icl": "s", "composition": "D"}  # others: "o"
+MARKERS = {
+    "icl": "*",
+    "truncated_icl": "s",
+    "composition": "D",
+    "document_cartridge": "^",
+    "document_icl": "P",
+}  # others: "o"
+# Kinds whose points answer different question sets (one document's, several documents'): not
+# joined by a line, and each labelled with the questions it answers.
+SEPARATE = ("document_cartridge", "composition", "document_icl")
 PANEL_SIZE = (4.4, 3.6)  # inches per panel
 LABEL_SIZE = 7  # points
 ZORDER = {"truncated_icl": 2, "icl": 4}  # cartridges (3) drawn over the baseline they match
@@ -106,6 +115,7 @@ def _draw(axis: Axes, panel: _Panel, colors: dict[str, str]) -> None:
             marker=MARKERS.get(kind, "o"),
             markersize=9 if kind == "icl" else 5,
             linewidth=1.2,
+            linestyle="none" if kind in SEPARATE else "-",
             color=colors[kind],
             zorder=ZORDER.get(kind, 3),
             label=KINDS.get(kind, kind),
@@ -179,5 +189,15 @@ def _label_points(axis: Axes, panel: _Panel) -> None:
     """Name the cartridges' points; ICL and truncated ICL are named by the legend and the axis."""
     column = panel.measure.plot_column
     rows = panel.rows[(panel.rows["kv_bytes"] > 0) & ~panel.rows["kind"].isin(UNLABELLED)]
-    labels = [((row.kv_bytes, getattr(row, column)), row.method) for row in rows.itertuples()]
+    labels = [
+        ((row.kv_bytes, getattr(row, column)), _point_label(row)) for row in rows.itertuples()
+    ]
     place_labels(axis, labels, LABEL_SIZE)
+
+
+def _point_label(row) -> str:
+    """A cartridge's name; a point scored on some documents' questions says which."""
+    questions = getattr(row, "questions", "all")
+    if row.kind in SEPARATE and isinstance(questions, str) and questions != "all":
+        return f"{row.method} (questions: {questions})"
+    return row.method

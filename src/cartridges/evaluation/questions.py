@@ -1,4 +1,4 @@
-"""Question sets: JSONL files of ``{"question", "answer", "options"?}`` records, checked by line.
+"""Question sets: JSONL files of ``{"question", "answer", "options"?, "document"?}`` records.
 
 Read with our own loader rather than pandas' JSON reader, so that a bad record is reported with
 its line number and what is wrong with it, before any model is loaded.
@@ -30,6 +30,10 @@ class Question:
     question: str
     answer: str
     options: tuple[str, ...] | None = None
+    document: str | None = None
+    """The document the question is about, by name (its file name without extension, see
+    :func:`cartridges.corpus.document_name`), when the file says: a cartridge of one document
+    is scored on its own document's questions."""
 
     @property
     def answer_index(self) -> int:
@@ -72,9 +76,14 @@ def _parse(line: str, where: str) -> Question:
     for key in ("question", "answer"):
         if not isinstance(record.get(key), str) or not record[key].strip():
             raise QuestionsError(f"{where}: '{key}' must be a non-empty string.")
+    document = record.get("document")
+    if document is not None and (not isinstance(document, str) or not document.strip()):
+        raise QuestionsError(
+            f"{where}: 'document' must be a non-empty string (a document's file name)."
+        )
     options = record.get("options")
     if options is None:
-        return Question(record["question"], record["answer"])
+        return Question(record["question"], record["answer"], document=document)
     if not isinstance(options, list) or not all(isinstance(o, str) and o for o in options):
         raise QuestionsError(f"{where}: 'options' must be a list of non-empty strings.")
     if len(options) < 2:
@@ -87,7 +96,10 @@ def _parse(line: str, where: str) -> Question:
     if len(set(options)) != len(options):
         raise QuestionsError(f"{where}: 'options' has duplicate entries.")
     return Question(
-        record["question"], _answer_option(record["answer"], options, where), tuple(options)
+        record["question"],
+        _answer_option(record["answer"], options, where),
+        tuple(options),
+        document,
     )
 
 

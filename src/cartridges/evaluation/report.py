@@ -20,6 +20,7 @@ def report_columns(decode_batch_sizes: Sequence[int]) -> list[str]:
     return [
         "method",
         "kind",
+        "questions",
         "task",
         "metric",
         "quality",
@@ -67,7 +68,9 @@ def report_metrics(report: pd.DataFrame) -> dict[str, dict[str, float]]:
 def format_report(report: pd.DataFrame) -> str:
     """The report as a readable fixed-width table, for the log."""
     extras = [c for c in extra_columns() if c in report.columns]
-    shown = report[["method", "task", "metric", "quality", *extras, "kv_bytes"]].copy()
+    scoped = "questions" in report.columns and (report["questions"] != "all").any()
+    columns = ["method", *(["questions"] if scoped else []), "task", "metric", "quality"]
+    shown = report[[*columns, *extras, "kv_bytes"]].copy()
     shown["vs_icl"] = report["compression_vs_icl"].map(
         lambda x: f"{x:.1f}x" if x < math.inf else "-"
     )

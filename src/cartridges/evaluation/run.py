@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
@@ -54,15 +55,16 @@ def evaluate(
         model, tokenizer, questions, conversations, system_text, config, methods[0], template_kwargs
     )
     rows = []
-    with progress_bar(total=len(methods) * len(tasks), desc="evaluation", unit="task") as bar:
+    total = sum(len(_tasks_of(method, tasks)) for method in methods)
+    with progress_bar(total=total, desc="evaluation", unit="task") as bar:
         for index, method in enumerate(methods, start=1):
             started = time.perf_counter()
             bar.set_postfix_str(f"{method.name}: cost")
             common = _costs(inputs, method, methods[0])
             scored = []
-            for task in tasks:
+            for task in _tasks_of(method, tasks):
                 bar.set_postfix_str(f"{method.name}: {task.name}")
-                scored += task.score(method, inputs)
+                scored += task.score(method, _inputs_of(method, inputs))
                 bar.update()
             rows += [row | common for row in scored]
             logger.info(
@@ -137,6 +139,22 @@ def _runnable(
     return [task for task in tasks if conversations or Need.CONVERSATIONS not in task.needs]
 
 
+def _tasks_of(method: Method, tasks: Sequence[Task]) -> list[Task]:
+    """A method scored on some documents' questions only takes the question tasks (held-out
+    conversations are about the whole corpus)."""
+    if method.documents is None:
+        return list(tasks)
+    return [task for task in tasks if Need.CONVERSATIONS not in task.needs]
+
+
+def _inputs_of(method: Method, inputs: TaskInputs) -> TaskInputs:
+    """The inputs with only the questions ``method`` is scored on."""
+    if method.documents is None:
+        return inputs
+    asked = [q for q in inputs.questions if q.document in method.documents]
+    return replace(inputs, questions=asked, conversations=())
+
+
 def _costs(inputs: TaskInputs, method: Method, icl: Method) -> dict[str, Any]:
     """The method's columns of every row: its size, its speed and where it came from."""
     text = inputs.questions[0].question if inputs.questions else "What is this document about?"
@@ -160,6 +178,7 @@ def _costs(inputs: TaskInputs, method: Method, icl: Method) -> dict[str, Any]:
     return costs | {
         "method": method.name,
         "kind": method.kind,
+        "questions": method.questions,
         "kv_tokens": method.num_tokens,
         "kv_bytes": method.kv_bytes,
         "compression_vs_icl": icl.kv_bytes / method.kv_bytes if method.kv_bytes else math.inf,

@@ -38,7 +38,7 @@ def write_example_corpus(
     """Write ``<doc_id>.txt`` documents and a held-out questions JSONL (one question per fact).
 
     Each JSONL row: ``question``, ``answer`` (the exact full expected reply, e.g.
-    ``ada owns plum``), ``doc_id`` (the document's file stem), plus ``name``/``item`` for
+    ``ada owns plum``), ``document`` (the document's file stem), plus ``name``/``item`` for
     lenient scoring. Each file is written atomically.
     """
     corpus_dir, questions_path = Path(corpus_dir), Path(questions_path)
@@ -53,7 +53,7 @@ def write_example_corpus(
                 {
                     "question": qa.question,
                     "answer": qa.answer,
-                    "doc_id": qa.doc_id,
+                    "document": qa.doc_id,
                     "name": qa.name,
                     "item": qa.item,
                 }

@@ -14,7 +14,7 @@ import pandas as pd
 
 from cartridges.cartridge import Cartridge
 from cartridges.context import corpus_context
-from cartridges.distillation import RunLog, distill, distill_sweep
+from cartridges.distillation import RunLog, distill, distill_documents, distill_sweep
 from cartridges.modeling import load_model_from
 from cartridges.params import DistillTrainingParams, ModelParams, parse
 from cartridges.recipe import initial_cartridge, split_examples
@@ -85,6 +85,40 @@ def distill_cartridge_sweep(
     seed = params.train.seed
     split = split_examples(conversations, teacher_logprobs, chunk_set, params, seed, tokenizer)
     return distill_sweep(llm, tokenizer, context, split, params, conversations, _run_log())
+
+
+def distill_document_cartridges(
+    corpus: pd.DataFrame,
+    chunk_set: pd.DataFrame,
+    conversations: ShardedTable,
+    teacher_logprobs: ShardedTable,
+    params: DistillTrainingParams | dict[str, Any],
+    model: ModelParams | dict[str, Any],
+    system_prompt: str,
+) -> dict[str, Cartridge]:
+    """With ``document_compression`` set, one cartridge per document, each trained only on its
+    own document's conversations (to be composed at inference).
+
+    Returns:
+        ``document_cartridges``: ``{document name: cartridge}`` (empty when not asked for).
+    """
+    params, model = parse("distill_training", params), parse("model", model)
+    system_prompt = parse("system_prompt", system_prompt)
+    if params.document_compression is None:
+        return {}
+    llm, tokenizer = load_model_from(model)
+    return distill_documents(
+        llm,
+        tokenizer,
+        corpus,
+        chunk_set,
+        conversations,
+        teacher_logprobs,
+        params,
+        system_prompt,
+        model.chat_template_kwargs,
+        _run_log(),
+    )
 
 
 class _MlflowRunLog:

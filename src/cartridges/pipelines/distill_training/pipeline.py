@@ -1,10 +1,12 @@
-"""distill_training: conversations + teacher_logprobs (+ corpus for init) -> cartridge."""
+"""distill_training: conversations + teacher_logprobs (+ corpus for init) -> cartridge, the size
+sweep and (optionally) one cartridge per document."""
 
 from kedro.pipeline import Node, Pipeline
 
 from cartridges.pipelines.distill_training.nodes import (
     distill_cartridge,
     distill_cartridge_sweep,
+    distill_document_cartridges,
     initialize_cartridge,
 )
 
@@ -49,6 +51,20 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs="cartridge_sweep",
                 name="distill_cartridge_sweep_node",
+            ),
+            Node(
+                distill_document_cartridges,
+                inputs=[
+                    "corpus",
+                    "chunk_set",
+                    "conversations",
+                    "teacher_logprobs",
+                    "params:distill_training",
+                    "params:model",
+                    "params:system_prompt",
+                ],
+                outputs="document_cartridges",
+                name="distill_document_cartridges_node",
             ),
         ]
     )

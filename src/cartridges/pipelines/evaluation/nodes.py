@@ -15,8 +15,10 @@ from matplotlib.figure import Figure
 from cartridges import lineage
 from cartridges.cartridge import Cartridge
 from cartridges.context import corpus_context
+from cartridges.corpus import document_name
 from cartridges.datasets import CartridgeHistory
 from cartridges.evaluation import Question, compare_methods, report_metrics
+from cartridges.evaluation.methods import DocumentCartridges
 from cartridges.evaluation.plot import tradeoff_figure
 from cartridges.modeling import load_model_from
 from cartridges.params import EvaluationParams, ModelParams, parse
@@ -29,6 +31,7 @@ def evaluate_methods(
     cartridge: Cartridge,
     cartridge_history: CartridgeHistory,
     cartridge_sweep: dict[str, Cartridge],
+    document_cartridges: dict[str, Cartridge],
     conversations: ShardedTable,
     teacher_logprobs: ShardedTable,
     params: EvaluationParams | dict[str, Any],
@@ -45,6 +48,9 @@ def evaluate_methods(
         cartridge_history: every saved version of ``cartridge``, to pick those from.
         cartridge_sweep: cartridges of several sizes p (``{"p<p>": cartridge}``), evaluated too
             when ``include_sweep`` is set.
+        document_cartridges: cartridges of one document each (``{document name: cartridge}``):
+            each is scored on its own document's questions and, with ``compose``, their
+            concatenation on the questions about any of them, next to ICL over those documents.
         conversations: self-study conversations; fidelity uses those held out of training.
         teacher_logprobs: where the assistant tokens of each conversation are.
         params: the ``evaluation`` parameters.
@@ -60,6 +66,23 @@ def evaluate_methods(
         cartridges |= {f"sweep_{name}": swept for name, swept in cartridge_sweep.items()}
         versions |= {f"sweep_{name}": _version(swept) for name, swept in cartridge_sweep.items()}
     template_kwargs = model.chat_template_kwargs
+    documents = None
+    chosen = _select_documents(document_cartridges, params.documents)
+    if chosen:
+        texts = dict(zip(map(document_name, corpus["source"]), corpus["text"], strict=True))
+        missing = [name for name in chosen if name not in texts]
+        if missing:
+            raise ValueError(
+                f"The document cartridges {missing} have no document of that name in the corpus "
+                f"({sorted(texts)}): were they trained on another corpus?"
+            )
+        together = [texts[name] for name in chosen]
+        documents = DocumentCartridges(
+            chosen,
+            corpus_context(together, tokenizer, system_prompt, template_kwargs).ids,
+            {name: _version(cartridge) for name, cartridge in chosen.items()},
+            params.compose,
+        )
     report = compare_methods(
         llm,
         tokenizer,
@@ -70,11 +93,25 @@ def evaluate_methods(
         teacher_logprobs,
         params.eval_config,
         versions=versions,
-        compose=params.compose,
+        documents=documents,
         max_context_tokens=params.max_context_tokens,
         template_kwargs=template_kwargs,
     )
     return report, report_metrics(report)
+
+
+def _select_documents(
+    available: dict[str, Cartridge], names: tuple[str, ...]
+) -> dict[str, Cartridge]:
+    """The document cartridges named (in that order), or all of them."""
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise ValueError(
+            f"evaluation.documents names {unknown}, which have no document cartridge; the "
+            f"latest document_cartridges has {sorted(available) or 'none'} (set "
+            "distill_training.document_compression to train one per document)."
+        )
+    return {name: available[name] for name in names} if names else dict(available)
 
 
 def _select_cartridges(

@@ -16,6 +16,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "cartridge",
                     "cartridge_history",
                     "cartridge_sweep",
+                    "document_cartridges",
                     "conversations",
                     "teacher_logprobs",
                     "params:evaluation",
