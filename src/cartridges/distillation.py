@@ -31,7 +31,7 @@ from cartridges.distributed import process_group
 from cartridges.generation import generate
 from cartridges.modeling import pad_token_id
 from cartridges.objective import evaluate_kl
-from cartridges.recipe import Recipe, Split, initial_cartridge, split_examples
+from cartridges.recipe import Companions, Recipe, Split, initial_cartridge, split_examples
 from cartridges.tables import ShardedTable
 from cartridges.training import TrainConfig, train_cartridge
 
@@ -93,12 +93,14 @@ def distill(
     conversations: pd.DataFrame | ShardedTable,
     run_log: RunLog | None = None,
     label: str | None = None,
+    companions: Companions | None = None,
 ) -> Distilled:
     """Train ``initial`` (in place) on the split's training examples; measure the held-out KL.
 
     ``conversations`` give the held-out questions whose answers go to ``run_log`` with the
-    per-step metrics, under ``label`` (default ``p<p>``); the cartridge's ``info.extra`` records
-    the steps, the KL and the held-out conversations.
+    per-step metrics, under ``label`` (default ``p<p>``); with ``train.companion_prob`` set,
+    training reads the cartridge beside prefixes drawn from ``companions``. The cartridge's
+    ``info.extra`` records the steps, the KL and the held-out conversations.
     """
     pad = pad_token_id(tokenizer)
     label = label or f"p{initial.num_tokens}"
@@ -112,6 +114,14 @@ def distill(
         return evaluate_kl(model, cartridge, split.held_out, config.train.micro_batch_size, pad)
 
     kl_before = held_out_kl(initial)
+    train = config.train
+    prefixes = []
+    if train.companion_prob:
+        if companions is None:
+            raise ValueError("train.companion_prob is set: pass the corpus's chunks as companions.")
+        prefixes = companions.prefixes(
+            model, tokenizer, initial.num_tokens, train.companion_count, train.seed
+        )
     with process_group(config.distributed_backend):
         cartridge, history = train_cartridge(
             model,
@@ -120,6 +130,7 @@ def distill(
             config.train,
             pad,
             checkpoint_dir=config.checkpoint_dir,
+            companions=prefixes,
             held_out=split.held_out,
             on_step=_metrics_logger(f"distill_training.{label}", run_log),
             on_eval=log_generations,
@@ -153,6 +164,7 @@ def distill_sweep(
     config: DistillConfig,
     conversations: pd.DataFrame | ShardedTable,
     run_log: RunLog | None = None,
+    companions: Companions | None = None,
 ) -> dict[str, Cartridge]:
     """One cartridge per ``sweep_compressions`` ratio (p = n / c), for the size curve.
 
@@ -164,7 +176,9 @@ def distill_sweep(
         initial = initial_cartridge(
             model, tokenizer, context, config, config.train.seed, compression
         )
-        trained = distill(model, tokenizer, initial, split, config, conversations, run_log)
+        trained = distill(
+            model, tokenizer, initial, split, config, conversations, run_log, None, companions
+        )
         sweep[f"p{initial.num_tokens}"] = trained.cartridge
     return sweep
 
@@ -226,8 +240,21 @@ def distill_documents(
             initial.num_tokens,
             len(split.training),
         )
+        own = Companions(
+            list(chunk_set.loc[chunk_set["doc_id"] == doc_id, "text"]),
+            system_prompt,
+            template_kwargs,
+        )
         trained = distill(
-            model, tokenizer, initial, split, config, conversations, run_log, f"document_{name}"
+            model,
+            tokenizer,
+            initial,
+            split,
+            config,
+            conversations,
+            run_log,
+            f"document_{name}",
+            own,
         )
         trained.cartridge.info.extra["document"] = name
         cartridges[name] = trained.cartridge

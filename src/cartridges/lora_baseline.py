@@ -130,6 +130,8 @@ def _train_adapter(
 ) -> _Adapter:
     """Train, measure and save an adapter within ``cartridge``'s budget; then remove it."""
     config, pad = settings.train, pad_token_id(tokenizer)
+    if config.companion_prob:
+        logger.warning("The adapter trains alone: train.companion_prob applies to cartridges only.")
     lora = lora_config_for_budget(model, trainable_parameters(cartridge), settings.target_modules)
     with lora_adapter(model, lora) as peft_model:
         student = LoraStudent(peft_model, config.loss_chunk_size)

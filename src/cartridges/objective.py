@@ -15,13 +15,14 @@ is the loop's business (``cartridges.training``), not this module's.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import Cache, PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel
 
 from cartridges.batching import Batch, Example, make_batch
 from cartridges.cartridge import Cartridge
@@ -36,6 +37,7 @@ __all__ = [
     "held_out_kl",
     "logit_postprocessing",
     "loss_sum",
+    "prefix_cache",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -62,14 +64,25 @@ class Student(Protocol):
 
 @dataclass
 class CartridgeStudent:
-    """The method: the frozen model reads a trainable cartridge before every conversation."""
+    """The method: the frozen model reads a trainable cartridge before every conversation.
+
+    With ``companions``, a ``companion_prob`` share of the training batches read the cartridge
+    next to one of them (before or after it, chosen from the batch's content, so that a resumed
+    or distributed run makes the same choices): trained alone, a cartridge learns to be the only
+    thing in the cache, and other cartridges beside it at inference draw its attention away.
+    Held-out KL is always measured on the cartridge alone.
+    """
 
     model: PreTrainedModel
     cartridge: Cartridge
     loss_chunk_size: int = 0
+    companions: tuple[Cartridge, ...] = ()
+    companion_prob: float = 0.0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         self.cartridge.to(self.model.device)
+        self.companions = tuple(c.to(self.model.device) for c in self.companions)
 
     @property
     def prefix_len(self) -> int:
@@ -79,8 +92,39 @@ class CartridgeStudent:
         return [p for p in self.cartridge.parameters() if p.requires_grad]
 
     def loss_sum(self, batch: Batch, kl: bool = False) -> torch.Tensor:
-        cache = self.cartridge.as_cache(batch.input_ids.shape[0], self.model.config)
+        rows = batch.input_ids.shape[0]
+        companion, first = self._companion(batch) if not kl else (None, False)
+        if companion is None:
+            cache = self.cartridge.as_cache(rows, self.model.config)
+        else:
+            parts = (companion, self.cartridge) if first else (self.cartridge, companion)
+            cache = prefix_cache(parts, rows, self.model.config)
         return loss_sum(self.model, cache, batch, kl, self.loss_chunk_size)
+
+    def _companion(self, batch: Batch) -> tuple[Cartridge | None, bool]:
+        """This batch's companion (or none) and whether it goes first."""
+        if not self.companions or not self.companion_prob:
+            return None, False
+        content = int(batch.input_ids.sum()) * 1_000_003 + batch.input_ids.numel()
+        draw = random.Random(f"{self.seed}:{content}")
+        if draw.random() >= self.companion_prob:
+            return None, False
+        return draw.choice(self.companions), draw.random() < 0.5
+
+
+def prefix_cache(parts: Sequence[Cartridge], batch_size: int, config) -> DynamicCache:
+    """One cache holding ``parts`` in order, with gradients into every trainable part (unlike
+    :func:`cartridges.cartridge.compose`, which makes a new, detached cartridge)."""
+    keys = torch.cat([part.keys for part in parts], dim=2)
+    values = torch.cat([part.values for part in parts], dim=2)
+    layers = [
+        (
+            keys[i].unsqueeze(0).expand(batch_size, -1, -1, -1),
+            values[i].unsqueeze(0).expand(batch_size, -1, -1, -1),
+        )
+        for i in range(keys.shape[0])
+    ]
+    return DynamicCache(layers, config=config)
 
 
 def loss_sum(

@@ -10,7 +10,9 @@ held-out conversations, so both read the split from here.
   tokens, or random vectors (``cartridges.initialization`` builds each).
 - Examples: the conversations, shuffled by the seed and split into training and held-out; the
   ``objective`` picks the training targets (the teacher's top-k, the answer tokens only, or the
-  raw chunks).
+  raw chunks); optionally only those about some documents.
+- Companions: frozen prefixes (the KV of chunks of the same corpus) that training may read the
+  cartridge beside, so that it composes with others (``train.companion_prob``).
 
 How the cartridge is then trained is ``cartridges.distillation``'s part.
 """
@@ -30,6 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cartridges.batching import Example
 from cartridges.cartridge import Cartridge
+from cartridges.chat import TemplateKwargs, context_ids
 from cartridges.context import CorpusContext
 from cartridges.initialization import from_random_tokens, from_random_vectors, from_token_ids
 from cartridges.tables import ShardedTable
@@ -161,3 +164,35 @@ def _conversations_about(
     else:
         rows = conversations[columns]
     return set(rows.loc[rows["chunk_id"].isin(chunk_ids), "conversation_id"])
+
+
+@dataclass(frozen=True)
+class Companions:
+    """Where a cartridge's training companions come from: chunks of its own corpus, in context.
+
+    A companion is a frozen prefix, the KV of one chunk in the system prompt, of at most the
+    cartridge's size: a stand-in for the other cartridges it may be composed with, taken from its
+    own corpus so that it trains on nothing else (``train.companion_prob`` sets how often).
+    """
+
+    chunk_texts: Sequence[str]
+    system_prompt: str
+    template_kwargs: TemplateKwargs = None
+
+    def prefixes(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        size: int,
+        count: int,
+        seed: int,
+    ) -> list[Cartridge]:
+        """Up to ``count`` companions of at most ``size`` tokens (a seeded choice of chunks)."""
+        texts = list(dict.fromkeys(self.chunk_texts))
+        chosen = random.Random(seed).sample(texts, min(count, len(texts)))
+        prefixes = []
+        for text in chosen:
+            system_text = self.system_prompt.format(chunk=text)
+            ids = context_ids(tokenizer, system_text, self.template_kwargs)[:size]
+            prefixes.append(from_token_ids(model, ids, num_frozen_tokens=len(ids)))
+        return prefixes

@@ -67,6 +67,11 @@ class TrainConfig:
     checkpoint_every: int = 50
     eval_every: int = 0  # held-out KL every N steps (0: only at the end)
     seed: int = 0
+    # Share of micro-batches in which the cartridge is read next to a companion prefix (the KV
+    # of a chunk of its own corpus, before or after it), so that it keeps working beside other
+    # cartridges when composed; 0: never (the paper's method). Padded batches only.
+    companion_prob: float = 0.0
+    companion_count: int = 4  # distinct companions (each holds the cartridge's p tokens of KV)
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
@@ -94,6 +99,15 @@ class TrainConfig:
             )
         if self.loss_chunk_size < 0:
             raise ValueError(f"loss_chunk_size must be >= 0, got {self.loss_chunk_size}.")
+        if not 0.0 <= self.companion_prob <= 1.0:
+            raise ValueError(f"companion_prob must be in [0, 1], got {self.companion_prob}.")
+        if self.companion_count < 1:
+            raise ValueError(f"companion_count must be >= 1, got {self.companion_count}.")
+        if self.companion_prob and self.pack_length:
+            raise ValueError(
+                "companion_prob needs padded batches (pack_length: null): a companion changes "
+                "the prefix length that packed rows' positions and masks are built for."
+            )
         if self.max_steps is None and self.epochs <= 0:
             raise ValueError(f"epochs must be > 0 when max_steps is not set, got {self.epochs}.")
 
@@ -256,15 +270,26 @@ def train_cartridge(
     config: TrainConfig,
     pad_token_id: int,
     *,
+    companions: Sequence[Cartridge] = (),
     on_eval: Callable[[Cartridge, int], None] | None = None,
     **options: Unpack[LoopOptions],
 ) -> tuple[Cartridge, list[dict[str, float]]]:
     """Optimise the trainable part of ``cartridge`` in place; return it and the per-step history.
 
     Arguments as for :func:`train`, with the frozen ``model`` and the initialised ``cartridge``
-    as the student, and ``on_eval`` given the cartridge.
+    as the student, ``companions`` the frozen prefixes it is read beside in a
+    ``config.companion_prob`` share of the micro-batches, and ``on_eval`` given the cartridge.
     """
-    student = CartridgeStudent(model, cartridge, config.loss_chunk_size)
+    if config.companion_prob and not companions:
+        raise ValueError("companion_prob is set but no companion prefix was given.")
+    student = CartridgeStudent(
+        model,
+        cartridge,
+        config.loss_chunk_size,
+        companions=tuple(companions) if config.companion_prob else (),
+        companion_prob=config.companion_prob,
+        seed=config.seed,
+    )
     on_student = (lambda _student, step: on_eval(cartridge, step)) if on_eval is not None else None
     return cartridge, train(student, examples, config, pad_token_id, on_eval=on_student, **options)
 

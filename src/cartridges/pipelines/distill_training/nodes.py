@@ -17,7 +17,7 @@ from cartridges.context import corpus_context
 from cartridges.distillation import RunLog, distill, distill_documents, distill_sweep
 from cartridges.modeling import load_model_from
 from cartridges.params import DistillTrainingParams, ModelParams, parse
-from cartridges.recipe import initial_cartridge, split_examples
+from cartridges.recipe import Companions, initial_cartridge, split_examples
 from cartridges.tables import ShardedTable
 
 
@@ -43,6 +43,7 @@ def distill_cartridge(
     teacher_logprobs: ShardedTable,
     params: DistillTrainingParams | dict[str, Any],
     model: ModelParams | dict[str, Any],
+    system_prompt: str,
 ) -> tuple[Cartridge, dict[str, Any]]:
     """Train the cartridge on the teacher targets; hold some conversations out to measure KL.
 
@@ -54,10 +55,14 @@ def distill_cartridge(
         The trained ``cartridge`` and ``training_metrics`` in kedro-mlflow's history format.
     """
     params, model = parse("distill_training", params), parse("model", model)
+    system_prompt = parse("system_prompt", system_prompt)
     llm, tokenizer = load_model_from(model)
     seed = params.train.seed
     split = split_examples(conversations, teacher_logprobs, chunk_set, params, seed, tokenizer)
-    distilled = distill(llm, tokenizer, initial, split, params, conversations, _run_log())
+    companions = Companions(list(chunk_set["text"]), system_prompt, model.chat_template_kwargs)
+    distilled = distill(
+        llm, tokenizer, initial, split, params, conversations, _run_log(), None, companions
+    )
     return distilled.cartridge, distilled.metrics()
 
 
@@ -84,7 +89,10 @@ def distill_cartridge_sweep(
     context = corpus_context(texts, tokenizer, system_prompt, model.chat_template_kwargs)
     seed = params.train.seed
     split = split_examples(conversations, teacher_logprobs, chunk_set, params, seed, tokenizer)
-    return distill_sweep(llm, tokenizer, context, split, params, conversations, _run_log())
+    companions = Companions(list(chunk_set["text"]), system_prompt, model.chat_template_kwargs)
+    return distill_sweep(
+        llm, tokenizer, context, split, params, conversations, _run_log(), companions
+    )
 
 
 def distill_document_cartridges(

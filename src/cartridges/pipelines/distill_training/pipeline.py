@@ -34,6 +34,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "teacher_logprobs",
                     "params:distill_training",
                     "params:model",
+                    "params:system_prompt",
                 ],
                 outputs=["cartridge", "training_metrics"],
                 name="distill_cartridge_node",
