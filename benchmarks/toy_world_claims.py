@@ -39,6 +39,8 @@ import pandas as pd
 import torch
 from kedro.config import OmegaConfigLoader
 
+from cartridges.context import corpus_context
+from cartridges.modeling import load_tokenizer
 from cartridges.pipelines.distill_training.nodes import (
     distill_cartridge,
     distill_cartridge_sweep,
@@ -67,12 +69,14 @@ def parameters(env: str | None) -> dict[str, Any]:
     return copy.deepcopy(dict(loader["parameters"]))
 
 
-def seeded(params: dict[str, Any], seed: int, work: Path, scale: float) -> dict[str, Any]:
-    """``params`` on this seed's world, writing shards and checkpoints under ``work``."""
+def seeded(
+    params: dict[str, Any], seed: int, corpus: Path, work: Path, scale: float
+) -> dict[str, Any]:
+    """``params`` on this seed's world (``corpus``), writing shards under ``work``."""
     params["model"]["name_or_path"] = str(ROOT / params["model"]["name_or_path"])
     params["model"]["device"] = "cpu"
     prep, study, distill = params["document_prep"], params["self_study"], params["distill_training"]
-    prep["corpus_dir"] = str(work / "corpus")
+    prep["corpus_dir"] = str(corpus)
     prep["chunking"]["seed"] = seed
     study.update(seed=seed, shard_dir=str(work / "shards"))
     study["num_conversations"] = max(64, int(study["num_conversations"] * scale))
@@ -84,8 +88,11 @@ def seeded(params: dict[str, Any], seed: int, work: Path, scale: float) -> dict[
     return params
 
 
-def run_pipeline(params: dict[str, Any], questions: list, include: list[str]) -> pd.DataFrame:
-    """document_prep -> self_study -> distill_training -> evaluation, node by node."""
+def run_pipeline(
+    params: dict[str, Any], questions: list, include: list[str]
+) -> tuple[pd.DataFrame, int]:
+    """document_prep -> self_study -> distill_training -> evaluation, node by node; the report
+    and the corpus's length in context (tokens)."""
     model, prompt = params["model"], params["system_prompt"]
     prep = dict(params["document_prep"], include=include)
     distill = params["distill_training"]
@@ -115,10 +122,27 @@ def run_pipeline(params: dict[str, Any], questions: list, include: list[str]) ->
         model,
         prompt,
     )
-    return report
+    tokenizer = load_tokenizer(model["name_or_path"])
+    return report, corpus_context(list(corpus["text"]), tokenizer, prompt).num_tokens
 
 
-def one_seed(seed: int, settings: list[str], scale: float) -> dict[str, float]:
+def override(params: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """``block.key.subkey=value`` assignments (values read as YAML), as ``kedro run --params``."""
+    import yaml
+
+    for assignment in assignments:
+        path, _, text = assignment.partition("=")
+        *parents, last = path.split(".")
+        target = params
+        for key in parents:
+            target = target.setdefault(key, {})
+        target[last] = yaml.safe_load(text)
+    return params
+
+
+def one_seed(
+    seed: int, settings: list[str], scale: float, assignments: list[str] = ()
+) -> dict[str, float]:
     """The figures of one world."""
     from cartridges.evaluation.questions import load_questions
 
@@ -132,10 +156,16 @@ def one_seed(seed: int, settings: list[str], scale: float) -> dict[str, float]:
         questions = load_questions(work / "questions.jsonl")
         if "single" in settings:
             started = time.perf_counter()
-            params = seeded(parameters(None), seed, work / "single", scale)
+            params = seeded(
+                override(parameters(None), list(assignments)),
+                seed,
+                work / "corpus",
+                work / "single",
+                scale,
+            )
             params["distill_training"]["sweep_compressions"] = [8, 16]
             only_first = [q for q in questions if q.document == "town_0"]
-            report = run_pipeline(params, only_first, ["town_0.txt"])
+            report, _ = run_pipeline(params, only_first, ["town_0.txt"])
             em = _exact_match(report)
             figures |= {
                 "single_icl": em["icl"],
@@ -146,13 +176,20 @@ def one_seed(seed: int, settings: list[str], scale: float) -> dict[str, float]:
             }
         if "multi" in settings:
             started = time.perf_counter()
-            params = seeded(parameters("multi_document"), seed, work / "multi", scale)
-            report = run_pipeline(params, questions, ["*"])
+            params = seeded(
+                override(parameters("multi_document"), list(assignments)),
+                seed,
+                work / "corpus",
+                work / "multi",
+                scale,
+            )
+            report, corpus_tokens = run_pipeline(params, questions, ["*"])
             em = _exact_match(report)
             rows = report.drop_duplicates("method").set_index("method")
             figures |= {
                 "long_cartridge": em["cartridge"],
-                "long_compression": float(rows.loc["cartridge", "compression_vs_icl"]),
+                "long_corpus_tokens": float(corpus_tokens),
+                "long_compression": corpus_tokens / float(rows.loc["cartridge", "kv_tokens"]),
                 "long_truncated_icl": em["icl"],
                 "long_truncated_icl_tokens": float(rows.loc["icl", "kv_tokens"]),
                 "composition_alone_mean": (em["document_town_0"] + em["document_town_1"]) / 2,
@@ -212,13 +249,24 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=["single", "multi"])
     parser.add_argument("--workers", type=int, default=2, help="seeds run in parallel")
     parser.add_argument("--scale", type=float, default=1.0, help="x conversations and steps")
+    parser.add_argument(
+        "--params", nargs="*", default=[], help="overrides, e.g. distill_training.compression=8"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("cartridges", "kedro", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     count = len(args.seeds)
     with ProcessPoolExecutor(args.workers) as pool:
-        runs = list(pool.map(one_seed, args.seeds, [args.settings] * count, [args.scale] * count))
+        runs = list(
+            pool.map(
+                one_seed,
+                args.seeds,
+                [args.settings] * count,
+                [args.scale] * count,
+                [args.params] * count,
+            )
+        )
     for seed, figures in zip(args.seeds, runs, strict=True):
         logger.info("seed %d: %s", seed, ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
     stats = summary(runs)

@@ -116,6 +116,10 @@ def test_icl_longer_than_the_model_is_cut_and_flagged(tiny, inputs):
     methods = build_methods(model, inputs["context"], {}, budget=16)
     assert methods[0].num_tokens == 16
     assert "truncated from" in methods[0].note and "to 16 tokens" in methods[0].note
+    # Compression stays measured against the whole corpus in context.
+    whole = len(inputs["context"])
+    assert methods[0].uncut_tokens == whole
+    assert methods[0].whole_kv_bytes == methods[0].kv_bytes * whole / 16
 
 
 def test_a_cartridge_for_another_model_is_refused(tiny, inputs):

@@ -11,6 +11,7 @@ import nbformat
 import pandas as pd
 import pytest
 import yaml
+from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog
 from nbclient import NotebookClient
 
@@ -37,7 +38,8 @@ def project(request, tmp_path, monkeypatch) -> Path:
     shutil.copy2(ROOT / "pyproject.toml", copy / "pyproject.toml")
     monkeypatch.chdir(copy)
     params = yaml.safe_load((copy / "conf/base/parameters.yml").read_text())
-    entries = yaml.safe_load((copy / "conf/base/catalog.yml").read_text())
+    loader = OmegaConfigLoader(str(copy / "conf"), base_env="base", default_run_env="local")
+    entries = loader["catalog"]  # filepaths resolved as Kedro resolves them (globals)
     wanted = {k: entries[k] for k in ("corpus", "cartridge", "evaluation_report", "tradeoff_plot")}
 
     model, tokenizer = load_model(params["model"]["name_or_path"], "float32", "cpu")

@@ -125,7 +125,7 @@ def test_document_cartridges_are_points_named_with_their_questions():
     figure = tradeoff_figure(rows)
     qa = figure.axes[0]
     named = {t.get_text() for t in qa.texts if isinstance(t, Annotation)}
-    assert {"document_a (questions: a)", "composition (questions: a+b)"} <= named
+    assert {"document_a", "composition (questions: a+b)"} <= named
     lines = {line.get_label(): line for line in qa.get_lines()}
     assert lines["cartridge of one document"].get_linestyle() == "None"  # not joined
     assert lines["cartridge"].get_linestyle() == "-"

@@ -78,8 +78,18 @@ def test_generate_ends_the_reply_at_end_of_sequence_by_default(trained):
 
 def test_the_multi_document_model_reads_a_corpus_of_four_documents_in_context():
     """The default model was trained on one registry per context and loses records when four
-    towns share it (0.59 exact match); its multi-document fine-tune reads them all, which
-    composition and long-corpus settings need."""
+    towns share it (0.59 exact match); its multi-document fine-tune reads them all. Its config
+    declares a context of 128 tokens, which ICL, self-study and serving respect, so that the
+    multi_document environment's corpus (520 tokens) is longer than the context: read past that
+    limit here, the weights show what ICL over the whole corpus would be (the upper bound)."""
+    import json
+
+    assert (
+        json.loads((MODEL_DIR.parent / "toy_world_multidoc/config.json").read_text())[
+            "max_position_embeddings"
+        ]
+        == 128
+    )
     from cartridges.context import join_documents
     from cartridges.toy_world.evaluate import QAItem
 

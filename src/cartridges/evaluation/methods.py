@@ -47,6 +47,8 @@ class Method:
         version: the catalog version of a trained cartridge.
         note: a caveat shown in the report (e.g. the context was cut to fit the model).
         documents: names of the documents whose questions it is scored on (``None``: all).
+        uncut_tokens: for a context cut to fit the model, how many tokens it has whole (the
+            compression of every method is measured against the whole corpus in context).
     """
 
     name: str
@@ -56,6 +58,14 @@ class Method:
     version: str = ""
     note: str = ""
     documents: tuple[str, ...] | None = None
+    uncut_tokens: int | None = None
+
+    @property
+    def whole_kv_bytes(self) -> float:
+        """KV bytes of the whole context this prefix holds (more than ``kv_bytes`` when cut)."""
+        if not self.num_tokens:
+            return 0.0
+        return self.kv_bytes * (self.uncut_tokens or self.num_tokens) / self.num_tokens
 
     @property
     def questions(self) -> str:
@@ -125,9 +135,10 @@ def build_methods(
     Raises:
         CartridgeMismatchError: a cartridge was made for another model.
     """
+    whole = len(context)
     context, note = _fit(list(context), budget, "ICL")
     methods = [
-        Method("icl", "icl", _kv(model, context), context, note=note),
+        Method("icl", "icl", _kv(model, context), context, note=note, uncut_tokens=whole),
         Method("no_context", "no_context", None),
     ]
     versions = dict(versions or {})
@@ -183,6 +194,7 @@ def _document_methods(
             context,
             note=note,
             documents=names,
+            uncut_tokens=len(documents.context),
         )
     )
     methods.append(

@@ -68,7 +68,7 @@ def tradeoff_figure(report: pd.DataFrame) -> Figure:
     legend = figure.legend(
         handles=handles,
         loc="lower center",
-        ncol=min(len(handles), 5) or 1,
+        ncol=min(len(handles), 2 * count + 1) or 1,
         fontsize=8,
         frameon=False,
     )
@@ -95,8 +95,13 @@ def _panels(report: pd.DataFrame) -> list[_Panel]:
 
 
 def _icl_bytes(report: pd.DataFrame) -> float:
-    icl = report.loc[report["kind"] == "icl", "kv_bytes"]
-    return float(icl.iloc[0]) if len(icl) else math.nan
+    """KV bytes of the whole corpus in context (more than ICL's row holds when it was cut)."""
+    icl = report[report["kind"] == "icl"]
+    if not len(icl):
+        return math.nan
+    row = icl.iloc[0]
+    ratio = float(row["compression_vs_icl"])
+    return float(row["kv_bytes"]) * (ratio if math.isfinite(ratio) and ratio > 0 else 1.0)
 
 
 def _kind_colors(report: pd.DataFrame) -> dict[str, str]:
@@ -143,7 +148,7 @@ def _size_axis(axis: Axes, rows: pd.DataFrame, icl_bytes: float) -> None:
     """Log x axis with major ticks at the measured sizes (thinned when close), no minor ones."""
     sizes = sorted({float(b) for b in rows["kv_bytes"] if b > 0})
     axis.set_xscale("log")
-    axis.set_xlabel("KV cache size (log scale) / compression vs ICL", fontsize=9)
+    axis.set_xlabel("KV cache size (log scale) / compression of the corpus", fontsize=9)
     if not sizes:
         return
     low, high = sizes[0] / 1.8, sizes[-1] * 1.8
@@ -198,6 +203,7 @@ def _label_points(axis: Axes, panel: _Panel) -> None:
 def _point_label(row) -> str:
     """A cartridge's name; a point scored on some documents' questions says which."""
     questions = getattr(row, "questions", "all")
-    if row.kind in SEPARATE and isinstance(questions, str) and questions != "all":
+    several = isinstance(questions, str) and "+" in questions
+    if row.kind in SEPARATE and several:
         return f"{row.method} (questions: {questions})"
     return row.method

@@ -181,7 +181,8 @@ def _costs(inputs: TaskInputs, method: Method, icl: Method) -> dict[str, Any]:
         "questions": method.questions,
         "kv_tokens": method.num_tokens,
         "kv_bytes": method.kv_bytes,
-        "compression_vs_icl": icl.kv_bytes / method.kv_bytes if method.kv_bytes else math.inf,
+        # Against the whole corpus in context, also when ICL had to be cut to fit the model.
+        "compression_vs_icl": icl.whole_kv_bytes / method.kv_bytes if method.kv_bytes else math.inf,
         "cartridge_version": method.version,
         "note": method.note,
     }
