@@ -89,14 +89,14 @@ def test_default_pipeline_runs_from_a_fresh_copy_and_the_cartridge_recovers_icl(
     assert (project / "mlflow.db").exists()  # tracking went to the local sqlite store
 
 
-# The multi_document environment, reduced the same way: a quarter of the conversations and of
-# the epochs. Its claims, at this size: the cartridge of a corpus four times the context answers
-# far more than ICL cut to the context, and two cartridges trained separately answer together.
-COMPOSITION_FLOOR = 0.5  # composed / mean of each alone; measured at this size: see below
+# The multi_document environment with a quarter of the conversations (about 4 minutes). Its
+# claims, at this size: the cartridge of a corpus four times the context answers far more than
+# ICL cut to the context (measured 0.70 vs 0.22), and two cartridges trained separately answer
+# together (0.50, against 0.77 and 0.75 alone; trained without companions, about half).
 MULTI_REDUCED = ",".join(
     [
         "self_study.num_conversations=3072",
-        "distill_training.train.epochs=6",
+        "distill_training.train.epochs=12",
         "evaluation.decode_batch_sizes=[1]",
     ]
 )
@@ -124,10 +124,10 @@ def test_the_multi_document_environment_reads_past_the_context_and_composes(proj
     assert rows.loc["document_town_0", "questions"] == "town_0"
     assert rows.loc["composition", "questions"] == "town_0+town_1"
     alone = (accuracy["document_town_0"] + accuracy["document_town_1"]) / 2
-    assert accuracy["composition"] >= COMPOSITION_FLOOR * alone, accuracy.to_dict()
+    assert accuracy["composition"] >= 0.55 * alone, accuracy.to_dict()
     assert accuracy["composition"] > accuracy["no_context"] + 0.2, accuracy.to_dict()
-    (cartridges,) = (data / "06_models/document_cartridges").iterdir()
-    assert sorted(p.stem for p in cartridges.iterdir()) == [f"town_{k}" for k in range(4)]
+    saved = (data / "06_models/document_cartridges").glob("*/**/*.safetensors")
+    assert sorted(path.stem for path in saved) == [f"town_{k}" for k in range(4)]
 
 
 def _versions(project: Path, path: str) -> list[str]:
