@@ -92,7 +92,7 @@ def test_default_pipeline_runs_from_a_fresh_copy_and_the_cartridge_recovers_icl(
 # The multi_document environment with a quarter of the conversations (about 4 minutes). Its
 # claims, at this size: the cartridge of a corpus four times the context answers far more than
 # ICL cut to the context (measured 0.70 vs 0.22), and two cartridges trained separately answer
-# together (0.50, against 0.77 and 0.75 alone; trained without companions, about half).
+# together (0.50, against 0.77 and 0.75 alone).
 MULTI_REDUCED = ",".join(
     [
         "self_study.num_conversations=3072",
