@@ -130,15 +130,7 @@ class Cartridge(nn.Module):
             batch_size: how many sequences share the prefix (a broadcast view, no copy).
             config: the model config, so that sliding-window layers get their own cache type.
         """
-        keys, values = self.keys, self.values
-        layers = [
-            (
-                keys[i].unsqueeze(0).expand(batch_size, -1, -1, -1),
-                values[i].unsqueeze(0).expand(batch_size, -1, -1, -1),
-            )
-            for i in range(keys.shape[0])
-        ]
-        return DynamicCache(layers, config=config)
+        return prefix_cache([self], batch_size, config)
 
     def check_layout(self, model: PreTrainedModel) -> None:
         """Refuse a model whose KV cache has another shape (layers, kv heads, head dim).
@@ -184,6 +176,24 @@ def _shape(layout: KVLayout) -> tuple[int, int, int]:
 
 def _describe(layout: KVLayout) -> str:
     return f"layers={layout.num_layers}, kv_heads={layout.num_kv_heads}, head_dim={layout.head_dim}"
+
+
+def prefix_cache(parts: Sequence[Cartridge], batch_size: int = 1, config=None) -> DynamicCache:
+    """A fresh ``DynamicCache`` holding ``parts`` one after the other, for ``batch_size``
+    sequences (broadcast views, no copy), with gradients into every trainable part (unlike
+    :func:`compose`, which makes a new, detached cartridge)."""
+    keys = torch.cat([part.keys for part in parts], dim=2) if len(parts) > 1 else parts[0].keys
+    values = (
+        torch.cat([part.values for part in parts], dim=2) if len(parts) > 1 else parts[0].values
+    )
+    layers = [
+        (
+            keys[i].unsqueeze(0).expand(batch_size, -1, -1, -1),
+            values[i].unsqueeze(0).expand(batch_size, -1, -1, -1),
+        )
+        for i in range(keys.shape[0])
+    ]
+    return DynamicCache(layers, config=config)
 
 
 def compose(cartridges: Sequence[Cartridge]) -> Cartridge:

@@ -22,10 +22,10 @@ from typing import Protocol
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import Cache, DynamicCache, PreTrainedModel
+from transformers import Cache, PreTrainedModel
 
 from cartridges.batching import Batch, Example, make_batch
-from cartridges.cartridge import Cartridge
+from cartridges.cartridge import Cartridge, prefix_cache
 from cartridges.losses import kl_from_topk, topk_distillation_loss
 from cartridges.prefix import forward_with_prefix, head_only_at
 from cartridges.target_store import prefetch
@@ -37,7 +37,6 @@ __all__ = [
     "held_out_kl",
     "logit_postprocessing",
     "loss_sum",
-    "prefix_cache",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -110,21 +109,6 @@ class CartridgeStudent:
         if draw.random() >= self.companion_prob:
             return None, False
         return draw.choice(self.companions), draw.random() < 0.5
-
-
-def prefix_cache(parts: Sequence[Cartridge], batch_size: int, config) -> DynamicCache:
-    """One cache holding ``parts`` in order, with gradients into every trainable part (unlike
-    :func:`cartridges.cartridge.compose`, which makes a new, detached cartridge)."""
-    keys = torch.cat([part.keys for part in parts], dim=2)
-    values = torch.cat([part.values for part in parts], dim=2)
-    layers = [
-        (
-            keys[i].unsqueeze(0).expand(batch_size, -1, -1, -1),
-            values[i].unsqueeze(0).expand(batch_size, -1, -1, -1),
-        )
-        for i in range(keys.shape[0])
-    ]
-    return DynamicCache(layers, config=config)
 
 
 def loss_sum(
