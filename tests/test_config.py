@@ -43,6 +43,7 @@ CONF_BASE_SETTINGS = {
     "self_study.replace_seed_prompts",
     "self_study.max_question_tokens",
     "self_study.max_answer_tokens",
+    "distill_training.train.learning_rate",
     "distill_training.train.global_batch_size",
     "distill_training.train.micro_batch_size",
     "distill_training.train.epochs",
