@@ -136,3 +136,28 @@ def test_a_document_split_keeps_only_that_documents_conversations_and_chunks(
     ]
     with pytest.raises(ValueError, match="No self-study conversation is about the documents"):
         split_examples(conversations, targets, chunks, recipe, 0, tokenizer, documents=["c"])
+
+
+def test_document_cartridges_are_refused_for_shared_names_or_documents_without_conversations(
+    tiny,
+):
+    from cartridges.distillation import DistillConfig, distill_documents
+
+    model, tokenizer = tiny
+    conversations, targets = _tables(6, ("a-0",))
+    chunks = pd.DataFrame({"chunk_id": ["a-0", "b-0"], "doc_id": ["a", "b"], "text": [CORPUS] * 2})
+    config = DistillConfig(document_compression=4, sweep_compressions=[])
+    corpus = pd.DataFrame(
+        {"doc_id": ["a", "b"], "source": ["x/pump.txt", "y/pump.md"], "text": [CORPUS] * 2}
+    )
+    with pytest.raises(ValueError, match=r"Documents share a name \['pump'\]"):
+        distill_documents(model, tokenizer, corpus, chunks, conversations, targets, config, SYSTEM)
+    corpus["source"] = ["pump.txt", "valve.txt"]
+    with pytest.raises(ValueError, match="Cannot train the cartridge of document valve"):
+        distill_documents(model, tokenizer, corpus, chunks, conversations, targets, config, SYSTEM)
+    assert (
+        distill_documents(
+            model, tokenizer, corpus, chunks, conversations, targets, DistillConfig(), SYSTEM
+        )
+        == {}
+    )  # not asked for
