@@ -31,7 +31,7 @@ from cartridges.distributed import process_group
 from cartridges.generation import generate
 from cartridges.modeling import pad_token_id
 from cartridges.objective import evaluate_kl
-from cartridges.recipe import Companions, Recipe, Split, initial_cartridge, split_examples
+from cartridges.recipe import Companions, Recipe, Split, initial_cartridge, split_by_document
 from cartridges.tables import ShardedTable
 from cartridges.training import TrainConfig, train_cartridge
 
@@ -212,28 +212,24 @@ def distill_documents(
     if len(set(names)) < len(names):
         repeated = sorted({name for name in names if names.count(name) > 1})
         raise ValueError(f"Documents share a name {repeated}: rename the files to train one each.")
+    doc_ids = list(corpus["doc_id"])
+    splits = split_by_document(
+        conversations, teacher_logprobs, chunk_set, config, config.train.seed, tokenizer, doc_ids
+    )
+    for name, doc_id in zip(names, doc_ids, strict=True):
+        if doc_id not in splits:
+            raise ValueError(
+                f"Cannot train the cartridge of document {name}: no self-study conversation is "
+                "about it. Draw more chunks (document_prep.chunking.num_chunks) or use "
+                "chunking.method: structural, which covers every document."
+            )
     cartridges = {}
-    for name, doc_id, text in zip(names, corpus["doc_id"], corpus["text"], strict=True):
+    for name, doc_id, text in zip(names, doc_ids, corpus["text"], strict=True):
         context = corpus_context([text], tokenizer, system_prompt, template_kwargs)
         initial = initial_cartridge(
             model, tokenizer, context, config, config.train.seed, config.document_compression
         )
-        try:
-            split = split_examples(
-                conversations,
-                teacher_logprobs,
-                chunk_set,
-                config,
-                config.train.seed,
-                tokenizer,
-                documents=[doc_id],
-            )
-        except ValueError as error:
-            raise ValueError(
-                f"Cannot train the cartridge of document {name}: {error} Draw more chunks "
-                "(document_prep.chunking.num_chunks) or use chunking.method: structural, which "
-                "covers every document."
-            ) from error
+        split = splits[doc_id]
         logger.info(
             "Cartridge of document %s: p=%d, %d training conversations",
             name,

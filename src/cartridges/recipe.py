@@ -127,6 +127,51 @@ def split_examples(
     and their chunks: a cartridge of one document learns nothing of the others. With shard
     handles the examples stay on disk: only an index is built here.
     """
+    examples, conversation_ids = _examples(conversations, teacher_logprobs, recipe, tokenizer)
+    order = list(range(len(examples)))
+    if documents is not None:
+        about = _documents_of(conversations, chunk_set)
+        order = [i for i in order if about.get(conversation_ids[i]) in set(documents)]
+    return _split(examples, conversation_ids, order, chunk_set, documents, recipe, seed, tokenizer)
+
+
+def split_by_document(
+    conversations: pd.DataFrame | ShardedTable,
+    teacher_logprobs: pd.DataFrame | ShardedTable,
+    chunk_set: pd.DataFrame,
+    recipe: Recipe,
+    seed: int,
+    tokenizer: PreTrainedTokenizerBase,
+    documents: Sequence[str],
+) -> dict[str, Split]:
+    """:func:`split_examples` for each of ``documents`` alone, reading the tables' index and the
+    conversations' chunks once for all of them.
+
+    A document no conversation is about is left out.
+    """
+    examples, conversation_ids = _examples(conversations, teacher_logprobs, recipe, tokenizer)
+    about = _documents_of(conversations, chunk_set)
+    orders: dict[str, list[int]] = {document: [] for document in documents}
+    for index, conversation_id in enumerate(conversation_ids):
+        order = orders.get(about.get(conversation_id))
+        if order is not None:
+            order.append(index)
+    return {
+        document: _split(
+            examples, conversation_ids, order, chunk_set, [document], recipe, seed, tokenizer
+        )
+        for document, order in orders.items()
+        if order
+    }
+
+
+def _examples(
+    conversations: pd.DataFrame | ShardedTable,
+    teacher_logprobs: pd.DataFrame | ShardedTable,
+    recipe: Recipe,
+    tokenizer: PreTrainedTokenizerBase,
+) -> tuple[Sequence[Example], Sequence[str]]:
+    """The objective's examples (lazy over shards) and each one's conversation id."""
     examples = to_examples(conversations, teacher_logprobs, len(tokenizer))
     if isinstance(examples, LazyExamples):
         conversation_ids = examples.conversation_ids
@@ -136,13 +181,25 @@ def split_examples(
         conversation_ids = list(ids[ids.isin(targeted)])
     if recipe.objective == "cross_entropy":
         examples = one_hot(examples)
-    order = list(range(len(examples)))
+    return examples, conversation_ids
+
+
+def _split(
+    examples: Sequence[Example],
+    conversation_ids: Sequence[str],
+    order: list[int],
+    chunk_set: pd.DataFrame,
+    documents: Collection[str] | None,
+    recipe: Recipe,
+    seed: int,
+    tokenizer: PreTrainedTokenizerBase,
+) -> Split:
+    """Shuffle ``order`` (indices of examples) by the seed and hold out the recipe's share."""
     if documents is not None:
-        chunk_set = chunk_set[chunk_set["doc_id"].isin(set(documents))]
-        about = _conversations_about(conversations, set(chunk_set["chunk_id"]))
-        order = [i for i in order if conversation_ids[i] in about]
         if not order:
             raise ValueError(f"No self-study conversation is about the documents {documents}.")
+        chunk_set = chunk_set[chunk_set["doc_id"].isin(set(documents))]
+    order = list(order)
     random.Random(seed).shuffle(order)
     count = max(1, int(len(order) * recipe.held_out_fraction)) if len(order) > 1 else 0
     held_out, train = order[:count], order[count:]
@@ -154,16 +211,15 @@ def split_examples(
     return Split(training, select(examples, held_out), [conversation_ids[i] for i in held_out])
 
 
-def _conversations_about(
-    conversations: pd.DataFrame | ShardedTable, chunk_ids: set[str]
-) -> set[str]:
-    """Ids of the conversations whose chunk is one of ``chunk_ids`` (two columns are read)."""
+def _documents_of(conversations: pd.DataFrame | ShardedTable, chunk_set: pd.DataFrame) -> dict:
+    """``{conversation id: doc_id}`` from the conversations' chunks (two columns are read)."""
     columns = ["conversation_id", "chunk_id"]
     if isinstance(conversations, ShardedTable):
         rows = conversations.to_pandas(columns=columns)
     else:
         rows = conversations[columns]
-    return set(rows.loc[rows["chunk_id"].isin(chunk_ids), "conversation_id"])
+    document = dict(zip(chunk_set["chunk_id"], chunk_set["doc_id"], strict=True))
+    return dict(zip(rows["conversation_id"], rows["chunk_id"].map(document), strict=True))
 
 
 @dataclass(frozen=True)
