@@ -71,6 +71,8 @@ def test_a_wrong_type_or_range_names_the_key_and_the_value():
     assert str(error.value) == (
         "Invalid parameter 'distill_training.held_out_fraction' = 1.5: Input should be less than 1."
     )
+    with pytest.raises(ParameterError, match=r"'distill_training.min_teacher_confidence' = 1: "):
+        validate_parameters({"distill_training": {"min_teacher_confidence": 1}})
     # A library config's own check across fields names the block and the value.
     with pytest.raises(ParameterError) as error:
         validate_parameters({"distill_training": {"train": {"learning_rate": 0}}})

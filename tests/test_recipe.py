@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from cartridges.context import corpus_context
-from cartridges.recipe import Recipe, initial_cartridge, split_examples
+from cartridges.recipe import Recipe, initial_cartridge, split_by_document, split_examples
 from cartridges.synthesis.self_study import Conversation
 from cartridges.tables import ShardedTable
-from cartridges.targets import to_tables
+from cartridges.targets import to_tables, unsure_conversations
 from tests.conftest import CORPUS
 
 SYSTEM = "About:\n{chunk}"
@@ -161,3 +162,56 @@ def test_document_cartridges_are_refused_for_shared_names_or_documents_without_c
         )
         == {}
     )  # not asked for
+
+
+def _unsure_tables(count: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every third conversation's teacher is unsure at its middle answer token (top-1 p=0.4)."""
+    conversations, targets = _tables(count, ("a-0", "b-0"))
+    unsure = {f"conv-{i:03d}" for i in range(0, count, 3)}
+    middle = targets["conversation_id"].isin(unsure) & (targets["position"] == 4)
+    targets.loc[middle, "logprob"] = np.log([0.4, 0.35] * (int(middle.sum()) // 2), dtype="float32")
+    return conversations, targets
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_conversations_whose_teacher_was_guessing_are_left_out(tiny, tmp_path, sharded):
+    _, tokenizer = tiny
+    conversations, targets = _unsure_tables(12)
+    unsure = {f"conv-{i:03d}" for i in range(0, 12, 3)}
+    if sharded:
+        conversations = ShardedTable.from_dataframe(conversations, tmp_path / "c.parquet")
+        targets = ShardedTable.from_dataframe(targets, tmp_path / "t.parquet")
+    chunks = pd.DataFrame({"chunk_id": ["a-0", "b-0"], "doc_id": ["a", "b"], "text": [CORPUS] * 2})
+    recipe = Recipe(held_out_fraction=0.25, min_teacher_confidence=0.5)
+    split = split_examples(conversations, targets, chunks, recipe, 0, tokenizer)
+    assert len(split.training) + len(split.held_out) == 8
+    kept = {tuple(example.token_ids.tolist()) for example in [*split.training, *split.held_out]}
+    rows = _tables(12)[0].set_index("conversation_id")
+    assert kept == {tuple(rows.loc[c, "token_ids"]) for c in set(rows.index) - unsure}
+    by_document = split_by_document(conversations, targets, chunks, recipe, 0, tokenizer, ["a"])
+    assert set(by_document["a"].held_out_ids).isdisjoint(unsure)
+    assert len(by_document["a"].training) + len(by_document["a"].held_out) == 4  # 0, 6 unsure
+    everything = split_examples(
+        conversations, targets, chunks, Recipe(min_teacher_confidence=0.3), 0, tokenizer
+    )
+    assert len(everything.training) + len(everything.held_out) == 12  # 0.4 is sure enough
+    with pytest.raises(ValueError, match=r"min_teacher_confidence=0.95 leaves no conversation"):
+        split_examples(
+            conversations, targets, chunks, Recipe(min_teacher_confidence=0.95), 0, tokenizer
+        )
+
+
+def test_the_teachers_confidence_is_the_same_read_in_batches_across_shards(tmp_path):
+    _, targets = _unsure_tables(30)
+    expected = unsure_conversations(targets, 0.5)
+    assert expected == {f"conv-{i:03d}" for i in range(0, 30, 3)}
+    shards = [targets.iloc[:25], targets.iloc[25:97], targets.iloc[97:]]  # conversations split
+    paths = []
+    for index, shard in enumerate(shards):
+        path = tmp_path / f"part-{index}.parquet"
+        shard.to_parquet(path, index=False)
+        paths.append(path)
+    table = ShardedTable(paths)
+    for batch_rows in (1, 4, 7, 1000):  # positions and conversations split across batches
+        assert unsure_conversations(table, 0.5, batch_rows=batch_rows) == expected
+    assert unsure_conversations(table, 0.0) == set()

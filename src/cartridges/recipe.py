@@ -19,6 +19,7 @@ How the cartridge is then trained is ``cartridges.distillation``'s part.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -37,8 +38,14 @@ from cartridges.context import CorpusContext
 from cartridges.initialization import from_random_tokens, from_random_vectors, from_token_ids
 from cartridges.tables import ShardedTable
 from cartridges.target_store import LazyExamples, select
-from cartridges.targets import memorization_examples, one_hot, to_examples
+from cartridges.targets import (
+    memorization_examples,
+    one_hot,
+    to_examples,
+    unsure_conversations,
+)
 
+logger = logging.getLogger(__name__)
 OBJECTIVES = ("distillation", "cross_entropy", "memorization")
 INITIALIZERS = ("text", "random_tokens", "random_vectors")
 
@@ -53,6 +60,10 @@ class Recipe:
     initializer: str = "text"
     objective: str = "distillation"
     held_out_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    # Leave out conversations in which the teacher gave its most likely answer token less than
+    # this probability somewhere (it was guessing: the question asks what its chunk does not
+    # hold); 0: keep all (the paper).
+    min_teacher_confidence: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
     @field_validator("initializer", "objective")
     @classmethod
@@ -128,7 +139,7 @@ def split_examples(
     handles the examples stay on disk: only an index is built here.
     """
     examples, conversation_ids = _examples(conversations, teacher_logprobs, recipe, tokenizer)
-    order = list(range(len(examples)))
+    order = _confident(conversation_ids, teacher_logprobs, recipe)
     if documents is not None:
         about = _documents_of(conversations, chunk_set)
         order = [i for i in order if about.get(conversation_ids[i]) in set(documents)]
@@ -152,8 +163,8 @@ def split_by_document(
     examples, conversation_ids = _examples(conversations, teacher_logprobs, recipe, tokenizer)
     about = _documents_of(conversations, chunk_set)
     orders: dict[str, list[int]] = {document: [] for document in documents}
-    for index, conversation_id in enumerate(conversation_ids):
-        order = orders.get(about.get(conversation_id))
+    for index in _confident(conversation_ids, teacher_logprobs, recipe):
+        order = orders.get(about.get(conversation_ids[index]))
         if order is not None:
             order.append(index)
     return {
@@ -182,6 +193,29 @@ def _examples(
     if recipe.objective == "cross_entropy":
         examples = one_hot(examples)
     return examples, conversation_ids
+
+
+def _confident(
+    conversation_ids: Sequence[str],
+    teacher_logprobs: pd.DataFrame | ShardedTable,
+    recipe: Recipe,
+) -> list[int]:
+    """Indices of the examples whose teacher was sure enough (``min_teacher_confidence``)."""
+    unsure = unsure_conversations(teacher_logprobs, recipe.min_teacher_confidence)
+    order = [i for i, name in enumerate(conversation_ids) if name not in unsure]
+    if unsure:
+        logger.info(
+            "min_teacher_confidence=%g leaves out %d of %d conversations",
+            recipe.min_teacher_confidence,
+            len(conversation_ids) - len(order),
+            len(conversation_ids),
+        )
+    if conversation_ids and not order:
+        raise ValueError(
+            f"min_teacher_confidence={recipe.min_teacher_confidence} leaves no conversation to "
+            "train on: in every one the teacher was less sure than that; lower it."
+        )
+    return order
 
 
 def _split(

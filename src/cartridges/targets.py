@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from cartridges.batching import Example
@@ -190,3 +192,46 @@ def memorization_examples(token_ids: list[list[int]]) -> list[Example]:
     if not examples:
         raise TargetsError("No corpus chunk has two tokens or more to memorise.")
     return examples
+
+
+def unsure_conversations(
+    teacher_logprobs: pd.DataFrame | ShardedTable, min_confidence: float, batch_rows: int = 1 << 20
+) -> set[str]:
+    """The conversations in which the teacher, at some answer token, gave its most likely token
+    less than ``min_confidence`` probability: it was guessing, most often because the question
+    asks about something its chunk does not hold.
+
+    A table on disk is scanned a batch at a time (three columns); a conversation's rows may span
+    batches and shards, so the rows of the last conversation of a batch wait for the next one.
+    """
+    if min_confidence <= 0:
+        return set()
+    threshold = math.log(min_confidence)
+    columns = ["conversation_id", "position", "logprob"]
+    if not isinstance(teacher_logprobs, ShardedTable):
+        return _unsure(pa.Table.from_pandas(teacher_logprobs[columns]), threshold)
+    unsure: set[str] = set()
+    pending = None
+    for batch in teacher_logprobs.iter_batches(columns=columns, batch_size=batch_rows):
+        table = pa.Table.from_batches([batch])
+        if pending is not None:
+            table = pa.concat_tables([pending, table.cast(pending.schema)])
+        ids = table.column("conversation_id")
+        last = ids[len(ids) - 1]
+        tail = pc.index(pc.equal(ids, last), True).as_py()  # rows are grouped by conversation
+        unsure |= _unsure(table.slice(0, tail), threshold)
+        pending = table.slice(tail)
+    if pending is not None:
+        unsure |= _unsure(pending, threshold)
+    return unsure
+
+
+def _unsure(rows: pa.Table, threshold: float) -> set[str]:
+    """Conversations of ``rows`` whose least confident position's best log-probability is under
+    ``threshold``."""
+    if rows.num_rows == 0:
+        return set()
+    best = rows.group_by(["conversation_id", "position"]).aggregate([("logprob", "max")])
+    least = best.group_by("conversation_id").aggregate([("logprob_max", "min")])
+    low = least.filter(pc.less(least.column("logprob_max_min"), threshold))
+    return set(low.column("conversation_id").to_pylist())
