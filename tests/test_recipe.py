@@ -206,12 +206,13 @@ def test_the_teachers_confidence_is_the_same_read_in_batches_across_shards(tmp_p
     expected = unsure_conversations(targets, 0.5)
     assert expected == {f"conv-{i:03d}" for i in range(0, 30, 3)}
     shards = [targets.iloc[:25], targets.iloc[25:97], targets.iloc[97:]]  # conversations split
-    paths = []
-    for index, shard in enumerate(shards):
-        path = tmp_path / f"part-{index}.parquet"
-        shard.to_parquet(path, index=False)
-        paths.append(path)
-    table = ShardedTable(paths)
-    for batch_rows in (1, 4, 7, 1000):  # positions and conversations split across batches
-        assert unsure_conversations(table, 0.5, batch_rows=batch_rows) == expected
+    for encoding in ("str", "category"):  # shards may dictionary-encode ids, each its own way
+        paths = []
+        for index, shard in enumerate(shards):
+            path = tmp_path / f"{encoding}-{index}.parquet"
+            shard.astype({"conversation_id": encoding}).to_parquet(path, index=False)
+            paths.append(path)
+        table = ShardedTable(paths)
+        for batch_rows in (1, 4, 7, 1000):  # positions and conversations split across batches
+            assert unsure_conversations(table, 0.5, batch_rows=batch_rows) == expected
     assert unsure_conversations(table, 0.0) == set()

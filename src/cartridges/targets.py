@@ -209,11 +209,11 @@ def unsure_conversations(
     threshold = math.log(min_confidence)
     columns = ["conversation_id", "position", "logprob"]
     if not isinstance(teacher_logprobs, ShardedTable):
-        return _unsure(pa.Table.from_pandas(teacher_logprobs[columns]), threshold)
+        return _unsure(_plain_ids(pa.Table.from_pandas(teacher_logprobs[columns])), threshold)
     unsure: set[str] = set()
     pending = None
     for batch in teacher_logprobs.iter_batches(columns=columns, batch_size=batch_rows):
-        table = pa.Table.from_batches([batch])
+        table = _plain_ids(pa.Table.from_batches([batch]))
         if pending is not None:
             table = pa.concat_tables([pending, table.cast(pending.schema)])
         ids = table.column("conversation_id")
@@ -224,6 +224,15 @@ def unsure_conversations(
     if pending is not None:
         unsure |= _unsure(pending, threshold)
     return unsure
+
+
+def _plain_ids(rows: pa.Table) -> pa.Table:
+    """``rows`` with conversation ids as plain strings: shards may dictionary-encode them, each
+    with its own dictionary, and tables with different dictionaries do not concatenate."""
+    ids = rows.column("conversation_id")
+    if pa.types.is_dictionary(ids.type):
+        rows = rows.set_column(0, "conversation_id", ids.cast(ids.type.value_type))
+    return rows
 
 
 def _unsure(rows: pa.Table, threshold: float) -> set[str]:
