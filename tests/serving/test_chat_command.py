@@ -188,3 +188,12 @@ def test_an_unknown_cartridge_ends_the_in_process_command_too(
     error = capsys.readouterr().err
     assert error.startswith("cartridges-chat: Cartridge 'cartridge@2000-01-01T00.00.00.000Z'")
     assert error.count("\n") == 1
+
+
+def test_a_system_message_with_cartridges_is_refused_before_anything_loads(monkeypatch, capsys):
+    monkeypatch.setattr(builtins, "input", no_prompt)
+    with pytest.raises(SystemExit) as exited:
+        cli.chat_main(["-c", "doc", "--system", "Answer in French."])
+    assert exited.value.code == 2  # a usage error, like any other bad argument
+    error = capsys.readouterr().err
+    assert "--system cannot be combined with -c/--cartridge: a cartridge stands in" in error

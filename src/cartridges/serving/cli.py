@@ -138,7 +138,11 @@ def _chat_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=256, help="answer length cap")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampled answers")
-    parser.add_argument("--system", default=None, help="system message (without cartridges)")
+    parser.add_argument(
+        "--system",
+        default=None,
+        help="system message (only without cartridges, which stand in for it)",
+    )
     parser.add_argument(
         "--history-file",
         default=HISTORY_FILE,
@@ -153,7 +157,14 @@ def chat_main(argv: list[str] | None = None) -> None:
     The server and the cartridges are checked before the first prompt: a refusal ends the
     command with one line on stderr and exit status 1. Ctrl-C or Ctrl-D end it with status 0.
     """
-    args = _chat_parser().parse_args(argv)
+    parser = _chat_parser()
+    args = parser.parse_args(argv)
+    if args.system is not None and args.cartridge:
+        parser.error(
+            "--system cannot be combined with -c/--cartridge: a cartridge stands in for the "
+            "system message (the KV of the system turn that carried the corpus). Put "
+            "instructions in your first message instead."
+        )
     logging.basicConfig(level=logging.WARNING)
     from openai import OpenAI
 
