@@ -36,3 +36,21 @@ def test_atomic_folder_appears_whole_or_not_at_all(tmp_path):
         (temporary / "a.txt").write_text("a")
     assert (target / "a.txt").read_text() == "a"
     assert [p.name for p in target.parent.iterdir()] == ["adapter"]
+
+
+def test_a_replaced_folder_stays_whole_until_the_new_one_is(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    (target / "weights.bin").write_text("old")
+    with pytest.raises(RuntimeError), atomic_folder(target, replace=True) as temporary:
+        (temporary / "config.json").write_text("new")
+        raise RuntimeError("crash")  # mid-save: the old folder is untouched
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "weights.bin"]
+    assert (target / "config.json").read_text() == "old"
+    with atomic_folder(target, replace=True) as temporary:
+        (temporary / "config.json").write_text("new")
+        assert (target / "config.json").read_text() == "old"
+    assert [p.name for p in target.iterdir()] == ["config.json"]  # nothing of the old one
+    assert (target / "config.json").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary left beside

@@ -40,18 +40,26 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it becomes ``path``, on error it is removed.
 
-    ``path`` must not exist yet (versioned outputs are never overwritten in place).
+    ``path`` must not exist yet (versioned outputs are never overwritten in place), unless
+    ``replace``: then the old folder stays whole until the new one is complete, is moved aside,
+    and is deleted once the new one is in place (two renames, so a crash between them leaves
+    the old folder beside the target under a hidden name instead of a mix of the two).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary_beside(target)
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
+    old = target.with_name(f".{target.name}.{os.getpid()}.old")
     try:
         yield temporary
+        if replace and target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
         os.replace(temporary, target)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

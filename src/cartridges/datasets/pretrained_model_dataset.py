@@ -8,6 +8,7 @@ from typing import Any
 from kedro.io import AbstractDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from cartridges.files import atomic_folder
 from cartridges.modeling import load_model
 
 
@@ -30,10 +31,12 @@ class PretrainedModelDataset(
         return load_model(str(self._path))
 
     def save(self, data: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+        """Replace the directory whole: a crash mid-save keeps the previous model, never a
+        half-written one that ``model.name_or_path`` would load."""
         model, tokenizer = data
-        self._path.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(self._path)
-        tokenizer.save_pretrained(self._path)
+        with atomic_folder(self._path, replace=True) as temporary:
+            model.save_pretrained(temporary)
+            tokenizer.save_pretrained(temporary)
 
     def _exists(self) -> bool:
         return (self._path / "config.json").is_file()
