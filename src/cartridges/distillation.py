@@ -28,7 +28,7 @@ from cartridges.chat import TemplateKwargs
 from cartridges.context import CorpusContext, corpus_context
 from cartridges.corpus import document_name
 from cartridges.distributed import process_group
-from cartridges.generation import generate
+from cartridges.generation import default_stop_ids, generate
 from cartridges.modeling import pad_token_id
 from cartridges.objective import evaluate_kl
 from cartridges.recipe import Companions, Recipe, Split, initial_cartridge, split_by_document
@@ -313,7 +313,7 @@ def sample_generations(
             prompts,
             prefix=cartridge,
             max_new_tokens=max_new_tokens,
-            stop_token_ids=[tokenizer.eos_token_id],
+            stop_token_ids=default_stop_ids(model, tokenizer),
             pad_token_id=pad_token_id(tokenizer),
         )
         sections = []

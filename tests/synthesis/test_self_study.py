@@ -196,3 +196,21 @@ def test_a_run_killed_with_sigkill_resumes_without_loss_or_duplicates(tiny_model
     assert conversations["conversation_id"].is_unique and len(conversations) == 8
     pd.testing.assert_frame_equal(conversations, reference[0])
     pd.testing.assert_frame_equal(targets, reference[1])
+
+
+def test_the_teacher_stops_at_any_of_the_models_end_of_turn_ids(tiny, monkeypatch):
+    # Chat models often end a turn with an id of generation_config.eos_token_id that is not the
+    # tokenizer's eos (Qwen's <|endoftext|>, Llama 3's <|eom_id|>): the answer must stop there.
+    model, tokenizer = tiny
+    conversation = [[{"role": "user", "content": "Which pump leaks?"}]]
+    sampling = dict(temperature=0.0, max_tokens=6, top_logprobs=3, seed=0)
+    free = LocalBackend(model, tokenizer).complete(
+        SYSTEM.format(chunk=CORPUS), conversation, **sampling
+    )
+    first = free[0].token_ids[0]
+    assert first != tokenizer.eos_token_id and not free[0].stopped
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tokenizer.eos_token_id, first])
+    (answer,) = LocalBackend(model, tokenizer).complete(
+        SYSTEM.format(chunk=CORPUS), conversation, **sampling
+    )
+    assert answer.token_ids == [first] and answer.stopped

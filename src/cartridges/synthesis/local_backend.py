@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cartridges.chat import Message, chat_ids, shared_prefix_length
-from cartridges.generation import Generation, generate
+from cartridges.generation import Generation, default_stop_ids, generate
 from cartridges.initialization import from_token_ids
 from cartridges.modeling import context_length, load_model_from, model_fingerprint, pad_token_id
 from cartridges.synthesis.backends import BlockingCalls, Completion, Sampling
@@ -27,7 +27,7 @@ class LocalBackend(BlockingCalls):
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.stop_ids = [tokenizer.eos_token_id]
+        self.stop_ids = default_stop_ids(model, tokenizer)  # every id that ends a turn
         self.pad_id = pad_token_id(tokenizer)
         self.max_length = context_length(model.config)
         self._running = 0
