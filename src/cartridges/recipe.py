@@ -138,11 +138,12 @@ def split_examples(
     and their chunks: a cartridge of one document learns nothing of the others. With shard
     handles the examples stay on disk: only an index is built here.
     """
-    examples, conversation_ids = _examples(conversations, teacher_logprobs, recipe, tokenizer)
-    order = _confident(conversation_ids, teacher_logprobs, recipe)
+    examples, conversation_ids, order = _examples(
+        conversations, teacher_logprobs, recipe, tokenizer
+    )
     if documents is not None:
-        about = _documents_of(conversations, chunk_set)
-        order = [i for i in order if about.get(conversation_ids[i]) in set(documents)]
+        about, kept = _documents_of(conversations, chunk_set), set(documents)
+        order = [i for i in order if about.get(conversation_ids[i]) in kept]
     return _split(examples, conversation_ids, order, chunk_set, documents, recipe, seed, tokenizer)
 
 
@@ -160,10 +161,12 @@ def split_by_document(
 
     A document no conversation is about is left out.
     """
-    examples, conversation_ids = _examples(conversations, teacher_logprobs, recipe, tokenizer)
+    examples, conversation_ids, confident = _examples(
+        conversations, teacher_logprobs, recipe, tokenizer
+    )
     about = _documents_of(conversations, chunk_set)
     orders: dict[str, list[int]] = {document: [] for document in documents}
-    for index in _confident(conversation_ids, teacher_logprobs, recipe):
+    for index in confident:
         order = orders.get(about.get(conversation_ids[index]))
         if order is not None:
             order.append(index)
@@ -181,8 +184,9 @@ def _examples(
     teacher_logprobs: pd.DataFrame | ShardedTable,
     recipe: Recipe,
     tokenizer: PreTrainedTokenizerBase,
-) -> tuple[Sequence[Example], Sequence[str]]:
-    """The objective's examples (lazy over shards) and each one's conversation id."""
+) -> tuple[Sequence[Example], Sequence[str], list[int]]:
+    """The objective's examples (lazy over shards), each one's conversation id, and the indices
+    of those whose teacher was sure enough to train on (``min_teacher_confidence``)."""
     examples = to_examples(conversations, teacher_logprobs, len(tokenizer))
     if isinstance(examples, LazyExamples):
         conversation_ids = examples.conversation_ids
@@ -192,7 +196,7 @@ def _examples(
         conversation_ids = list(ids[ids.isin(targeted)])
     if recipe.objective == "cross_entropy":
         examples = one_hot(examples)
-    return examples, conversation_ids
+    return examples, conversation_ids, _confident(conversation_ids, teacher_logprobs, recipe)
 
 
 def _confident(
