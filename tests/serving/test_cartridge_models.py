@@ -99,3 +99,18 @@ def test_a_model_cartridge_counts_towards_the_limit_and_replaces_the_system_mess
     assert refused.json()["error"]["code"] == "system_message_with_cartridges"
     escape = chat(server, model="escape")
     assert escape.status_code == 403 and escape.json()["error"]["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("model", "code"),
+    [("garbage", "cartridge_format_error"), ("foreign", "cartridge_model_mismatch")],
+)
+def test_an_unusable_model_cartridge_names_model_and_a_listed_one_names_cartridges(
+    server, model, code
+):
+    named_by_model = chat(server, model=model).json()["error"]
+    assert (named_by_model["code"], named_by_model["param"]) == (code, "model")
+    listed = chat(server, cartridges=[{"id": model}]).json()["error"]
+    assert (listed["code"], listed["param"]) == (code, "cartridges")
+    after_a_good_model = chat(server, model="doc", cartridges=[{"id": model}]).json()["error"]
+    assert (after_a_good_model["code"], after_a_good_model["param"]) == (code, "cartridges")

@@ -92,7 +92,7 @@ async def chat_completions(request: ChatCompletionRequest, service: ServiceDep, 
     """Chat, optionally with cartridges standing in for the system message."""
     checked = check_chat(service, request)
     switches = template_kwargs(service, request)
-    key, cartridge = await service.cartridge(checked.cartridge_ids)
+    key, cartridge = await service.cartridge(checked.cartridge_ids, checked.model_cartridge)
     prompt = chat_prompt(service.tokenizer, request.messages, cartridge is not None, switches)
     prefix_tokens = cartridge.num_tokens if cartridge is not None else 0
     check_context(service, [prompt], prefix_tokens, checked.max_tokens)
@@ -110,7 +110,7 @@ async def chat_completions(request: ChatCompletionRequest, service: ServiceDep, 
 async def completions(request: CompletionRequest, service: ServiceDep, http: Request):
     """Text completion of a raw prompt (text or token ids) after the cartridges."""
     checked = check_completion(service, request)
-    key, cartridge = await service.cartridge(checked.cartridge_ids)
+    key, cartridge = await service.cartridge(checked.cartridge_ids, checked.model_cartridge)
     prompts = completion_prompts(request.prompt, service.tokenizer, with_bos=cartridge is None)
     prefix_tokens = cartridge.num_tokens if cartridge is not None else 0
     check_context(service, prompts, prefix_tokens, checked.max_tokens)

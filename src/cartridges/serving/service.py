@@ -20,9 +20,10 @@ from cartridges.generation import default_stop_ids
 from cartridges.modeling import context_length, pad_token_id
 from cartridges.serving.config import ServingConfig
 from cartridges.serving.engine import ContinuousEngine
+from cartridges.serving.errors import ServingError
 from cartridges.serving.jobs import Engine
 from cartridges.serving.static import StaticEngine
-from cartridges.serving.store import CacheKey, CartridgeStore
+from cartridges.serving.store import CacheKey, CartridgeLookupError, CartridgeStore
 from cartridges.shared_prefix import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -61,15 +62,21 @@ class Service:
         )
 
     async def cartridge(
-        self, cartridge_ids: Sequence[str]
+        self, cartridge_ids: Sequence[str], first_is_model: bool = False
     ) -> tuple[tuple[CacheKey, ...], Cartridge | None]:
         """The cartridges ``cartridge_ids`` name, composed in order (or none), with their key.
 
-        Loading runs on the model thread: the compatibility check reads the model.
+        Loading runs on the model thread: the compatibility check reads the model. A cartridge
+        that cannot be used is refused naming the request field that asked for it: ``model``
+        for the first one when ``first_is_model``, else ``cartridges``.
         """
         if not cartridge_ids:
             return (), None
-        return await self.engine.run_on_model_thread(self.store.get, list(cartridge_ids))
+        try:
+            return await self.engine.run_on_model_thread(self.store.get, list(cartridge_ids))
+        except CartridgeLookupError as error:
+            param = "model" if first_is_model and error.position == 0 else "cartridges"
+            raise ServingError(str(error), error.status, error.code, param) from None
 
     def template_kwargs(self, requested: dict[str, Any] | None) -> dict[str, Any]:
         """The chat-template switches for a request: its own merged over the configured ones."""

@@ -45,6 +45,8 @@ class CartridgeLookupError(Exception):
         super().__init__(message)
         self.status = status
         self.code = code
+        self.position: int | None = None
+        """Index in the requested ids of the cartridge at fault (``None``: their composition)."""
 
 
 @dataclass(frozen=True)
@@ -215,12 +217,17 @@ class CartridgeStore:
     # ------------------------------------------------------------------ loading
     def get(self, cartridge_ids: Sequence[str]) -> tuple[tuple[CacheKey, ...], Cartridge]:
         """The cartridges ``cartridge_ids`` name, composed in order, with the set's cache key."""
-        keys = []
-        for cartridge_id in cartridge_ids:
-            path = self.resolve(cartridge_id)
-            stat = path.stat()
-            keys.append((str(path), stat.st_mtime_ns, stat.st_size))
-        parts = [self._cached((key,), lambda key=key: self._load(key[0])) for key in keys]
+        keys, parts = [], []
+        for position, cartridge_id in enumerate(cartridge_ids):
+            try:
+                path = self.resolve(cartridge_id)
+                stat = path.stat()
+                key = (str(path), stat.st_mtime_ns, stat.st_size)
+                parts.append(self._cached((key,), lambda key=key: self._load(key[0])))
+            except CartridgeLookupError as error:
+                error.position = position
+                raise
+            keys.append(key)
         if len(parts) == 1:
             return tuple(keys), parts[0]
         return tuple(keys), self._cached(tuple(keys), lambda: self._compose(parts))

@@ -35,12 +35,14 @@ class Checked:
         max_tokens: tokens to decode at most.
         cartridge_ids: the cartridges to compose, in order (the ``model`` one first).
         model_id: the id answers report: the cartridge's when ``model`` names one.
+        model_cartridge: whether ``model`` names a cartridge (then the first of ``cartridge_ids``).
         top_logprobs: most likely tokens to report per position (0: none).
     """
 
     max_tokens: int
     cartridge_ids: list[str]
     model_id: str
+    model_cartridge: bool = False
     top_logprobs: int = 0
 
 
@@ -148,7 +150,7 @@ def _check_common(
     if len(request.stop_strings()) > MAX_STOPS:
         raise ServingError(f"At most {MAX_STOPS} stop sequences are allowed.", param="stop")
     model_id = model_cartridge if model_cartridge is not None else config.model_id
-    return Checked(max_tokens, cartridge_ids, model_id)
+    return Checked(max_tokens, cartridge_ids, model_id, model_cartridge is not None)
 
 
 def _refuse_unsupported(request: BaseCompletionRequest) -> None:
