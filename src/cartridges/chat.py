@@ -88,3 +88,35 @@ def continuation_ids(
             "prefix cache. Use a template whose system turn is a stable prefix."
         )
     return full[len(prefix) :]
+
+
+def end_of_turn_id(
+    tokenizer: PreTrainedTokenizerBase, template_kwargs: TemplateKwargs = None
+) -> int:
+    """The special token the chat template puts after an assistant's text (Gemma's
+    ``<end_of_turn>``, Qwen's ``<|im_end|>``), or the tokenizer's eos when it puts none.
+
+    Servers often leave the token they stopped at out of a reply; the turn still ends with it, and
+    a model whose eos is not its end of turn must see the one its template writes.
+    """
+    if tokenizer.chat_template is None:
+        return tokenizer.eos_token_id
+    renders = [
+        chat_ids(
+            tokenizer,
+            [{"role": "user", "content": "?"}, {"role": "assistant", "content": answer}],
+            template_kwargs=template_kwargs,
+        )
+        for answer in ("a", "b")
+    ]
+    shorter = min(len(ids) for ids in renders)
+    common_suffix = 0
+    while (
+        common_suffix < shorter and renders[0][-1 - common_suffix] == renders[1][-1 - common_suffix]
+    ):
+        common_suffix += 1
+    special = set(tokenizer.all_special_ids) | {
+        token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special
+    }
+    after_answer = renders[0][len(renders[0]) - common_suffix :]
+    return next((t for t in after_answer if t in special), tokenizer.eos_token_id)
