@@ -186,30 +186,22 @@ def chunk_corpus(
     Returns:
         rows of chunk_id, doc_id, token_start, token_end, n_tokens, text.
     """
-    by_doc: dict[str, list[Chunk]] = defaultdict(list)
-    if config.method == "token_windows":
+    windows = config.method == "token_windows"
+    chunks = []
+    if windows:
+        sizes = list(zip(doc_ids, n_tokens, strict=True))
         chunks = random_windows(
-            list(zip(doc_ids, n_tokens, strict=True)),
-            config.num_chunks,
-            config.min_tokens,
-            config.max_tokens,
-            config.seed,
+            sizes, config.num_chunks, config.min_tokens, config.max_tokens, config.seed
         )
-        for chunk in chunks:
-            by_doc[chunk.doc_id].append(chunk)
-    else:
-        chunks = []
+    by_doc: dict[str, list[Chunk]] = defaultdict(list)
+    for chunk in chunks:
+        by_doc[chunk.doc_id].append(chunk)
     chunk_texts: dict[str, str] = {}
     for doc_id, expected, text in zip(doc_ids, n_tokens, texts, strict=True):
-        if config.method == "token_windows" and doc_id not in by_doc:
+        if windows and doc_id not in by_doc:
             continue  # never drawn: no need to tokenise it
-        offsets = encode(text)
-        if len(offsets) != expected:
-            raise ValueError(
-                f"Document {doc_id} has {len(offsets)} tokens under this tokenizer but "
-                f"n_tokens={expected} in the corpus table: was it built with another model?"
-            )
-        if config.method == "structural":
+        offsets = _checked_offsets(doc_id, text, expected, encode)
+        if not windows:
             by_doc[doc_id] = structural_chunks(
                 doc_id, text, offsets, config.min_tokens, config.max_tokens
             )
@@ -227,3 +219,16 @@ def chunk_corpus(
         }
         for chunk in chunks
     ]
+
+
+def _checked_offsets(
+    doc_id: str, text: str, expected: int, encode: Encode
+) -> Sequence[tuple[int, int]]:
+    """The document's token offsets, refused when their count is not the corpus table's."""
+    offsets = encode(text)
+    if len(offsets) != expected:
+        raise ValueError(
+            f"Document {doc_id} has {len(offsets)} tokens under this tokenizer but "
+            f"n_tokens={expected} in the corpus table: was it built with another model?"
+        )
+    return offsets
