@@ -1,8 +1,10 @@
-"""Atomic writes: the target appears whole or not at all."""
+"""Atomic writes (the target appears whole or not at all) and exclusive locks."""
+
+import threading
 
 import pytest
 
-from cartridges.files import atomic_folder, atomic_write
+from cartridges.files import atomic_folder, atomic_write, exclusive_lock
 
 
 def test_atomic_write_replaces_on_success(tmp_path):
@@ -54,3 +56,21 @@ def test_a_replaced_folder_stays_whole_until_the_new_one_is(tmp_path):
     assert [p.name for p in target.iterdir()] == ["config.json"]  # nothing of the old one
     assert (target / "config.json").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary left beside
+
+
+def test_an_exclusive_lock_makes_a_second_holder_wait_its_turn(tmp_path):
+    lock, waiting, inside = tmp_path / "run" / ".lock", threading.Event(), threading.Event()
+
+    def second() -> None:
+        with exclusive_lock(lock, on_wait=waiting.set):
+            inside.set()
+
+    with exclusive_lock(lock):
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert waiting.wait(timeout=30)  # it found the lock held and said so
+        assert not inside.is_set()
+    thread.join(timeout=30)
+    assert inside.is_set()
+    with exclusive_lock(lock, on_wait=pytest.fail):  # free again: no wait
+        pass

@@ -154,7 +154,7 @@ def test_conversations_and_targets_of_different_runs_are_refused(project):
     manifest.write_text(json.dumps(content))
     (conversations,) = _versions(project, "data/03_primary/conversations")
     pinned = f"conversations:{conversations},teacher_logprobs:{forged}"
-    result = _run(project, "run", "--pipeline", "distill_training", "--load-versions", pinned)
+    result = _run(project, "run", "--pipelines", "distill_training", "--load-versions", pinned)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert f"version {conversations}" in output and f"version {forged}" in output
@@ -191,7 +191,7 @@ def test_torchrun_trains_with_two_processes_and_rank_zero_writes(project):
             "-m",
             "kedro",
             "run",
-            "--pipeline",
+            "--pipelines",
             "distill_training",
             "--params",
             # 16 rows per step = 4 per micro-batch x 2 accumulation x 2 processes

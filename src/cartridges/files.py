@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a second writer is not held back
+    fcntl = None
 
 
 def _temporary_beside(target: Path) -> Path:
@@ -63,3 +68,25 @@ def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Pa
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def exclusive_lock(
+    path: str | os.PathLike, on_wait: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file ``path`` (created if missing) for the block.
+
+    A process that finds it held calls ``on_wait`` and waits its turn. The operating system
+    releases the lock when its holder exits, even killed, so a crash never leaves it stale.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "a") as handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        yield

@@ -15,11 +15,13 @@ import pytest
 import torch
 
 from cartridges.chat import context_ids
+from cartridges.files import exclusive_lock
 from cartridges.synthesis.local_backend import LocalBackend
-from cartridges.synthesis.runs import run_self_study
+from cartridges.synthesis.runs import LOCK_FILE, run_key, run_self_study
 from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig
 from tests.conftest import CORPUS
 from tests.synthesis.self_study_worker import CHUNKS as WORKER_CHUNKS
+from tests.synthesis.self_study_worker import SETTINGS as WORKER_SETTINGS
 from tests.synthesis.self_study_worker import study
 
 CHUNKS = [("chunk-a", CORPUS), ("chunk-b", "Mira Okafor replaced the seal of pump P2 in March.")]
@@ -214,3 +216,27 @@ def test_the_teacher_stops_at_any_of_the_models_end_of_turn_ids(tiny, monkeypatc
         SYSTEM.format(chunk=CORPUS), conversation, **sampling
     )
     assert answer.token_ids == [first] and answer.stopped
+
+
+def test_a_second_process_on_the_same_run_waits_then_resumes_from_its_shards(
+    tiny_model_dir, tmp_path
+):
+    reference = _run(study(str(tiny_model_dir)), WORKER_CHUNKS, tmp_path / "ref")
+    root = Path(__file__).resolve().parents[2]
+    shards, output = tmp_path / "shards", tmp_path / "out"
+    directory = shards / run_key(SelfStudyConfig(**WORKER_SETTINGS), WORKER_CHUNKS, "local")
+    command = [sys.executable, "-m", "tests.synthesis.self_study_worker"]
+    command += [str(tiny_model_dir), str(shards), str(output), "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with exclusive_lock(directory / LOCK_FILE):  # another process is running this self-study
+        process = subprocess.Popen(command, cwd=root, env=env, stderr=subprocess.PIPE, text=True)
+        for line in process.stderr:
+            if "Another process is running this self-study" in line:
+                break
+        else:
+            pytest.fail(f"the second process did not wait (exit {process.wait()})")
+        assert process.poll() is None and not list(directory.glob("*.parquet"))
+    rest = process.stderr.read()  # until it exits, so that it never writes to a closed pipe
+    assert process.wait(timeout=120) == 0, rest
+    pd.testing.assert_frame_equal(pd.read_parquet(f"{output}-conversations.parquet"), reference[0])
+    pd.testing.assert_frame_equal(pd.read_parquet(f"{output}-targets.parquet"), reference[1])

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cartridges.files import atomic_write
+from cartridges.files import atomic_write, exclusive_lock
 from cartridges.lineage import RUN_ID
 from cartridges.progress import progress_bar
 from cartridges.synthesis.backends import Backend, BackendError
@@ -85,6 +85,10 @@ def run_key(config: SelfStudyConfig, chunks: Sequence[tuple[str, str]], backend_
     for chunk_id, text in chunks:
         digest.update(f"{chunk_id}\0{text}\0".encode())
     return digest.hexdigest()[:16]
+
+
+LOCK_FILE = ".lock"
+"""Held by the process running a self-study into its directory: a second one waits its turn."""
 
 
 def _shard(directory: Path, kind: str, batch_index: int) -> Path:
@@ -205,7 +209,9 @@ def run_self_study(
 ) -> tuple[ShardedTable, ShardedTable, dict[str, float]]:
     """Run (or resume, or extend) every batch, one shard per batch, and return the tables.
 
-    The tables are lazy handles over the shard files: nothing is read back into memory.
+    The tables are lazy handles over the shard files: nothing is read back into memory. A second
+    process running the same self-study into the same folder waits for the first, then resumes
+    from its shards (no batch is written twice).
 
     Returns:
         ``conversations``, ``teacher_logprobs`` and totals (conversations, tokens, seconds).
@@ -215,6 +221,30 @@ def run_self_study(
     config = study.config
     directory = Path(shard_dir) / run_key(config, chunks, backend_id)
     directory.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(directory / LOCK_FILE, on_wait=lambda: _waiting_for(directory)):
+        throughput, seconds = _synthesize_missing(study, chunks, directory)
+        conversation_files, target_files = _run_files(directory, config)
+    # One run id in both tables: training refuses conversations and targets of different runs
+    # (conversation ids alone repeat from run to run).
+    attrs = {RUN_ID: f"{directory.name}-{config.num_conversations}"}
+    conversations = ShardedTable(conversation_files, attrs=attrs)
+    targets = ShardedTable(target_files, attrs=attrs)
+    return conversations, targets, _totals(conversations, targets, throughput, seconds)
+
+
+def _waiting_for(directory: Path) -> None:
+    logger.warning(
+        "Another process is running this self-study into %s; waiting for it, then resuming "
+        "from its shards.",
+        directory,
+    )
+
+
+def _synthesize_missing(
+    study: SelfStudy, chunks: Sequence[tuple[str, str]], directory: Path
+) -> tuple[_Throughput, float]:
+    """Write the batches that ``directory`` lacks; how fast, and in how many seconds."""
+    config = study.config
     done = _finished_batches(directory)
     todo = [b for b in range(config.num_batches) if b not in done]
     if done:
@@ -231,14 +261,7 @@ def run_self_study(
     ) as progress:
         if todo:
             asyncio.run(_synthesize(study, chunks, directory, todo, progress, throughput))
-    seconds = time.perf_counter() - throughput.started
-    conversation_files, target_files = _run_files(directory, config)
-    # One run id in both tables: training refuses conversations and targets of different runs
-    # (conversation ids alone repeat from run to run).
-    attrs = {RUN_ID: f"{directory.name}-{config.num_conversations}"}
-    conversations = ShardedTable(conversation_files, attrs=attrs)
-    targets = ShardedTable(target_files, attrs=attrs)
-    return conversations, targets, _totals(conversations, targets, throughput, seconds)
+    return throughput, time.perf_counter() - throughput.started
 
 
 def _totals(
