@@ -8,6 +8,7 @@ run would trust. The temporary sits next to its target (same filesystem, so the 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -18,6 +19,8 @@ try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; a second writer is not held back
     fcntl = None
+
+logger = logging.getLogger(__name__)
 
 
 def _temporary_beside(target: Path) -> Path:
@@ -89,4 +92,8 @@ def exclusive_lock(
                 if on_wait is not None:
                     on_wait()
                 fcntl.flock(handle, fcntl.LOCK_EX)
+            except OSError as error:  # a file system without locks (some NFS mounts)
+                logger.warning(
+                    "Cannot lock %s (%s): not held back from other processes", target, error
+                )
         yield
