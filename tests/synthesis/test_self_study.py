@@ -13,9 +13,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from transformers import AutoTokenizer
 
-from cartridges.chat import context_ids
+from cartridges.chat import context_ids, continuation_ids
 from cartridges.files import exclusive_lock
+from cartridges.synthesis.backends import Completion
 from cartridges.synthesis.local_backend import LocalBackend
 from cartridges.synthesis.runs import LOCK_FILE, run_key, run_self_study
 from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig
@@ -240,3 +242,30 @@ def test_a_second_process_on_the_same_run_waits_then_resumes_from_its_shards(
     assert process.wait(timeout=120) == 0, rest
     pd.testing.assert_frame_equal(pd.read_parquet(f"{output}-conversations.parquet"), reference[0])
     pd.testing.assert_frame_equal(pd.read_parquet(f"{output}-targets.parquet"), reference[1])
+
+
+def test_later_rounds_follow_the_template_after_each_reply(tiny, tiny_model_dir):
+    # A template that writes text after a reply's end token (ChatML's "\n" after <|im_end|>):
+    # the teacher reads it before the next question, so the student's tokens must hold it too.
+    model, _ = tiny
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+        "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    study = SelfStudy(LocalBackend(model, tokenizer), tokenizer, SelfStudyConfig(rounds=2))
+    texts = ["Which pump?", "P2", "When?", "March"]
+    messages = [
+        {"role": role, "content": text}
+        for role, text in zip(["user", "assistant"] * 2, texts, strict=True)
+    ]
+    eos = tokenizer.eos_token_id
+    answers = [  # the ids the teacher wrote, ending with its stop token
+        Completion([*tokenizer(text, add_special_tokens=False)["input_ids"], eos], text, True)
+        for text in texts[1::2]
+    ]
+    system = SYSTEM.format(chunk=CORPUS)
+    conversation = study._conversation("c", "chunk-a", system, ("seed", "q"), messages, answers)
+    rendered = continuation_ids(tokenizer, system, messages)
+    last_end = len(rendered) - 1 - rendered[::-1].index(eos)  # the conversation stops there
+    assert conversation.token_ids == rendered[: last_end + 1]

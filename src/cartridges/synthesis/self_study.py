@@ -306,6 +306,16 @@ class SelfStudy:
         switches = self.config.chat_template_kwargs
         return continuation_ids(self.tokenizer, system, messages, add_generation_prompt, switches)
 
+    def _after_turn(self, system: str, messages: list[Message], answer: Completion) -> list[int]:
+        """What the template writes after a reply's end-of-turn token, before the next turn
+        (ChatML's newline after ``<|im_end|>``): the teacher read it in the next round."""
+        rendered = self._student_ids(system, messages)
+        end = answer.token_ids[-1] if answer.token_ids else None
+        if end not in rendered:
+            return []
+        last = len(rendered) - 1 - rendered[::-1].index(end)
+        return rendered[last + 1 :]
+
     def _conversation(
         self, conversation_id, chunk_id, system, seed, messages, answers
     ) -> Conversation:
@@ -330,6 +340,8 @@ class SelfStudy:
                 ids.append(answer.top_ids[kept])
                 logprobs.append(answer.top_logprobs[kept])
             token_ids += answer.token_ids
+            if round_index + 1 < len(answers):
+                token_ids += self._after_turn(system, messages[: 2 * round_index + 2], answer)
         empty = [np.zeros(0, dtype=np.int32)]
         return Conversation(
             conversation_id=conversation_id,
