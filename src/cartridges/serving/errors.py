@@ -15,8 +15,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cartridges.serving.store import CartridgeLookupError
-
 logger = logging.getLogger(__name__)
 
 
@@ -53,10 +51,6 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServingError)
     async def serving_error(_: Request, error: ServingError) -> JSONResponse:
         return error_response(error.status, str(error), error.code, error.param, error.kind)
-
-    @app.exception_handler(CartridgeLookupError)
-    async def lookup_error(_: Request, error: CartridgeLookupError) -> JSONResponse:
-        return error_response(error.status, str(error), error.code, "cartridges")
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:

@@ -63,6 +63,7 @@ class ResponseReader:
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self.end_of_turn = end_of_turn_id(tokenizer)
+        self._turn_ends = {self.end_of_turn, tokenizer.eos_token_id}
         self._vocabulary: dict[str, int] | None = None
 
     def completion(self, raw: bytes, top_logprobs: int) -> Completion:
@@ -88,8 +89,7 @@ class ResponseReader:
         token_ids = self._token_ids([entry.token for entry in content]).tolist()
         top_ids, top_values = self._top_k(content, top_logprobs)
         stopped = choice.finish_reason == "stop"
-        ends = {self.end_of_turn, self.tokenizer.eos_token_id}
-        if stopped and token_ids[-1] not in ends:
+        if stopped and token_ids[-1] not in self._turn_ends:
             # Servers often leave the stop token out; the turn still ends with the template's
             # end of turn, but with no teacher distribution to distil at that position.
             token_ids.append(self.end_of_turn)
@@ -97,7 +97,7 @@ class ResponseReader:
         # server's own text can differ (e.g. a message that ends inside a UTF-8 character), and
         # later turns re-render this text.
         text = self.tokenizer.decode(
-            [t for t in token_ids if t not in ends], skip_special_tokens=True
+            [t for t in token_ids if t not in self._turn_ends], skip_special_tokens=True
         ).strip()
         return Completion(
             token_ids=token_ids,

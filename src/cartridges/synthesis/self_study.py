@@ -306,16 +306,6 @@ class SelfStudy:
         switches = self.config.chat_template_kwargs
         return continuation_ids(self.tokenizer, system, messages, add_generation_prompt, switches)
 
-    def _after_turn(self, system: str, messages: list[Message], answer: Completion) -> list[int]:
-        """What the template writes after a reply's end-of-turn token, before the next turn
-        (ChatML's newline after ``<|im_end|>``): the teacher read it in the next round."""
-        rendered = self._student_ids(system, messages)
-        end = answer.token_ids[-1] if answer.token_ids else None
-        if end not in rendered:
-            return []
-        last = len(rendered) - 1 - rendered[::-1].index(end)
-        return rendered[last + 1 :]
-
     def _conversation(
         self, conversation_id, chunk_id, system, seed, messages, answers
     ) -> Conversation:
@@ -323,8 +313,8 @@ class SelfStudy:
         token_ids: list[int] = []
         positions, ids, logprobs = [], [], []
         answer_start = 0
+        before: list[int] = []  # the rendering of the rounds so far
         for round_index, answer in enumerate(answers):
-            before = self._student_ids(system, messages[: 2 * round_index])
             upto = self._student_ids(system, messages[: 2 * round_index + 1], True)
             if upto[: len(before)] != before:
                 raise ValueError("The chat template renders earlier turns differently later on.")
@@ -341,7 +331,8 @@ class SelfStudy:
                 logprobs.append(answer.top_logprobs[kept])
             token_ids += answer.token_ids
             if round_index + 1 < len(answers):
-                token_ids += self._after_turn(system, messages[: 2 * round_index + 2], answer)
+                before = self._student_ids(system, messages[: 2 * round_index + 2])
+                token_ids += _after_last(before, answer.token_ids[-1])
         empty = [np.zeros(0, dtype=np.int32)]
         return Conversation(
             conversation_id=conversation_id,
@@ -358,3 +349,12 @@ class SelfStudy:
                 np.concatenate(logprobs or [np.zeros(0, dtype=np.float32)]),
             ),
         )
+
+
+def _after_last(rendered: list[int], end: int) -> list[int]:
+    """What ``rendered`` holds after its last ``end`` token: the text a chat template writes
+    after a reply's end of turn (ChatML's newline after ``<|im_end|>``), which the teacher reads
+    before the next question. Nothing when the template does not write ``end`` there."""
+    if end not in rendered:
+        return []
+    return rendered[len(rendered) - rendered[::-1].index(end) :]
