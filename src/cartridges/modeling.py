@@ -31,6 +31,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from cartridges.gguf import converted_folder, gguf_file, source_record
+
 logger = logging.getLogger(__name__)
 
 _DTYPES = {
@@ -131,13 +133,22 @@ def load_model_plugins() -> tuple[str, ...]:
     return tuple(loaded)
 
 
+def model_folder(name_or_path: str | os.PathLike) -> str:
+    """What transformers loads for ``name_or_path``: the name itself (a hub name or a model
+    directory), or, for a GGUF file (or a packaged one's short name), its converted folder."""
+    file = gguf_file(name_or_path)
+    return str(converted_folder(file)) if file is not None else str(name_or_path)
+
+
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """Load a tokenizer by hub name or local directory, with a clear error when offline."""
+    """Load a tokenizer by hub name, local directory or GGUF file, with a clear error offline."""
     load_model_plugins()
+    folder = model_folder(name_or_path)  # a bad GGUF file is refused here, naming the file
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as error:
         raise _not_found(name_or_path, error) from error
+    tokenizer.name_or_path = str(name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -197,10 +208,14 @@ def _read_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     tokenizer = load_tokenizer(name_or_path)
+    folder = model_folder(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     except (OSError, ValueError) as error:
         raise _not_found(name_or_path, error) from error
+    model.config._name_or_path = name_or_path  # the name the user gave, not a cache folder
+    if (source := source_record(folder)) is not None:
+        logger.info("%s: GGUF file %s, sha256 %s", name_or_path, source["file"], source["sha256"])
     model.to(torch_device).eval()
     model.requires_grad_(False)
     logger.info(
