@@ -6,7 +6,13 @@ import re
 
 import pytest
 
-from cartridges.chunking import ChunkingConfig, chunk_corpus, random_windows, structural_chunks
+from cartridges.chunking import (
+    ChunkingConfig,
+    chunk_corpus,
+    coverage,
+    random_windows,
+    structural_chunks,
+)
 
 
 def encode(text: str) -> list[tuple[int, int]]:
@@ -123,3 +129,47 @@ def test_config_is_checked():
         ChunkingConfig(min_tokens=10, max_tokens=5)
     with pytest.raises(ValueError, match="num_chunks must be at least 1"):
         ChunkingConfig(num_chunks=0)
+
+
+def test_the_first_pass_of_windows_covers_every_token_ends_included():
+    """Uniformly placed windows rarely reach a document's ends; a pass of windows tiles it."""
+    documents = [("a", 2223), ("b", 700), ("c", 90)]
+    min_tokens, max_tokens = 256, 512
+    one_pass = sum(-(-n // min_tokens) for _, n in documents)  # at most this many windows
+    for seed in range(5):
+        chunks = random_windows(documents, 64, min_tokens, max_tokens, seed)
+        spans = [(c.doc_id, c.token_start, c.token_end) for c in chunks[:one_pass]]
+        covered = coverage(documents, spans)
+        assert covered.fraction == 1.0 and covered.uncovered == []
+        for chunk in chunks:
+            assert chunk.token_end - chunk.token_start <= max_tokens
+            n = dict(documents)[chunk.doc_id]
+            assert chunk.token_end - chunk.token_start >= min(min_tokens, n)
+
+
+def test_coverage_merges_overlaps_and_names_the_gaps():
+    documents = [("a", 100), ("b", 50), ("c", 10)]
+    spans = [("a", 10, 40), ("a", 30, 60), ("a", 59, 61), ("b", 0, 50), ("a", 90, 120)]
+    covered = coverage(documents, spans)
+    assert covered.covered_tokens == 51 + 10 + 50  # a: 10-61 and 90-100; b whole; c none
+    assert covered.total_tokens == 160
+    assert covered.uncovered == [("a", 0, 10), ("a", 61, 90), ("c", 0, 10)]
+    assert covered.describe_uncovered(limit=2) == "a tokens 0-10, a tokens 61-90 and 1 more ranges"
+
+
+def test_a_chunk_set_that_misses_tokens_is_reported_with_the_ranges(caplog):
+    import pandas as pd
+
+    from cartridges.corpus_tables import chunk_coverage, report_coverage
+
+    corpus_table = pd.DataFrame({"doc_id": ["a", "b"], "n_tokens": [100, 20]})
+    chunk_set = pd.DataFrame({"doc_id": ["a"], "token_start": [0], "token_end": [80]})
+    with caplog.at_level("INFO"):
+        share = report_coverage(chunk_coverage(corpus_table, chunk_set), "Self-study's chunks")
+    assert share == 80 / 120
+    assert "cover 66.7% of the corpus's tokens (80 of 120)" in caplog.text
+    assert "never in any chunk: a tokens 80-100, b tokens 0-20" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        report_coverage(chunk_coverage(corpus_table, chunk_set), "The chunks", min_share=0.5)
+    assert "never in any chunk" not in caplog.text and "cover 66.7%" in caplog.text

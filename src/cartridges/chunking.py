@@ -2,10 +2,15 @@
 
 Two ways, picked by ``ChunkingConfig.method``:
 
-- ``token_windows``: random windows of ``min_tokens..max_tokens`` tokens, documents drawn in
-  proportion to their length (the paper's sampler). Only the documents drawn are tokenised.
+- ``token_windows``: windows of random lengths in ``min_tokens..max_tokens`` that tile every
+  document, pass after pass, in shuffled order: documents get windows in proportion to their
+  length (as with the paper's sampler) and every token, ends included, is in the first pass.
+  Only the documents drawn are tokenised.
 - ``structural``: every document cut at paragraphs and section headings, pieces merged up to
   ``max_tokens``; covers the whole corpus once, so ``num_chunks`` does not apply.
+
+Self-study takes the chunks in the chunk set's order, so a run with fewer batches than chunks
+still covers what the first chunks cover; :func:`coverage` says how much of the corpus that is.
 
 Chunks are token spans of one document; their text is the exact slice of the document those
 tokens cover (from the tokenizer's character offsets), never a lossy decode. The tokenizer is
@@ -78,10 +83,15 @@ def random_windows(
     max_tokens: int,
     seed: int,
 ) -> list[Chunk]:
-    """Random token windows of ``min_tokens..max_tokens``, documents drawn by their length.
+    """Token windows of ``min_tokens..max_tokens`` that tile the corpus, pass after pass.
 
-    A document shorter than a drawn length is taken whole. The same inputs and seed give the
-    same chunks.
+    A pass cuts every document into consecutive windows of random lengths, the first starting at
+    its first token and the last ending at its last, so every token is in a window of every pass
+    and a document gets windows in proportion to its length (as with the paper's sampler, whose
+    uniformly placed windows rarely reach a document's ends). Passes differ in their lengths, so
+    in where windows start. A pass's windows are shuffled, and the chunk set takes ``num_chunks``
+    windows pass after pass: any prefix of one pass's length covers the whole corpus. A document
+    shorter than a drawn length is taken whole. The same inputs and seed give the same chunks.
 
     Args:
         documents: ``(doc_id, n_tokens)`` pairs.
@@ -98,14 +108,82 @@ def random_windows(
     if not documents:
         raise ValueError("No document has any token to chunk.")
     rng = random.Random(seed)
-    weights = [n for _, n in documents]
-    chunks = []
-    for index in range(num_chunks):
-        doc_id, n_tokens = rng.choices(documents, weights=weights)[0]
-        length = min(n_tokens, rng.randint(min_tokens, max_tokens))
-        start = rng.randint(0, n_tokens - length)
-        chunks.append(Chunk(f"chunk-{index:06d}", doc_id, start, start + length))
-    return chunks
+    spans: list[tuple[str, int, int]] = []
+    while len(spans) < num_chunks:
+        one_pass = [
+            (doc_id, start, end)
+            for doc_id, n_tokens in documents
+            for start, end in _tiling(n_tokens, min_tokens, max_tokens, rng)
+        ]
+        rng.shuffle(one_pass)
+        spans.extend(one_pass)
+    return [
+        Chunk(f"chunk-{index:06d}", doc_id, start, end)
+        for index, (doc_id, start, end) in enumerate(spans[:num_chunks])
+    ]
+
+
+def _tiling(
+    n_tokens: int, min_tokens: int, max_tokens: int, rng: random.Random
+) -> list[tuple[int, int]]:
+    """Consecutive windows over ``[0, n_tokens)``; the last ends at the end (it may overlap)."""
+    windows, start = [], 0
+    while True:
+        remaining = n_tokens - start
+        if remaining <= max_tokens:
+            length = min(n_tokens, rng.randint(max(min_tokens, remaining), max_tokens))
+            windows.append((n_tokens - length, n_tokens))
+            return windows
+        length = rng.randint(min_tokens, max_tokens)
+        windows.append((start, start + length))
+        start += length
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of a corpus some chunks cover: the share of tokens in at least one chunk."""
+
+    covered_tokens: int
+    total_tokens: int
+    uncovered: list[tuple[str, int, int]]  # (doc_id, token_start, token_end), in corpus order
+
+    @property
+    def fraction(self) -> float:
+        return self.covered_tokens / self.total_tokens if self.total_tokens else 1.0
+
+    def describe_uncovered(self, limit: int = 8) -> str:
+        """The uncovered ranges for a log line, the first ``limit`` of them."""
+        shown = [f"{doc} tokens {start}-{end}" for doc, start, end in self.uncovered[:limit]]
+        more = len(self.uncovered) - limit
+        return ", ".join(shown) + (f" and {more} more ranges" if more > 0 else "")
+
+
+def coverage(
+    documents: Iterable[tuple[str, int]], spans: Iterable[tuple[str, int, int]]
+) -> Coverage:
+    """Which tokens of ``documents`` (``(doc_id, n_tokens)``) the ``spans`` cover.
+
+    ``spans`` are ``(doc_id, token_start, token_end)``; memory grows with the number of spans,
+    not of tokens (intervals are merged per document).
+    """
+    by_doc: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for doc_id, start, end in spans:
+        by_doc[doc_id].append((int(start), int(end)))
+    covered = total = 0
+    uncovered: list[tuple[str, int, int]] = []
+    for doc_id, n_tokens in documents:
+        total += n_tokens
+        reached = 0  # tokens before this are covered or reported
+        for start, end in sorted(by_doc.get(doc_id, ())):
+            start, end = max(start, reached), min(end, n_tokens)
+            if start > reached:
+                uncovered.append((doc_id, reached, start))
+            if end > start:
+                covered += end - start
+            reached = max(reached, end)
+        if reached < n_tokens:
+            uncovered.append((doc_id, reached, n_tokens))
+    return Coverage(covered, total, uncovered)
 
 
 # A block starts after a blank line, or at a Markdown / LaTeX heading.

@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
-from cartridges.chunking import ChunkingConfig, Encode, chunk_corpus
+from cartridges.chunking import ChunkingConfig, Coverage, Encode, chunk_corpus, coverage
 from cartridges.corpus import CorpusConfig, Document, corpus_statistics, iter_corpus
 
 logger = logging.getLogger(__name__)
@@ -155,6 +155,42 @@ def chunk_table(
     return pd.DataFrame(rows, columns=CHUNK_COLUMNS)
 
 
+def chunk_coverage(corpus: pd.DataFrame, chunk_set: pd.DataFrame) -> Coverage:
+    """Which tokens of the corpus's documents the chunks of ``chunk_set`` cover."""
+    spans = zip(chunk_set["doc_id"], chunk_set["token_start"], chunk_set["token_end"], strict=True)
+    return coverage(zip(corpus["doc_id"], corpus["n_tokens"], strict=True), spans)
+
+
+def report_coverage(covered: Coverage, what: str, min_share: float = 1.0) -> float:
+    """Log the share of corpus tokens ``what`` covers; warn, naming the gaps, below ``min_share``.
+
+    A cartridge learns what its conversations are about: tokens no chunk holds are never in a
+    teacher's context, so questions about them cannot be learned.
+    """
+    share = covered.fraction
+    if share < min_share:
+        logger.warning(
+            "%s cover %.1f%% of the corpus's tokens (%d of %d), below the %.1f%% asked for; "
+            "never in any chunk: %s. Draw more chunks (document_prep.chunking.num_chunks) or "
+            "more batches (self_study.num_conversations / conversations_per_chunk).",
+            what,
+            100 * share,
+            covered.covered_tokens,
+            covered.total_tokens,
+            100 * min_share,
+            covered.describe_uncovered(),
+        )
+    else:
+        logger.info(
+            "%s cover %.1f%% of the corpus's tokens (%d of %d)",
+            what,
+            100 * share,
+            covered.covered_tokens,
+            covered.total_tokens,
+        )
+    return share
+
+
 def summarise(
     corpus: pd.DataFrame, skipped: pd.DataFrame, chunk_set: pd.DataFrame
 ) -> tuple[dict[str, Any], dict[str, float]]:
@@ -166,6 +202,7 @@ def summarise(
         chunk_set["n_tokens"].tolist(),
         len(skipped),
     )
+    report["chunk_coverage"] = report_coverage(chunk_coverage(corpus, chunk_set), "The chunks")
     numbers = {}
     for name, value in report.items():
         if isinstance(value, dict) and name.endswith("tokens"):

@@ -148,6 +148,8 @@ class SelfStudyParams(SelfStudyConfig):
     """
 
     shard_dir: str = "data/03_primary/self_study_shards"  # finished batches; a rerun resumes
+    # Warn when the chunks the batches read cover less than this share of the corpus's tokens.
+    min_coverage: Annotated[float, Field(ge=0, le=1)] = 1.0
 
     @field_validator("system_prompt")
     @classmethod

@@ -82,6 +82,16 @@ def test_same_seed_same_conversations(tiny, tmp_path):
     assert not other[0]["messages"].equals(first[0]["messages"])
 
 
+def test_batches_read_the_chunks_in_the_chunk_sets_order(tiny, tmp_path):
+    """Batch i reads chunk i mod n: a run with fewer batches than chunks reads the first ones,
+    which a chunk set of tiled windows makes cover the corpus first."""
+    chunks = [(f"chunk-{i}", f"Pump P{i} has alarm E{i}.") for i in range(5)]
+    conversations, _, _ = _run(_study(tiny, num_conversations=6), chunks, tmp_path)
+    batches = conversations["conversation_id"].str.slice(5, 11).astype(int)
+    assert (conversations["chunk_id"] == [f"chunk-{b}" for b in batches]).all()
+    assert set(conversations["chunk_id"]) == {"chunk-0", "chunk-1", "chunk-2"}
+
+
 def test_several_rounds_distil_every_answer(tiny, tmp_path):
     conversations, targets, _ = _run(_study(tiny, rounds=2, max_answer_tokens=40), CHUNKS, tmp_path)
     for row in conversations.itertuples():

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -74,6 +73,15 @@ def conversation_tables(conversations: Sequence[Conversation]) -> tuple[pa.Table
 
 
 # --------------------------------------------------------------------------- resumable runs
+CHUNK_ORDER = "batch i reads chunk i mod n"
+"""How batches pick chunks; part of the run key, so runs of an earlier order never resume here."""
+
+
+def chunks_read(config: SelfStudyConfig, num_chunks: int) -> int:
+    """How many of the chunk set's first chunks the run's batches read (batch i reads i mod n)."""
+    return min(config.num_batches, num_chunks)
+
+
 def run_key(config: SelfStudyConfig, chunks: Sequence[tuple[str, str]], backend_id: str) -> str:
     """Identifies a run: shards are reused only by a run with the same inputs and settings.
 
@@ -82,6 +90,7 @@ def run_key(config: SelfStudyConfig, chunks: Sequence[tuple[str, str]], backend_
     """
     digest = hashlib.sha256(json.dumps(config.resume_identity(), sort_keys=True).encode())
     digest.update(backend_id.encode())
+    digest.update(CHUNK_ORDER.encode())
     for chunk_id, text in chunks:
         digest.update(f"{chunk_id}\0{text}\0".encode())
     return digest.hexdigest()[:16]
@@ -139,13 +148,11 @@ async def _synthesize(
 ) -> None:
     """Run ``batches`` with as many in flight as the backend serves; write each as it ends."""
     config, backend = study.config, study.backend
-    order = list(range(len(chunks)))
-    random.Random(config.seed).shuffle(order)
     pending = iter(batches)
 
     async def worker() -> None:
         for batch_index in pending:  # shared: each worker takes the next batch when free
-            chunk_id, text = chunks[order[batch_index % len(order)]]
+            chunk_id, text = chunks[batch_index % len(chunks)]
             try:
                 conversations = await study.arun_batch(batch_index, chunk_id, text)
             except BackendError as error:

@@ -10,15 +10,17 @@ from typing import Any
 
 import pandas as pd
 
+from cartridges.corpus_tables import chunk_coverage, report_coverage
 from cartridges.modeling import load_tokenizer
 from cartridges.params import ModelParams, SelfStudyParams, parse
 from cartridges.synthesis.registry import build_backend
-from cartridges.synthesis.runs import run_self_study
+from cartridges.synthesis.runs import chunks_read, run_self_study
 from cartridges.synthesis.self_study import SelfStudy
 from cartridges.tables import ShardedTable
 
 
 def synthesize_conversations(
+    corpus: pd.DataFrame,
     chunk_set: pd.DataFrame,
     params: SelfStudyParams | dict[str, Any],
     model: ModelParams | dict[str, Any],
@@ -36,7 +38,12 @@ def synthesize_conversations(
     backend = build_backend(params.backend, params.backend_settings, model)
     study = SelfStudy(backend, load_tokenizer(model.name_or_path), config)
     chunks = list(zip(chunk_set["chunk_id"], chunk_set["text"], strict=True))
+    read = chunk_set.iloc[: chunks_read(config, len(chunk_set))]
+    covered = report_coverage(
+        chunk_coverage(corpus, read), "Self-study's chunks", params.min_coverage
+    )
     conversations, targets, totals = run_self_study(
         study, chunks, params.shard_dir, backend.identity()
     )
+    totals["coverage"] = covered
     return conversations, targets, {k: {"value": v, "step": 0} for k, v in totals.items()}

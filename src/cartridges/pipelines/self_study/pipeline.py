@@ -10,7 +10,13 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 synthesize_conversations,
-                inputs=["chunk_set", "params:self_study", "params:model", "params:system_prompt"],
+                inputs=[
+                    "corpus",
+                    "chunk_set",
+                    "params:self_study",
+                    "params:model",
+                    "params:system_prompt",
+                ],
                 outputs=["conversations", "teacher_logprobs", "self_study_metrics"],
                 name="synthesize_conversations_node",
             )
