@@ -213,7 +213,8 @@ def _read_model(
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     except (OSError, ValueError) as error:
         raise _not_found(name_or_path, error) from error
-    model.config._name_or_path = name_or_path  # the name the user gave, not a cache folder
+    # the name the user gave, not a cache folder
+    model.config._name_or_path = model.name_or_path = name_or_path
     if (source := source_record(folder)) is not None:
         logger.info("%s: GGUF file %s, sha256 %s", name_or_path, source["file"], source["sha256"])
     model.to(torch_device).eval()
