@@ -81,6 +81,30 @@ def test_a_wrong_type_or_range_names_the_key_and_the_value():
     )
 
 
+def test_every_bad_value_of_one_block_is_reported_not_only_the_first():
+    with pytest.raises(ParameterError) as error:
+        validate_parameters({"self_study": {"num_conversations": -5, "top_k": -1}})
+    assert error.value.problems == [
+        "Invalid parameter 'self_study': num_conversations must be >= 1, got -5.",
+        "Invalid parameter 'self_study': top_k must be >= 1, got -1.",
+    ]
+    with pytest.raises(ParameterError) as error:
+        validate_parameters(
+            {"distill_training": {"train": {"learning_rate": -1, "micro_batch_size": 0}}}
+        )
+    assert len(error.value.problems) == 2
+
+
+def test_zero_training_steps_is_refused_not_read_as_unset():
+    with pytest.raises(ParameterError) as error:
+        validate_parameters({"distill_training": {"train": {"max_steps": 0}}})
+    assert error.value.problems == [
+        "Invalid parameter 'distill_training.train': max_steps must be null (train for "
+        "`epochs`) or >= 1, got 0."
+    ]
+    validate_parameters({"distill_training": {"train": {"max_steps": None}}})
+
+
 def test_every_error_of_a_run_comes_in_one_message():
     with pytest.raises(ParameterError) as error:
         validate_parameters(

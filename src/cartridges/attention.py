@@ -367,6 +367,18 @@ def choose_attention(model: PreTrainedModel, requested: str) -> str:
     return "dense"
 
 
+def describe(attention: str, model: PreTrainedModel) -> str:
+    """What a packed row's attention mode runs on ``model``'s device, for a log line."""
+    if attention == "dense":
+        return "a dense [rows, 1, tokens, p + tokens] mask (quadratic in the row length)"
+    if model.device.type in _FLEX_BACKWARD_DEVICES:
+        return "a compiled FlexAttention kernel over a block-sparse mask"
+    return (
+        f"exact per-conversation SDPA on {model.device.type} (FlexAttention has no backward "
+        "there), skipping the masked blocks"
+    )
+
+
 @contextmanager
 def attention_implementation(model: PreTrainedModel, name: str) -> Iterator[None]:
     """Within the block every attention layer of ``model`` dispatches to implementation ``name``.

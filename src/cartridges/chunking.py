@@ -30,6 +30,8 @@ from typing import Any
 from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from cartridges.checks import Problems
+
 # text -> one (char_start, char_end) per token, no special tokens
 Encode = Callable[[str], Sequence[tuple[int, int]]]
 
@@ -66,14 +68,19 @@ class ChunkingConfig:
     description: str | None = ""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"chunking.method must be one of {METHODS}, got {self.method!r}.")
-        if not 0 < self.min_tokens <= self.max_tokens:
-            raise ValueError(
-                f"Need 0 < min_tokens <= max_tokens, got {self.min_tokens} and {self.max_tokens}."
-            )
-        if self.num_chunks < 1:
-            raise ValueError(f"num_chunks must be at least 1, got {self.num_chunks}.")
+        problems = Problems()
+        problems.require(
+            self.method in METHODS,
+            f"chunking.method must be one of {METHODS}, got {self.method!r}.",
+        )
+        problems.require(
+            0 < self.min_tokens <= self.max_tokens,
+            f"Need 0 < min_tokens <= max_tokens, got {self.min_tokens} and {self.max_tokens}.",
+        )
+        problems.require(
+            self.num_chunks >= 1, f"num_chunks must be at least 1, got {self.num_chunks}."
+        )
+        problems.raise_any()
 
 
 def random_windows(

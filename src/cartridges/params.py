@@ -349,11 +349,13 @@ def _describe(block: str, error: ValidationError) -> list[str]:
             lines.append(f"Missing parameter '{key}'.")
         else:
             cause = item.get("ctx", {}).get("error")
-            message = (str(cause) if kind == "value_error" and cause else item["msg"]).rstrip(".")
-            if _is_arguments(item["input"]):  # a check across fields: the message names them
-                lines.append(f"Invalid parameter '{key}': {message}.")
-            else:
-                lines.append(f"Invalid parameter '{key}' = {item['input']!r}: {message}.")
+            message = str(cause) if kind == "value_error" and cause else item["msg"]
+            for problem in message.splitlines():  # a config's checks raise theirs together
+                problem = problem.rstrip(".")
+                if _is_arguments(item["input"]):  # a check across fields: the message names them
+                    lines.append(f"Invalid parameter '{key}': {problem}.")
+                else:
+                    lines.append(f"Invalid parameter '{key}' = {item['input']!r}: {problem}.")
     return lines
 
 

@@ -20,6 +20,7 @@ the parameterisation ablation.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -34,9 +35,10 @@ from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from transformers import PreTrainedModel
 
-from cartridges.attention import ATTENTION_MODES, choose_attention
+from cartridges.attention import ATTENTION_MODES, choose_attention, describe
 from cartridges.batching import Batch, Example, make_batch, plan_batches
 from cartridges.cartridge import Cartridge
+from cartridges.checks import Problems
 from cartridges.distributed import world
 from cartridges.modeling import sliding_window
 from cartridges.objective import CartridgeStudent, Student, held_out_kl
@@ -44,6 +46,8 @@ from cartridges.progress import progress_bar
 from cartridges.schedule import SHAPES, lr_at
 from cartridges.target_store import example_lengths, prefetch
 from cartridges.train_state import load_state, run_key, save_state, saved_state
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LoopOptions", "TrainConfig", "train", "train_cartridge"]
 
@@ -74,42 +78,51 @@ class TrainConfig:
     companion_count: int = 4  # distinct companions (each holds the cartridge's p tokens of KV)
 
     def __post_init__(self) -> None:
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
-        if self.global_batch_size < 1 or self.micro_batch_size < 1:
-            raise ValueError(
-                "global_batch_size and micro_batch_size must be >= 1, got "
-                f"{self.global_batch_size} and {self.micro_batch_size}."
-            )
-        if self.lr_schedule not in SHAPES:
-            raise ValueError(
-                f"lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}."
-            )
-        if self.mixed_precision not in ("none", "bfloat16"):
-            raise ValueError(
-                f"mixed_precision must be none or bfloat16, got {self.mixed_precision!r}."
-            )
-        if self.attention not in ATTENTION_MODES:
-            raise ValueError(
-                f"attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}."
-            )
-        if self.pack_length is not None and self.pack_length < 0:
-            raise ValueError(
-                f"pack_length must be >= 0 (0 or null: no packing), got {self.pack_length}."
-            )
-        if self.loss_chunk_size < 0:
-            raise ValueError(f"loss_chunk_size must be >= 0, got {self.loss_chunk_size}.")
-        if not 0.0 <= self.companion_prob <= 1.0:
-            raise ValueError(f"companion_prob must be in [0, 1], got {self.companion_prob}.")
-        if self.companion_count < 1:
-            raise ValueError(f"companion_count must be >= 1, got {self.companion_count}.")
-        if self.companion_prob and self.pack_length:
-            raise ValueError(
-                "companion_prob needs padded batches (pack_length: null): a companion changes "
-                "the prefix length that packed rows' positions and masks are built for."
-            )
-        if self.max_steps is None and self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0 when max_steps is not set, got {self.epochs}.")
+        problems = Problems()
+        problems.require(
+            self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}."
+        )
+        problems.require(
+            self.global_batch_size >= 1 and self.micro_batch_size >= 1,
+            "global_batch_size and micro_batch_size must be >= 1, got "
+            f"{self.global_batch_size} and {self.micro_batch_size}.",
+        )
+        problems.require(
+            self.max_steps is None or self.max_steps >= 1,
+            f"max_steps must be null (train for `epochs`) or >= 1, got {self.max_steps}.",
+        )
+        problems.require(
+            self.max_steps is not None or self.epochs > 0,
+            f"epochs must be > 0 when max_steps is not set, got {self.epochs}.",
+        )
+        problems.require(
+            self.lr_schedule in SHAPES,
+            f"lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}.",
+        )
+        problems.require(
+            self.mixed_precision in ("none", "bfloat16"),
+            f"mixed_precision must be none or bfloat16, got {self.mixed_precision!r}.",
+        )
+        problems.require(
+            self.attention in ATTENTION_MODES,
+            f"attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}.",
+        )
+        problems.require(
+            self.pack_length is None or self.pack_length >= 0,
+            f"pack_length must be >= 0 (0 or null: no packing), got {self.pack_length}.",
+        )
+        problems.at_least(self, 0, "loss_chunk_size")
+        problems.require(
+            0.0 <= self.companion_prob <= 1.0,
+            f"companion_prob must be in [0, 1], got {self.companion_prob}.",
+        )
+        problems.at_least(self, 1, "companion_count")
+        problems.require(
+            not (self.companion_prob and self.pack_length),
+            "companion_prob needs padded batches (pack_length: null): a companion changes "
+            "the prefix length that packed rows' positions and masks are built for.",
+        )
+        problems.raise_any()
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per process per step; the global batch must split evenly."""
@@ -170,7 +183,15 @@ def _check_packing(student: Student, config: TrainConfig) -> str:
             f"cartridge exceeds the model's sliding window ({window}); a packed attention mask "
             "cannot express the window. Set pack_length: null to batch by length instead."
         )
-    return choose_attention(student.model, config.attention) if config.pack_length else "dense"
+    if not config.pack_length:
+        return "dense"
+    attention = choose_attention(student.model, config.attention)
+    logger.info(
+        "Packed rows of %d tokens attend by %s",
+        config.pack_length,
+        describe(attention, student.model),
+    )
+    return attention
 
 
 def _micro_batches(
@@ -329,7 +350,11 @@ def train(
     trainable = student.trainable()
     optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, weight_decay=0.0)
     order = _DataOrder(example_lengths(examples), config, rank, world_size)
-    total = config.max_steps or max(1, math.ceil(config.epochs * len(order.epoch(0))))
+    total = (
+        config.max_steps
+        if config.max_steps is not None
+        else max(1, math.ceil(config.epochs * len(order.epoch(0))))
+    )
     key = run_key(config, student, examples)
     directory = Path(checkpoint_dir) / key if checkpoint_dir is not None else None
     start = load_state(directory, key, student, optimizer) if directory else 0

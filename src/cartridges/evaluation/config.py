@@ -7,6 +7,7 @@ from dataclasses import field
 from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from cartridges.checks import Problems
 from cartridges.evaluation.tasks import TASKS, Need, Task
 
 
@@ -36,14 +37,22 @@ class EvalConfig:
     cost_repeats: int = 3
 
     def __post_init__(self) -> None:
+        problems = Problems()
         unknown = sorted(set(self.tasks) - set(TASKS))
-        if unknown or not self.tasks:
-            raise ValueError(
-                f"Unknown or no evaluation tasks {unknown or []}; choose from {tuple(TASKS)}."
-            )
-        for name in ("max_new_tokens", "batch_size", "decode_tokens", "cost_repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"evaluation.{name} must be >= 1, got {getattr(self, name)}.")
+        problems.require(
+            not unknown and bool(self.tasks),
+            f"Unknown or no evaluation tasks {unknown}; choose from {tuple(TASKS)}.",
+        )
+        problems.at_least(
+            self,
+            1,
+            "max_new_tokens",
+            "batch_size",
+            "decode_tokens",
+            "cost_repeats",
+            prefix="evaluation.",
+        )
+        problems.raise_any()
 
     @property
     def selected(self) -> list[Task]:

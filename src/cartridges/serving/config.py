@@ -12,6 +12,8 @@ from typing import Any
 from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from cartridges.checks import Problems
+
 SCHEDULERS = ("continuous", "static")
 
 
@@ -80,7 +82,10 @@ class ServingConfig:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in (
+        problems = Problems()
+        problems.at_least(
+            self,
+            1,
             "max_tokens",
             "default_max_tokens",
             "max_messages",
@@ -89,27 +94,31 @@ class ServingConfig:
             "max_cartridges",
             "cartridge_cache_size",
             "max_batch_size",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"serving.{name} must be >= 1, got {getattr(self, name)}.")
-        if self.default_max_tokens > self.max_tokens:
-            raise ValueError(
-                f"serving.default_max_tokens ({self.default_max_tokens}) exceeds "
-                f"serving.max_tokens ({self.max_tokens})."
-            )
-        if self.max_top_logprobs < 0 or self.batch_wait_ms < 0:
-            raise ValueError("serving.max_top_logprobs and serving.batch_wait_ms must be >= 0.")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(
-                f"serving.scheduler must be one of {list(SCHEDULERS)}, got {self.scheduler!r}."
-            )
-        if self.kv_budget_tokens is not None and self.kv_budget_tokens < 1:
-            raise ValueError(
-                f"serving.kv_budget_tokens must be null (no bound) or >= 1, got "
-                f"{self.kv_budget_tokens}."
-            )
-        if self.api_key is not None and not self.api_key:
-            raise ValueError("serving.api_key must be null (no key) or a non-empty string.")
+            prefix="serving.",
+        )
+        problems.require(
+            self.default_max_tokens <= self.max_tokens,
+            f"serving.default_max_tokens ({self.default_max_tokens}) exceeds "
+            f"serving.max_tokens ({self.max_tokens}).",
+        )
+        problems.require(
+            self.max_top_logprobs >= 0 and self.batch_wait_ms >= 0,
+            "serving.max_top_logprobs and serving.batch_wait_ms must be >= 0.",
+        )
+        problems.require(
+            self.scheduler in SCHEDULERS,
+            f"serving.scheduler must be one of {list(SCHEDULERS)}, got {self.scheduler!r}.",
+        )
+        problems.require(
+            self.kv_budget_tokens is None or self.kv_budget_tokens >= 1,
+            f"serving.kv_budget_tokens must be null (no bound) or >= 1, got "
+            f"{self.kv_budget_tokens}.",
+        )
+        problems.require(
+            self.api_key is None or bool(self.api_key),
+            "serving.api_key must be null (no key) or a non-empty string.",
+        )
+        problems.raise_any()
 
     @property
     def model_id(self) -> str:

@@ -36,6 +36,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from transformers import PreTrainedTokenizerBase
 
 from cartridges.chat import Message, continuation_ids
+from cartridges.checks import Problems
 from cartridges.synthesis.backends import Backend, Completion, Sampling, run_blocking
 from cartridges.synthesis.seed_prompts import sample_seed, seed_registry, validate_weights
 
@@ -76,15 +77,23 @@ class SelfStudyConfig:
     question_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("num_conversations", "conversations_per_chunk", "rounds", "top_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if "{chunk}" not in self.system_prompt:
-            raise ValueError("system_prompt must contain '{chunk}' where the chunk text goes.")
-        if not 0 < self.min_prob_mass <= 1:
-            raise ValueError(f"min_prob_mass must lie in (0, 1], got {self.min_prob_mass}.")
-        if not 0 <= self.cot_probability <= 1:
-            raise ValueError(f"cot_probability must lie in [0, 1], got {self.cot_probability}.")
+        problems = Problems()
+        problems.at_least(
+            self, 1, "num_conversations", "conversations_per_chunk", "rounds", "top_k"
+        )
+        problems.require(
+            "{chunk}" in self.system_prompt,
+            "system_prompt must contain '{chunk}' where the chunk text goes.",
+        )
+        problems.require(
+            0 < self.min_prob_mass <= 1,
+            f"min_prob_mass must lie in (0, 1], got {self.min_prob_mass}.",
+        )
+        problems.require(
+            0 <= self.cot_probability <= 1,
+            f"cot_probability must lie in [0, 1], got {self.cot_probability}.",
+        )
+        problems.raise_any()
         validate_weights(self.seed_type_weights, self.registry)
 
     @property
