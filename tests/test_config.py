@@ -1,4 +1,4 @@
-"""The project's configuration: the default (embedded model) and the `llm` environment."""
+"""The project's configuration: the default (embedded model), `llm` and `real` environments."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _params(env: str | None) -> dict:
         return session.load_context().params
 
 
-@pytest.mark.parametrize("env", [None, "llm"])
+@pytest.mark.parametrize("env", [None, "llm", "real"])
 def test_every_environment_gives_valid_settings(env):
     params = _params(env)
     validated = validate_parameters(params)  # every block, every key: no error
