@@ -7,7 +7,8 @@ import logging
 import pytest
 import torch
 
-from cartridges.initialization import from_cartridge
+from cartridges.cartridge import Cartridge
+from cartridges.initialization import from_cartridge, from_token_ids
 from cartridges.objective import CartridgeStudent
 from cartridges.train_state import STATE_FILE, load_state, run_key, save_state, saved_state
 from cartridges.training import TrainConfig
@@ -64,3 +65,28 @@ def test_the_run_key_follows_parameters_initial_tensors_and_data(data):
     with torch.no_grad():
         student.trainable()[0].add_(1.0)
     assert run_key(TrainConfig(), student, examples) != base
+
+
+def test_the_run_key_follows_every_byte_and_the_size_of_the_cartridge(data):
+    """A size sweep starts each cartridge from more of the same text, so their leading bytes
+    agree; a key made of leading bytes alone let the p = n/4 run resume the n/8 checkpoint."""
+    model, _, examples, cartridge = data
+    layers, heads, _, head_dim = cartridge.keys.shape
+    keys = torch.randn(layers, heads, 4096, head_dim, generator=torch.Generator().manual_seed(0))
+    long = CartridgeStudent(model, Cartridge(keys, keys.clone()))
+    short = CartridgeStudent(model, Cartridge(keys[:, :, :3072], keys[:, :, :3072].clone()))
+    assert run_key(TrainConfig(), short, examples) != run_key(TrainConfig(), long, examples)
+    base = run_key(TrainConfig(), long, examples)
+    with torch.no_grad():
+        long.trainable()[0][-1, -1, -1, -1] += 1.0  # the tensor's last element
+    assert run_key(TrainConfig(), long, examples) != base
+
+
+def test_a_checkpoint_of_other_shapes_is_ignored_not_loaded(data, tmp_path, caplog):
+    model, document, _, _ = data
+    short = CartridgeStudent(model, from_token_ids(model, document[:12], num_frozen_tokens=1))
+    save_state(tmp_path, "key", 5, short, torch.optim.Adam(short.trainable(), lr=0.1))
+    long = CartridgeStudent(model, from_token_ids(model, document[:40], num_frozen_tokens=1))
+    with caplog.at_level(logging.WARNING, logger="cartridges.train_state"):
+        assert load_state(tmp_path, "key", long, torch.optim.Adam(long.trainable(), lr=0.1)) == 0
+    assert "shapes" in caplog.text

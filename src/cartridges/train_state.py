@@ -41,7 +41,10 @@ def run_key(config: TrainConfig, student: Student, examples: Sequence[Example]) 
     digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
     digest.update(type(student).__name__.encode())
     for tensor in student.trainable():
-        digest.update(tensor.detach().float().cpu().numpy().tobytes()[: 1 << 16])
+        # Every byte and the shape: a size sweep's cartridges start from more of the same text,
+        # so their leading bytes agree (hashing is ~1 s per GB, once per run).
+        digest.update(repr(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     fingerprint = getattr(examples, "fingerprint", None)
     if fingerprint is not None:
         digest.update(fingerprint().encode())
@@ -82,6 +85,16 @@ def load_state(
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["key"] != key:
         logger.warning("Ignoring checkpoint %s: it belongs to a different run.", path)
+        return 0
+    shapes = [tuple(t.shape) for t in student.trainable()]
+    saved_shapes = [tuple(t.shape) for t in state["trainable"]]
+    if shapes != saved_shapes:
+        logger.warning(
+            "Ignoring checkpoint %s: its tensors have shapes %s, this run's %s.",
+            path,
+            saved_shapes[:1],
+            shapes[:1],
+        )
         return 0
     with torch.no_grad():
         for tensor, saved in zip(student.trainable(), state["trainable"], strict=True):
