@@ -48,3 +48,29 @@ def test_kedros_union_hint_note_is_dropped_and_its_other_records_kept(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "Could not extract type hints from function f"
     ]
+
+
+def test_kedros_unchecked_parameters_line_is_dropped_and_the_projects_check_is_logged(
+    caplog,
+):
+    """Kedro says it returns the parameters unchecked; the project's hook does check them."""
+    from cartridges.params import ParametersHook
+
+    quiet_known_warnings()
+    kedro_logger = logging.getLogger("kedro.validation.parameter_validator")
+    with caplog.at_level(logging.INFO):
+        kedro_logger.info("No typed parameter requirements found, returning original parameters")
+
+        class Catalog(dict):
+            def load(self, name):
+                return self[name]
+
+        class Pipeline:
+            def inputs(self):
+                return {"params:distill_training", "corpus"}
+
+        ParametersHook().before_pipeline_run(
+            {}, Pipeline(), Catalog(parameters={"distill_training": {}})
+        )
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["Parameters checked: distill_training."]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import logging
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -52,6 +53,8 @@ from cartridges.training import TrainConfig
 # Kedro's own hook marker (``kedro.framework.hooks.hook_impl``), made here so that the models
 # import, and serve the library and the serving CLI, without Kedro.
 hook_impl = pluggy.HookimplMarker("kedro")
+
+logger = logging.getLogger(__name__)
 
 STRICT = ConfigDict(extra="forbid")
 
@@ -412,3 +415,5 @@ class ParametersHook:
         if "parameters" in inputs:
             blocks |= set(parameters) & set(SCHEMAS)
         validate_parameters(parameters, blocks)
+        if blocks:
+            logger.info("Parameters checked: %s.", ", ".join(sorted(blocks)))
