@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from cartridges.chat import context_ids, continuation_ids
 from cartridges.files import exclusive_lock
-from cartridges.synthesis.backends import Completion
+from cartridges.synthesis.backends import Completion, run_blocking
 from cartridges.synthesis.local_backend import LocalBackend
 from cartridges.synthesis.runs import LOCK_FILE, run_key, run_self_study
 from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig
@@ -279,3 +279,13 @@ def test_later_rounds_follow_the_template_after_each_reply(tiny, tiny_model_dir)
     rendered = continuation_ids(tokenizer, system, messages)
     last_end = len(rendered) - 1 - rendered[::-1].index(eos)  # the conversation stops there
     assert conversation.token_ids == rendered[: last_end + 1]
+
+
+def test_progress_is_told_of_each_question_and_answer_not_only_of_finished_batches(tiny):
+    """A batch on a small model takes a minute per backend call: the bar moves with them."""
+    study = _study(tiny, rounds=2)
+    replies = []
+    batch = run_blocking(study.backend, study.arun_batch(0, *CHUNKS[0], replies.append))
+    turns = sum(len(c.messages) for c in batch)
+    assert len(replies) >= 2 and replies[0] == 2  # the first questions, before any answer
+    assert sum(replies) == turns

@@ -128,10 +128,12 @@ class _Throughput:
     started: float = field(default_factory=time.perf_counter)
     conversations: int = 0
     tokens: int = 0
+    replies: int = 0  # questions and answers returned, finished conversations or not
 
     def postfix(self, backend: Backend) -> dict[str, str]:
         seconds = max(time.perf_counter() - self.started, 1e-9)
         return {
+            "replies": str(self.replies),
             "in_flight": str(backend.requests_in_flight),
             "conv_per_s": f"{self.conversations / seconds:.1f}",
             "tok_per_s": f"{self.tokens / seconds:.0f}",
@@ -150,11 +152,18 @@ async def _synthesize(
     config, backend = study.config, study.backend
     pending = iter(batches)
 
+    def on_replies(count: int) -> None:
+        # A batch finishes all its conversations at once, after 2 x rounds calls of the
+        # backend (~a minute each for a small model on CPUs): show the replies as they come.
+        throughput.replies += count
+        progress.set_postfix(throughput.postfix(backend), refresh=False)
+        progress.update(0)  # redraws when the bar's interval has passed
+
     async def worker() -> None:
         for batch_index in pending:  # shared: each worker takes the next batch when free
             chunk_id, text = chunks[batch_index % len(chunks)]
             try:
-                conversations = await study.arun_batch(batch_index, chunk_id, text)
+                conversations = await study.arun_batch(batch_index, chunk_id, text, on_replies)
             except BackendError as error:
                 raise BackendError(
                     f"Self-study batch {batch_index} (chunk {chunk_id}) failed: {error} "

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -217,12 +217,17 @@ class SelfStudy:
         return run_blocking(self.backend, self.arun_batch(batch_index, chunk_id, chunk_text))
 
     async def arun_batch(
-        self, batch_index: int, chunk_id: str, chunk_text: str
+        self,
+        batch_index: int,
+        chunk_id: str,
+        chunk_text: str,
+        on_replies: Callable[[int], None] | None = None,
     ) -> list[Conversation]:
         """Synthesise one batch of conversations about a chunk (deterministic per batch index).
 
         A batch always has ``conversations_per_chunk`` rows, so its content never depends on
-        how many conversations the run asks for.
+        how many conversations the run asks for. ``on_replies(n)`` is told of every ``n``
+        questions or answers the backend returns, so that progress moves within a batch.
         """
         config = self.config
         size = config.conversations_per_chunk
@@ -244,6 +249,8 @@ class SelfStudy:
                     template_kwargs=config.question_template_kwargs,
                 ),
             )
+            if on_replies is not None:
+                on_replies(len(questions))
             for i, question in zip(active, questions, strict=True):
                 messages[i].append({"role": "user", "content": question.text})
             replies = await self.backend.acomplete(
@@ -257,6 +264,8 @@ class SelfStudy:
                     template_kwargs=config.chat_template_kwargs,
                 ),
             )
+            if on_replies is not None:
+                on_replies(len(replies))
             for i, reply in zip(active, replies, strict=True):
                 messages[i].append({"role": "assistant", "content": reply.text})
                 answers[i].append(reply)
