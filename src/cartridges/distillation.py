@@ -33,7 +33,7 @@ from cartridges.modeling import pad_token_id
 from cartridges.objective import evaluate_kl
 from cartridges.recipe import Companions, Recipe, Split, initial_cartridge, split_by_document
 from cartridges.tables import ShardedTable
-from cartridges.training import TrainConfig, train_cartridge
+from cartridges.training import TrainConfig, planned_steps, train_cartridge
 
 logger = logging.getLogger(__name__)
 
@@ -136,9 +136,11 @@ def distill(
             on_eval=log_generations,
         )
     kl_after = held_out_kl(cartridge)
+    # All the run's steps: a resumed run's history holds only the last process's.
+    steps = planned_steps(config.train, split.training)
     every = config.train.eval_every
-    if not every or len(history) % every:  # the last step was not an evaluation
-        log_generations(cartridge, len(history))
+    if not every or steps % every:  # the last step was not an evaluation
+        log_generations(cartridge, steps)
     logger.info(
         "p=%d: held-out top-k KL to the teacher %.4f initial -> %.4f trained",
         cartridge.num_tokens,
@@ -147,7 +149,7 @@ def distill(
     )
     cartridge.info.extra.update(
         {
-            "train_steps": len(history),
+            "train_steps": steps,
             "held_out_kl_initial": kl_before,
             "held_out_kl": kl_after,
             "held_out_conversations": split.held_out_ids,

@@ -157,6 +157,12 @@ class _DataOrder:
             )
         return self._plans[epoch]
 
+    def total_steps(self) -> int:
+        """``max_steps``, or as many steps as ``epochs`` of the first epoch's plan."""
+        if self.config.max_steps is not None:
+            return self.config.max_steps
+        return max(1, math.ceil(self.config.epochs * len(self.epoch(0))))
+
     def rows(self, step: int) -> list[list[int]]:
         """This process's rows of the global batch of optimiser step ``step``."""
         epoch, index = 0, step
@@ -284,6 +290,11 @@ class LoopOptions(TypedDict, total=False):
     on_step: Callable[[dict[str, float], int], None] | None
 
 
+def planned_steps(config: TrainConfig, examples: Sequence[Example]) -> int:
+    """The optimiser steps a run takes in all, however many times it was resumed."""
+    return _DataOrder(example_lengths(examples), config, 0, 1).total_steps()
+
+
 def train_cartridge(
     model: PreTrainedModel,
     cartridge: Cartridge,
@@ -350,11 +361,7 @@ def train(
     trainable = student.trainable()
     optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, weight_decay=0.0)
     order = _DataOrder(example_lengths(examples), config, rank, world_size)
-    total = (
-        config.max_steps
-        if config.max_steps is not None
-        else max(1, math.ceil(config.epochs * len(order.epoch(0))))
-    )
+    total = order.total_steps()
     key = run_key(config, student, examples)
     directory = Path(checkpoint_dir) / key if checkpoint_dir is not None else None
     start = load_state(directory, key, student, optimizer) if directory else 0

@@ -188,6 +188,20 @@ def test_the_ablation_objectives_train_a_cartridge(catalog, objective):
     assert cartridge.info.extra["train_steps"] == 3
 
 
+def test_a_cartridge_rerun_from_a_finished_checkpoint_records_the_steps_it_took(catalog, tmp_path):
+    """The header counted only the steps of the last process: 0 when resumed at the end."""
+    params = catalog["params:distill_training"].load()
+    catalog["params:distill_training"] = {
+        **params,
+        "sweep_compressions": [],
+        "checkpoint_dir": str(tmp_path / "checkpoints"),
+    }
+    SequentialRunner().run(document_prep() + self_study() + distill_training(), catalog)
+    assert catalog["cartridge"].load().info.extra["train_steps"] == 3
+    SequentialRunner().run(distill_training(), catalog)  # resumes the finished run's checkpoint
+    assert catalog["cartridge"].load().info.extra["train_steps"] == 3
+
+
 def test_an_unknown_objective_is_refused(catalog):
     params = catalog["params:distill_training"].load()
     catalog["params:distill_training"] = {**params, "objective": "poetry"}
