@@ -69,6 +69,31 @@ def test_a_text_start_longer_than_the_corpus_in_context_is_refused(tiny):
         initial_cartridge(model, tokenizer, context, recipe, seed=0)
 
 
+@pytest.mark.parametrize("initializer", ["text", "random_tokens", "random_vectors"])
+def test_a_cartridge_that_fills_the_models_positions_is_refused_before_any_kv(
+    tiny, initializer, monkeypatch
+):
+    """p = n/4 of a 31 MB corpus (1.7M tokens) on a model of 1,024 positions used to run for
+    10 minutes at >= 9 GB, then train a cartridge the model cannot attend over."""
+    model, tokenizer = tiny
+    context = corpus_context([CORPUS], tokenizer, SYSTEM)
+    limit = context.num_tokens // 8
+    monkeypatch.setattr(model.config, "max_position_embeddings", limit)
+    monkeypatch.setattr(
+        "cartridges.recipe.from_token_ids", lambda *a, **k: pytest.fail("computed a KV")
+    )
+    recipe = Recipe(compression=4, initializer=initializer)
+    with pytest.raises(
+        ValueError,
+        match=rf"p={round(context.num_tokens / 4)} tokens "
+        rf"\(compression=4 of {context.num_tokens} corpus tokens\) does not fit",
+    ):
+        initial_cartridge(model, tokenizer, context, recipe, seed=0)
+    recipe = Recipe(num_cartridge_tokens=limit, initializer=initializer)
+    with pytest.raises(ValueError, match=rf"num_cartridge_tokens below {limit}"):
+        initial_cartridge(model, tokenizer, context, recipe, seed=0)
+
+
 def test_the_split_is_seeded_and_holds_out_the_fraction(tiny):
     _, tokenizer = tiny
     conversations, targets = _tables(10)

@@ -36,6 +36,7 @@ from cartridges.cartridge import Cartridge
 from cartridges.chat import TemplateKwargs, context_ids
 from cartridges.context import CorpusContext
 from cartridges.initialization import from_random_tokens, from_random_vectors, from_token_ids
+from cartridges.modeling import context_length
 from cartridges.tables import ShardedTable
 from cartridges.target_store import LazyExamples, select
 from cartridges.targets import (
@@ -95,9 +96,24 @@ def initial_cartridge(
     """The starting cartridge of ``recipe.cartridge_size`` tokens, by ``recipe.initializer``.
 
     Raises:
-        ValueError: a ``text`` start longer than the corpus in context.
+        ValueError: a ``text`` start longer than the corpus in context, or a cartridge that
+            fills the model's positions (checked before any key or value is computed).
     """
     size = recipe.cartridge_size(context.num_tokens, compression)
+    limit = context_length(model.config)
+    if limit is not None and size >= limit:
+        asked = (
+            f"num_cartridge_tokens={size}"
+            if compression is None and recipe.num_cartridge_tokens is not None
+            else f"compression={compression or recipe.compression:g} of {context.num_tokens} "
+            "corpus tokens"
+        )
+        raise ValueError(
+            f"A cartridge of p={size} tokens ({asked}) does not fit '{model.name_or_path}', "
+            f"which attends over {limit} positions shared by the cartridge and the "
+            f"conversation after it. Set distill_training.num_cartridge_tokens below {limit} "
+            f"(e.g. {limit // 2}) or a compression above {context.num_tokens / limit:.3g}."
+        )
     frozen, how = recipe.num_frozen_tokens, recipe.initializer
     generator = torch.Generator().manual_seed(seed)
     if how == "random_tokens":
