@@ -206,6 +206,20 @@ def test_encodings(tmp_path, raw, expected):
     assert text_of(tmp_path, "doc.txt", raw) == expected
 
 
+def test_a_fallback_decoding_is_logged_naming_the_file(tmp_path, caplog):
+    """Invalid UTF-8 read as Windows-1252 was documented but said nowhere in a run."""
+    with caplog.at_level(logging.WARNING, logger="cartridges.documents.loaders"):
+        assert text_of(tmp_path, "old.txt", "“quoted” – dash".encode("cp1252"))
+    (record,) = caplog.records
+    assert "old.txt is not valid UTF-8" in record.getMessage()
+    assert "decoded as Windows-1252" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cartridges.documents.loaders"):
+        (tmp_path / "old.txt").unlink()
+        text_of(tmp_path, "new.txt", "“quoted” – dash".encode())
+    assert not caplog.records
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

@@ -222,7 +222,11 @@ def iter_corpus(
         try:
             raw, kind, charset = read()
             title, text = parse_document(
-                raw, kind, declared_encoding=charset, json_text_fields=config.json_text_fields
+                raw,
+                kind,
+                declared_encoding=charset,
+                json_text_fields=config.json_text_fields,
+                source=source,
             )
             del raw
             digest = hashlib.sha256(text.encode()).hexdigest()

@@ -8,6 +8,7 @@ HTML headings are rewritten as Markdown headings for the same reason.
 
 from __future__ import annotations
 
+import contextvars
 import io
 import json
 import logging
@@ -35,6 +36,9 @@ SUFFIXES = {
 }
 
 DEFAULT_JSON_TEXT_FIELDS = ("text", "content", "body")
+
+# The input being parsed, for the warning of a fallback decoding deep inside a format's parser.
+_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("source", default="")
 
 
 class Unusable(Exception):
@@ -75,7 +79,12 @@ def decode_text(raw: bytes, declared: str | None = None) -> str:
         except (UnicodeDecodeError, LookupError):
             continue
         if encoding not in ("utf-8", declared):
-            logger.debug("Not UTF-8; decoded as %s", encoding)
+            logger.warning(
+                "%s is not valid UTF-8 and declares no charset: decoded as %s, so a few "
+                "characters may differ from the author's. Save it as UTF-8 to be sure.",
+                _SOURCE.get() or "An input",
+                "Windows-1252" if encoding == "cp1252" else "Latin-1",
+            )
         return _check_text(text)
     raise AssertionError("latin-1 decodes any bytes")  # pragma: no cover
 
@@ -295,6 +304,7 @@ def parse_document(
     *,
     declared_encoding: str | None = None,
     json_text_fields: Sequence[str] = DEFAULT_JSON_TEXT_FIELDS,
+    source: str = "",
 ) -> tuple[str, str]:
     """Parse and clean one input.
 
@@ -303,6 +313,7 @@ def parse_document(
         kind: a format from ``SUFFIXES`` (``"text"``, ``"markdown"``, ``"pdf"``, ...).
         declared_encoding: a charset the source declared (an HTTP header), tried before UTF-8.
         json_text_fields: JSON/JSONL record fields that hold the text, in order.
+        source: the input's name, for warnings (e.g. a fallback decoding).
 
     Returns:
         ``(title, text)``; the title is the format's own (HTML ``<title>``, PDF metadata,
@@ -313,9 +324,13 @@ def parse_document(
     """
     if not raw:
         raise Unusable("empty file")
-    title, text = _PARSERS[kind](
-        raw, declared_encoding=declared_encoding, json_text_fields=json_text_fields
-    )
+    token = _SOURCE.set(source)
+    try:
+        title, text = _PARSERS[kind](
+            raw, declared_encoding=declared_encoding, json_text_fields=json_text_fields
+        )
+    finally:
+        _SOURCE.reset(token)
     text = normalise_text(text)
     if not text:
         raise Unusable("empty after cleaning")
