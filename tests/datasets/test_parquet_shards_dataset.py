@@ -94,3 +94,14 @@ def test_bad_arguments_are_refused(tmp_path):
         _dataset(tmp_path, row_group_size=0)
     with pytest.raises(DatasetError, match="saves a pandas DataFrame or a ShardedTable, got list"):
         _dataset(tmp_path).save([1, 2])
+
+
+def test_an_unversioned_table_is_replaced_whole_when_saved_again(tmp_path):
+    """A second save failed with 'Directory not empty' (a rerun with an unversioned entry)."""
+    dataset = ParquetShardsDataset(str(tmp_path / "table"), rows_per_shard=4)
+    dataset.save(FRAME)
+    dataset.save(FRAME.head(5))
+    pd.testing.assert_frame_equal(dataset.load().to_pandas(), FRAME.head(5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table"]  # nothing left beside it
+    dataset.save(dataset.load())  # a handle to the folder it replaces
+    pd.testing.assert_frame_equal(dataset.load().to_pandas(), FRAME.head(5))

@@ -30,7 +30,8 @@ class VersionedFolderDataset(AbstractVersionedDataset[T, T]):
 
     def _save_folder(self, write: Callable[[Path], None]) -> None:
         """Run ``write`` on an empty temporary folder, then move it to the version's path."""
-        with atomic_folder(self._get_save_path()) as temporary:
+        # An unversioned entry is rewritten by every run: replace it whole, never in place.
+        with atomic_folder(self._get_save_path(), replace=self._version is None) as temporary:
             write(temporary)
 
     @staticmethod
