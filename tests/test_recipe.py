@@ -112,6 +112,23 @@ def test_the_split_is_seeded_and_holds_out_the_fraction(tiny):
         assert example.token_ids.tolist() == list(row["token_ids"])
 
 
+def test_a_recorded_held_out_set_is_held_out_exactly_and_a_foreign_one_refused(tiny):
+    _, tokenizer = tiny
+    conversations, targets = _tables(10)
+    chunks = pd.DataFrame({"text": [CORPUS]})
+    recipe = Recipe(held_out_fraction=0.2)
+    recorded = split_examples(conversations, targets, chunks, recipe, 3, tokenizer).held_out_ids
+    other = Recipe(held_out_fraction=0.5)  # parameters changed since the cartridge was trained
+    split = split_examples(
+        conversations, targets, chunks, other, 4, tokenizer, held_out_ids=recorded
+    )
+    assert split.held_out_ids == recorded and len(split.training) == 8
+    with pytest.raises(ValueError, match=r"1 of the 2 held-out conversations .* \(e.g. 'gone'\)"):
+        split_examples(
+            conversations, targets, chunks, recipe, 3, tokenizer, held_out_ids=[recorded[0], "gone"]
+        )
+
+
 def test_the_objective_picks_the_training_targets(tiny):
     _, tokenizer = tiny
     conversations, targets = _tables(4)

@@ -147,12 +147,18 @@ def split_examples(
     seed: int,
     tokenizer: PreTrainedTokenizerBase,
     documents: Collection[str] | None = None,
+    held_out_ids: Sequence[str] | None = None,
 ) -> Split:
     """The examples of ``recipe.objective``, held out by ``held_out_fraction`` (seeded shuffle).
 
     ``documents`` (``doc_id``s) keeps only the conversations about chunks of those documents,
     and their chunks: a cartridge of one document learns nothing of the others. With shard
-    handles the examples stay on disk: only an index is built here.
+    handles the examples stay on disk: only an index is built here. ``held_out_ids`` (the ones
+    a cartridge records) are held out instead of a fresh draw, so that a comparison trained
+    later is measured on the cartridge's own held-out set whatever the parameters are now.
+
+    Raises:
+        ValueError: a conversation of ``held_out_ids`` is not among the examples.
     """
     examples, conversation_ids, order = _examples(
         conversations, teacher_logprobs, recipe, tokenizer
@@ -160,7 +166,17 @@ def split_examples(
     if documents is not None:
         about, kept = _documents_of(conversations, chunk_set), set(documents)
         order = [i for i in order if about.get(conversation_ids[i]) in kept]
-    return _split(examples, conversation_ids, order, chunk_set, documents, recipe, seed, tokenizer)
+    return _split(
+        examples,
+        conversation_ids,
+        order,
+        chunk_set,
+        documents,
+        recipe,
+        seed,
+        tokenizer,
+        held_out_ids,
+    )
 
 
 def split_by_document(
@@ -247,16 +263,31 @@ def _split(
     recipe: Recipe,
     seed: int,
     tokenizer: PreTrainedTokenizerBase,
+    held_out_ids: Sequence[str] | None = None,
 ) -> Split:
-    """Shuffle ``order`` (indices of examples) by the seed and hold out the recipe's share."""
+    """Shuffle ``order`` (indices of examples) by the seed and hold out the recipe's share,
+    or exactly ``held_out_ids``."""
     if documents is not None:
         if not order:
             raise ValueError(f"No self-study conversation is about the documents {documents}.")
         chunk_set = chunk_set[chunk_set["doc_id"].isin(set(documents))]
     order = list(order)
     random.Random(seed).shuffle(order)
-    count = max(1, int(len(order) * recipe.held_out_fraction)) if len(order) > 1 else 0
-    held_out, train = order[:count], order[count:]
+    if held_out_ids is None:
+        count = max(1, int(len(order) * recipe.held_out_fraction)) if len(order) > 1 else 0
+        held_out, train = order[:count], order[count:]
+    else:
+        index = {conversation_ids[i]: i for i in order}
+        missing = [c for c in held_out_ids if c not in index]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} of the {len(held_out_ids)} held-out conversations the "
+                f"cartridge records are not among these conversations (e.g. '{missing[0]}'): "
+                "pair the cartridge with the conversations it was trained on."
+            )
+        held_out = [index[c] for c in held_out_ids]
+        kept = set(held_out)
+        train = [i for i in order if i not in kept]
     training = select(examples, train)
     if recipe.objective == "memorization":
         # The baseline trains on the raw chunks; held-out KL is still measured on conversations.

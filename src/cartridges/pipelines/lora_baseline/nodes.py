@@ -42,8 +42,9 @@ def train_lora_baseline(
 ) -> tuple[dict[str, bytes], dict[str, Any]]:
     """Train a LoRA adapter with no more parameters than ``cartridge`` on the same data and loss.
 
-    The training and held-out conversations are split exactly as distill_training split them,
-    so the held-out KL of the adapter and of the cartridge are measured on the same set.
+    The held-out conversations are the ones the cartridge records (distill_training's), so the
+    held-out KL of the adapter and of the cartridge are measured on the same set even when the
+    parameters changed since.
 
     Returns:
         ``lora_baseline`` (the adapter's files, as ``PeftModel.from_pretrained`` reads them) and
@@ -56,7 +57,13 @@ def train_lora_baseline(
     llm, tokenizer = load_model_from(model)
     seed, switches = distill_params.train.seed, model.chat_template_kwargs
     split = split_examples(
-        conversations, teacher_logprobs, chunk_set, distill_params, seed, tokenizer
+        conversations,
+        teacher_logprobs,
+        chunk_set,
+        distill_params,
+        seed,
+        tokenizer,
+        held_out_ids=cartridge.info.extra.get("held_out_conversations"),
     )
     context = corpus_context(list(corpus["text"]), tokenizer, system_prompt, switches)
     settings = LoraSettings(
