@@ -172,3 +172,26 @@ def test_score_method_keeps_the_lora_baseline_call(tiny, inputs):
     assert set(scores) == {"qa", "qa_exact_match", "multiple_choice", "log_perplexity"}
     assert scores["qa_exact_match"] == rows[0]["exact_match"]
     assert question_scores(model, tokenizer, method, [], SYSTEM_TEXT, FAST) == {}
+
+
+def test_icls_fidelity_to_itself_is_zero_without_a_forward_pass(tiny, inputs, monkeypatch):
+    """KL(ICL || ICL) is 0 by definition; computing it cost a full pass per conversation."""
+    from cartridges.evaluation.tasks import fidelity as fidelity_module
+
+    model, tokenizer = tiny
+    methods = build_methods(model, inputs["context"], {}, 4000)
+    scored = []
+    real = fidelity_module.token_logprobs
+
+    def counted(model, method, ids, positions):
+        scored.append(method.name)
+        return real(model, method, ids, positions)
+
+    monkeypatch.setattr(fidelity_module, "token_logprobs", counted)
+    config = EvalConfig(tasks=("fidelity",), decode_tokens=2, cost_repeats=1)
+    report = evaluate(model, tokenizer, methods, [], inputs["held_out"], SYSTEM_TEXT, config)
+    quality = report.set_index("method")["quality"]
+    assert quality["icl"] == 0.0 and quality["no_context"] > 0
+    conversations = len(inputs["held_out"])
+    assert scored.count("no_context") == conversations  # its own distributions
+    assert scored.count("icl") == conversations  # only as the reference of no_context

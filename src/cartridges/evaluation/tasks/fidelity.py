@@ -39,6 +39,8 @@ class Fidelity(Task):
     def score(self, method: Method, inputs: TaskInputs) -> list[dict[str, Any]]:
         if inputs.teacher is None or not inputs.conversations:
             return []
+        if method.name == inputs.teacher.name:  # KL(p || p) = 0: nothing to compute
+            return [self.measure.row(0.0, len(inputs.conversations))]
         kl = fidelity_kl(
             inputs.model,
             inputs.tokenizer,
