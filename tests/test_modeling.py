@@ -221,3 +221,32 @@ def test_weights_changed_in_place_are_read_again(private_model_dir):
     fresh, _ = load_model(private_model_dir)
     assert torch.equal(fresh(input_ids=PROBE).logits, before)
     assert fresh.lm_head.weight.data_ptr() != model.lm_head.weight.data_ptr()
+
+
+def _no_weights_read(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("read the model before checking the device")
+
+    monkeypatch.setattr(modeling, "load_tokenizer", forbidden)
+    monkeypatch.setattr(modeling, "model_folder", forbidden)
+
+
+def test_a_cuda_device_on_a_machine_without_one_is_refused_before_loading(monkeypatch):
+    _no_weights_read(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"model.device is 'cuda' but no CUDA device .* auto"):
+        modeling.load_model("any/model", dtype="float32", device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"'cuda:2' but this machine has 2 CUDA device\(s\)"):
+        modeling.load_model("any/model", dtype="float32", device="cuda:2")
+
+
+def test_bfloat16_on_a_gpu_without_it_is_refused_naming_what_runs(monkeypatch):
+    _no_weights_read(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(ValueError, match=r"bfloat16 is not supported by Tesla T4: use model.dtype"):
+        modeling.load_model("any/model", dtype="bfloat16", device="cuda")

@@ -106,6 +106,33 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def check_device_runs(device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a device that is absent, or a dtype it cannot run, before any weight is read.
+
+    Raises:
+        ValueError: naming the ``model`` key to change and the values that work here.
+    """
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"model.device is '{device}' but no CUDA device is available here: use "
+            "model.device: auto (CUDA when there is one, else the CPU) or cpu."
+        )
+    count = torch.cuda.device_count()
+    if (device.index or 0) >= count:
+        raise ValueError(
+            f"model.device is '{device}' but this machine has {count} CUDA device(s): use "
+            f"cuda:0 to cuda:{count - 1}, or auto."
+        )
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"model.dtype bfloat16 is not supported by {torch.cuda.get_device_name(device)}: "
+            "use model.dtype: float16 (and distill_training.train.mixed_precision: none) or "
+            "float32."
+        )
+
+
 MODEL_PLUGINS = "cartridges.models"
 """Entry-point group of model plugins: each entry names a module (or an object in one) whose
 import registers an architecture with the transformers Auto classes, e.g. in ``pyproject.toml``::
@@ -207,6 +234,7 @@ def _read_model(
     name_or_path: str, dtype: str, device: str
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    check_device_runs(torch_device, torch_dtype)
     tokenizer = load_tokenizer(name_or_path)
     folder = model_folder(name_or_path)
     try:
