@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -107,3 +111,16 @@ def test_a_runs_settings_come_from_a_config_file_with_nested_lists(project, tmp_
         result = _run(project, "run", "--config", str(path))
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert first.requests() > 0 and second.requests() > 0
+
+
+def test_the_run_script_uses_the_same_run_command(project):  # noqa: F811
+    """`python -m cartridges` (scripts/run.sh) finds `run` at the top of cartridges.cli."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cartridges", "--help"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "values are YAML, so lists and mappings work" in " ".join(result.stdout.split())

@@ -97,4 +97,6 @@ def cli() -> None:
     """Project commands of cartridges."""
 
 
-cli.add_command(_with_list_params(kedro_run), name="run")
+# Module level: `python -m cartridges` (Kedro's find_run_command) takes `run` from here.
+run = _with_list_params(kedro_run)
+cli.add_command(run, name="run")
