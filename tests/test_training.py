@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -146,6 +147,31 @@ def test_bad_batch_settings_are_refused():
 
 def test_first_fit_packing():
     assert pack_rows([5, 4, 3, 6, 2], 8) == [[0, 2], [1, 4], [3]]
+
+
+def _first_fit(lengths, row_length):
+    """The plain first fit: each example in the first open row with room, else a new row."""
+    rows, free = [], []
+    for index, length in enumerate(lengths):
+        for row, space in enumerate(free):
+            if length <= space:
+                rows[row].append(index)
+                free[row] -= length
+                break
+        else:
+            rows.append([index])
+            free.append(row_length - length)
+    return rows
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 7, 64, 1000])
+@pytest.mark.parametrize("row_length", [16, 600, 2048])
+def test_packing_is_exactly_first_fit(count, row_length):
+    """The tree that finds the first row with room must pack as the row-by-row scan did (the
+    same rows keep a run's data order, and resumes, unchanged)."""
+    generator = random.Random(count * 7 + row_length)
+    lengths = [generator.randint(1, min(row_length, 600)) for _ in range(count)]
+    assert pack_rows(lengths, row_length) == _first_fit(lengths, row_length)
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_same_cartridge(data, tmp_path):

@@ -96,17 +96,24 @@ def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
             f"{len(too_long)} conversation(s) are longer than pack_length={row_length} tokens "
             f"(longest: {max(lengths)}); raise pack_length."
         )
+    # First fit in O(n log n): a max-tree over every row's free space, rows not yet opened
+    # holding a whole row, so the leftmost leaf with room is the first open row that fits, or
+    # else the next new row (a scan of all open rows per example took minutes at 10^5 rows).
+    size = 1 << max(len(lengths) - 1, 0).bit_length()
+    free = [row_length] * (2 * size)
     rows: list[list[int]] = []
-    free: list[int] = []
     for index, length in enumerate(lengths):
-        for row, space in enumerate(free):
-            if length <= space:
-                rows[row].append(index)
-                free[row] -= length
-                break
-        else:
-            rows.append([index])
-            free.append(row_length - length)
+        node = 1
+        while node < size:
+            node = 2 * node if free[2 * node] >= length else 2 * node + 1
+        row = node - size
+        if row == len(rows):
+            rows.append([])
+        rows[row].append(index)
+        free[node] -= length
+        while node > 1:
+            node //= 2
+            free[node] = max(free[2 * node], free[2 * node + 1])
     return rows
 
 

@@ -44,7 +44,7 @@ def run_key(config: TrainConfig, student: Student, examples: Sequence[Example]) 
         # Every byte and the shape: a size sweep's cartridges start from more of the same text,
         # so their leading bytes agree (hashing is ~1 s per GB, once per run).
         digest.update(repr(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy())  # no extra copy
     fingerprint = getattr(examples, "fingerprint", None)
     if fingerprint is not None:
         digest.update(fingerprint().encode())
