@@ -55,6 +55,7 @@ CONF_BASE_SETTINGS = {
     "lora_baseline.checkpoint_dir",
     "evaluation.tasks",
     "evaluation.max_new_tokens",
+    "evaluation.results_dir",  # like the checkpoint folders: off in the library, on in a run
     "toy_world.steps",
     "toy_world.checkpoint_dir",
 }

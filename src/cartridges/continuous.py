@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -400,3 +400,34 @@ class ContinuousBatcher:
                 f"Model '{self.model.name_or_path}' cannot run shared-prefix attention: {error}"
             ) from error
         check_calls(self.model, cache.batch, self.layout.num_layers)
+
+
+def complete(
+    model: PreTrainedModel,
+    requests: Sequence[Request],
+    *,
+    max_batch_size: int = 32,
+    pad_token_id: int = 0,
+    on_step: Callable[[list[Token]], None] | None = None,
+) -> list[list[Token]]:
+    """Run ``requests`` to their end, continuously batched; each one's tokens, in request order.
+
+    Offline decoding of many prompts (evaluation answers, cost timings) takes the serving path:
+    one copy of each prefix whatever the number of rows, and a finished row's place goes to the
+    next request at once instead of waiting for the longest row of a fixed batch.
+    ``on_step`` sees each step's tokens as they come (progress, timings).
+
+    Raises:
+        UnsupportedModelError: the model's attention cannot run shared-prefix decoding (decode
+            with :func:`cartridges.generation.generate` instead).
+    """
+    batcher = ContinuousBatcher(model, max_batch_size=max_batch_size, pad_token_id=pad_token_id)
+    ids = [batcher.add(request) for request in requests]
+    tokens: dict[int, list[Token]] = {request_id: [] for request_id in ids}
+    while batcher.has_work:
+        step = batcher.step()
+        for token in step:
+            tokens[token.request_id].append(token)
+        if on_step is not None:
+            on_step(step)
+    return [tokens[request_id] for request_id in ids]

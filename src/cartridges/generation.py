@@ -273,8 +273,8 @@ def _decode(
             on_step(_step(index, ~done, tokens[-1], chosen, top_ids, top_values))
         step_mask = (~done).long()
         done = done | torch.isin(next_ids, stop)
-        if bool(done.all()):
-            break
+        if bool(done.all()) or index == decoding.max_new_tokens - 1:
+            break  # no forward for a token that will not be chosen
         mask = torch.cat([mask, step_mask[:, None]], dim=-1)
         positions = prefix_len + mask.sum(dim=-1, keepdim=True) - 1
         outputs = model(

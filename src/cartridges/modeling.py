@@ -106,6 +106,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def synchronize(model: PreTrainedModel) -> None:
+    """Wait for the model's device to finish queued work (timings on a GPU need it)."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
 def check_device_runs(device: torch.device, dtype: torch.dtype) -> None:
     """Refuse a device that is absent, or a dtype it cannot run, before any weight is read.
 

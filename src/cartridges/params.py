@@ -225,6 +225,8 @@ class EvaluationParams(EvalConfig):
     compose: bool = True
     documents: tuple[str, ...] = ()  # whose cartridges, in composition order; empty: all
     max_context_tokens: Annotated[int, Field(ge=1)] | None = None  # None: the model's maximum
+    # Each (method, task) result as it completes; a rerun with the same inputs resumes. None: off.
+    results_dir: str | None = None  # conf/base: under the data folder
 
     @property
     def eval_config(self) -> EvalConfig:

@@ -132,9 +132,11 @@ def test_question_prompts_use_the_model_chat_template_switches(
     )
 
     prompts = []
-    real = answers_module.generate
+    real = answers_module.complete
     monkeypatch.setattr(
-        answers_module, "generate", lambda m, p, **k: prompts.extend(p) or real(m, p, **k)
+        answers_module,
+        "complete",
+        lambda m, r, **k: prompts.extend(q.prompt for q in r) or real(m, r, **k),
     )
     cartridge = from_token_ids(model, inputs["context"][:8])
     methods = build_methods(model, inputs["context"], {"cartridge": cartridge}, 4000)
@@ -155,7 +157,8 @@ def test_progress_shows_methods_x_tasks_and_logs_each_method(tiny, inputs, capsy
         )
 
     bar = capsys.readouterr().err
-    assert "evaluation" in bar and "6/6" in bar  # 2 methods x 3 tasks, with rate and ETA
+    assert "evaluation" in bar and "100%" in bar  # with ETA
+    assert "8/8 results" in bar  # 2 methods x (cost + 3 tasks)
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Evaluated")]
     assert [line.split()[1] for line in logged] == ["icl", "no_context"]
     assert "(2/2)" in logged[1] and "qa token_f1" in logged[1] and "fidelity" in logged[1]

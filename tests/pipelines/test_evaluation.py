@@ -209,8 +209,12 @@ def test_the_model_blocks_template_switches_reach_the_question_prompts(
     params = catalog["params:evaluation"].load()
     catalog["params:evaluation"] = params | {"tasks": ["qa"], "max_new_tokens": 2}
     prompts = []
-    real = answers.generate
-    monkeypatch.setattr(answers, "generate", lambda m, p, **k: prompts.extend(p) or real(m, p, **k))
+    real = answers.complete
+    monkeypatch.setattr(
+        answers,
+        "complete",
+        lambda m, r, **k: prompts.extend(q.prompt for q in r) or real(m, r, **k),
+    )
     SequentialRunner().run(create_pipeline(), catalog)
 
     assert len(prompts) == 4 * 3  # icl, no_context, cartridge, truncated_icl_p16 x 3 questions

@@ -9,17 +9,25 @@ asked exactly as the model is asked everywhere else. Scoring the answers is the 
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cartridges.chat import Message, TemplateKwargs, chat_ids, continuation_ids
+from cartridges.continuous import Request, complete
 from cartridges.evaluation.methods import Method
 from cartridges.evaluation.questions import Question, prompt_text
 from cartridges.generation import default_stop_ids, generate
 from cartridges.modeling import pad_token_id
 from cartridges.prefix import forward_with_prefix, head_only_at
+from cartridges.shared_prefix import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+_WARNED: weakref.WeakSet[PreTrainedModel] = weakref.WeakSet()  # models already warned about
 
 
 def user_message(question: Question) -> Message:
@@ -53,27 +61,47 @@ def answer_questions(
     batch_size: int = 16,
     template_kwargs: TemplateKwargs = None,
 ) -> list[str]:
-    """Greedy answers of ``method`` to each question (options listed for multiple choice)."""
-    answers = []
-    for start in range(0, len(questions), batch_size):
-        prompts = [
-            question_ids(
-                tokenizer, method, system_text, [user_message(q)], template_kwargs=template_kwargs
-            )
-            for q in questions[start : start + batch_size]
-        ]
-        generations = generate(
-            model,
-            prompts,
-            prefix=method.prefix,
-            max_new_tokens=max_new_tokens,
-            stop_token_ids=default_stop_ids(model, tokenizer),
-            pad_token_id=pad_token_id(tokenizer),
+    """Greedy answers of ``method`` to each question (options listed for multiple choice).
+
+    Decoded as the server decodes (:func:`cartridges.continuous.complete`: the prefix held once
+    for all ``batch_size`` rows); a model whose attention cannot share a prefix decodes with
+    :func:`cartridges.generation.generate`, ``batch_size`` questions at a time. Both give the
+    tokens ``generate`` gives each question alone.
+    """
+    prompts = [
+        question_ids(
+            tokenizer, method, system_text, [user_message(q)], template_kwargs=template_kwargs
         )
-        answers += [
-            tokenizer.decode(g.token_ids, skip_special_tokens=True).strip() for g in generations
+        for q in questions
+    ]
+    stop, pad = default_stop_ids(model, tokenizer), pad_token_id(tokenizer)
+    try:
+        requests = [Request(p, method.prefix, max_new_tokens, stop_token_ids=stop) for p in prompts]
+        answers = [
+            [token.token_id for token in tokens]
+            for tokens in complete(model, requests, max_batch_size=batch_size, pad_token_id=pad)
         ]
-    return answers
+    except UnsupportedModelError as error:
+        _warn_once(model, error)
+        answers = []
+        for start in range(0, len(prompts), batch_size):
+            generations = generate(
+                model,
+                prompts[start : start + batch_size],
+                prefix=method.prefix,
+                max_new_tokens=max_new_tokens,
+                stop_token_ids=stop,
+                pad_token_id=pad,
+            )
+            answers += [g.token_ids for g in generations]
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answers]
+
+
+def _warn_once(model: PreTrainedModel, error: UnsupportedModelError) -> None:
+    if model in _WARNED:
+        return
+    _WARNED.add(model)
+    logger.warning("Answers decoded one fixed batch at a time (prefix copied per row): %s", error)
 
 
 def generation_suffix(tokenizer: PreTrainedTokenizerBase, template_kwargs: TemplateKwargs) -> int:

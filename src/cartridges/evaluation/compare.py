@@ -9,6 +9,7 @@ business; scoring is the tasks'.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
@@ -53,6 +54,7 @@ def compare_methods(
     documents: DocumentCartridges | None = None,
     max_context_tokens: int | None = None,
     template_kwargs: TemplateKwargs = None,
+    results_dir: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """ICL, no context, truncated ICL, ``cartridges`` and ``documents`` on ``config``'s tasks.
 
@@ -68,6 +70,8 @@ def compare_methods(
             questions, their composition on the questions about any of them.
         max_context_tokens: the ICL budget; ``None``: the model's context length.
         template_kwargs: the model's chat-template switches, used for every prompt.
+        results_dir: where each (method, task) result is kept as it completes, so that a rerun
+            with the same inputs resumes (:mod:`cartridges.evaluation.results`).
     """
     questions = list(questions) if config.needs(Need.QUESTIONS) else []
     held_out = []
@@ -86,7 +90,15 @@ def compare_methods(
     budget = context_budget(model, reserve + config.max_new_tokens, max_context_tokens)
     methods = build_methods(model, corpus.ids, cartridges, budget, versions, documents)
     report = evaluate(
-        model, tokenizer, methods, questions, held_out, corpus.system_text, config, template_kwargs
+        model,
+        tokenizer,
+        methods,
+        questions,
+        held_out,
+        corpus.system_text,
+        config,
+        template_kwargs,
+        results_dir,
     )
     logger.info("Evaluation report:\n%s", format_report(report))
     return report

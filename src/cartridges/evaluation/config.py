@@ -23,9 +23,10 @@ class EvalConfig:
         max_new_tokens: cap on each greedy answer.
         batch_size: questions generated together.
         fidelity_conversations: held-out conversations the KL is averaged over (at most).
-        decode_tokens: tokens generated per row when timing decoding.
+        decode_tokens: tokens generated per row when timing decoding (each step is timed; the
+            median step gives the rate).
         decode_batch_sizes: batch sizes decoding is timed at.
-        cost_repeats: timed repeats per measurement (the median is reported).
+        cost_repeats: timed repeats of the prompt's prefill (the median is reported).
     """
 
     tasks: tuple[str, ...] = tuple(TASKS)

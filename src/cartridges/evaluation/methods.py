@@ -11,14 +11,16 @@ only (a document's cartridge on its own document's questions).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import PreTrainedModel
 
 from cartridges.cartridge import Cartridge, CartridgeMismatchError, compose
 from cartridges.initialization import from_token_ids
-from cartridges.modeling import context_length
+from cartridges.modeling import context_length, synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,9 @@ class Method:
         documents: names of the documents whose questions it is scored on (``None``: all).
         uncut_tokens: for a context cut to fit the model, how many tokens it has whole (the
             compression of every method is measured against the whole corpus in context).
+        kv_seconds: how long computing the prefix from ``context_ids`` took when it was built
+            (the prefill a request pays that does not have it), so that timing it is not
+            repeated; ``None``: not timed.
     """
 
     name: str
@@ -59,6 +64,7 @@ class Method:
     note: str = ""
     documents: tuple[str, ...] | None = None
     uncut_tokens: int | None = None
+    kv_seconds: float | None = None
 
     @property
     def whole_kv_bytes(self) -> float:
@@ -138,7 +144,7 @@ def build_methods(
     whole = len(context)
     context, note = _fit(list(context), budget, "ICL")
     methods = [
-        Method("icl", "icl", _kv(model, context), context, note=note, uncut_tokens=whole),
+        _in_context(model, "icl", "icl", context, note=note, uncut_tokens=whole),
         Method("no_context", "no_context", None),
     ]
     versions = dict(versions or {})
@@ -152,7 +158,7 @@ def build_methods(
             logger.warning("No %s: the context has only %d tokens.", truncated, len(context))
         elif all(m.name != truncated for m in methods):
             prefix = context[:p]
-            methods.append(Method(truncated, "truncated_icl", _kv(model, prefix), prefix))
+            methods.append(_in_context(model, truncated, "truncated_icl", prefix))
     if documents is not None and documents.cartridges:
         methods += _document_methods(model, documents, budget)
     return methods
@@ -187,10 +193,10 @@ def _document_methods(
         return methods
     context, note = _fit(list(documents.context), budget, "ICL of the composed documents")
     methods.append(
-        Method(
+        _in_context(
+            model,
             "icl_documents",
             "document_icl",
-            _kv(model, context),
             context,
             note=note,
             documents=names,
@@ -220,8 +226,16 @@ def _fit(context: list[int], budget: int, what: str) -> tuple[list[int], str]:
     return context[:budget], note
 
 
-def _kv(model: PreTrainedModel, token_ids: list[int]) -> Cartridge:
-    return from_token_ids(model, token_ids, num_frozen_tokens=0, initializer="context")
+def _in_context(
+    model: PreTrainedModel, name: str, kind: str, token_ids: list[int], **fields: Any
+) -> Method:
+    """A method whose prefix is the KV of ``token_ids``, with the time computing it took."""
+    synchronize(model)
+    started = time.perf_counter()
+    prefix = from_token_ids(model, token_ids, num_frozen_tokens=0, initializer="context")
+    synchronize(model)
+    seconds = time.perf_counter() - started
+    return Method(name, kind, prefix, token_ids, kv_seconds=seconds, **fields)
 
 
 def _check(cartridge: Cartridge, model: PreTrainedModel, name: str) -> None:

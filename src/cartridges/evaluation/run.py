@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -26,7 +27,8 @@ from cartridges.evaluation.cost import measure_cost
 from cartridges.evaluation.methods import Method
 from cartridges.evaluation.questions import Question, QuestionsError
 from cartridges.evaluation.report import report_frame
-from cartridges.evaluation.tasks import Need, Task, TaskInputs, measure_of
+from cartridges.evaluation.results import COST, EvaluationResults, evaluation_key
+from cartridges.evaluation.tasks import TASKS, Need, Task, TaskInputs, measure_of
 from cartridges.modeling import pad_token_id
 from cartridges.progress import progress_bar
 
@@ -42,10 +44,13 @@ def evaluate(
     system_text: str,
     config: EvalConfig,
     template_kwargs: TemplateKwargs = None,
+    results_dir: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """Score and time every method; the first method (ICL) is the teacher and the reference.
 
-    A task that needs held-out conversations is skipped when there are none.
+    A task that needs held-out conversations is skipped when there are none. With
+    ``results_dir``, each (method, task) result is saved as it completes and a rerun with the
+    same inputs reads those instead of computing them again (:mod:`.results`).
 
     Raises:
         QuestionsError: a task needs questions and there are none.
@@ -54,18 +59,51 @@ def evaluate(
     inputs = TaskInputs(
         model, tokenizer, questions, conversations, system_text, config, methods[0], template_kwargs
     )
-    rows = []
-    total = sum(len(_tasks_of(method, tasks)) for method in methods)
-    with progress_bar(total=total, desc="evaluation", unit="task") as bar:
-        for index, method in enumerate(methods, start=1):
+    key = evaluation_key(
+        model, tokenizer, questions, conversations, system_text, config, template_kwargs
+    )
+    results = EvaluationResults(results_dir, key)
+    plan = [(method, [COST] + [t.name for t in _tasks_of(method, tasks)]) for method in methods]
+    found = {
+        (method.name, name): value
+        for method, names in plan
+        for name in names
+        if (value := results.load(method, name)) is not None
+    }
+    missing = [(m, name) for m, names in plan for name in names if (m.name, name) not in found]
+    for task in tasks:
+        inputs.to_score[task.name] = [m for m, name in missing if name == task.name]
+    if found:
+        logger.info(
+            "Evaluation resumed from %s: %d of %d results there, computing %d.",
+            results.folder,
+            len(found),
+            len(found) + len(missing),
+            len(missing),
+        )
+    weights = _work_weights(model, methods)
+    rows, done = [], 0
+    with _work_bar(weights, missing) as bar:
+        for index, (method, names) in enumerate(plan, start=1):
             started = time.perf_counter()
-            bar.set_postfix_str(f"{method.name}: cost")
-            common = _costs(inputs, method, methods[0])
-            scored = []
-            for task in _tasks_of(method, tasks):
-                bar.set_postfix_str(f"{method.name}: {task.name}")
-                scored += task.score(method, _inputs_of(method, inputs))
-                bar.update()
+            scored, common = [], {}
+            for name in names:
+                value = found.get((method.name, name))
+                if value is None:
+                    bar.set_postfix_str(f"{done}/{len(missing)} results, {method.name}: {name}")
+                    value = _compute(inputs, method, name, methods[0])
+                    for other, computed in [(method, value), *_ahead(inputs, name, methods)]:
+                        results.save(other, name, computed)
+                        found[other.name, name] = computed
+                        if name in inputs.to_score:
+                            inputs.to_score[name].remove(other)
+                        done += 1
+                        bar.update(weights[other.name])
+                    bar.set_postfix_str(f"{done}/{len(missing)} results")
+                if name == COST:
+                    common = value
+                else:
+                    scored += value
             rows += [row | common for row in scored]
             logger.info(
                 "Evaluated %s (%d/%d) in %.1f s: %s",
@@ -76,6 +114,47 @@ def evaluate(
                 _summary(scored),
             )
     return report_frame(rows, config.decode_batch_sizes)
+
+
+def _compute(inputs: TaskInputs, method: Method, name: str, icl: Method) -> Any:
+    """One result: the method's cost columns, or a task's rows."""
+    if name == COST:
+        return _costs(inputs, method, icl)
+    return TASKS[name].score(method, _inputs_of(method, inputs))
+
+
+def _ahead(inputs: TaskInputs, task: str, methods: Sequence[Method]) -> list[tuple[Method, Any]]:
+    """Rows ``task`` computed for other methods along the way (to keep now, not recompute)."""
+    computed = inputs.ahead.pop(task, {})
+    return [(m, computed[m.name]) for m in methods if m.name in computed]
+
+
+def _work_weights(model: PreTrainedModel, methods: Sequence[Method]) -> dict[str, float]:
+    """Each method's relative work per token: the model's FLOPs plus attention over its prefix.
+
+    The progress bar advances by these, so that its ETA after the first method (ICL, the
+    longest prefix) does not take every method to cost as much.
+    """
+    text = model.config.get_text_config(decoder=True)
+    layers = getattr(text, "num_hidden_layers", 1)
+    heads = getattr(text, "num_attention_heads", 1)
+    head_dim = getattr(text, "head_dim", None) or getattr(text, "hidden_size", 64) // heads
+    per_prefix_token = 4 * layers * heads * head_dim  # scores and values, per query
+    per_token = max(2 * model.num_parameters(), 1)
+    return {m.name: 1.0 + m.num_tokens * per_prefix_token / per_token for m in methods}
+
+
+def _work_bar(weights: dict[str, float], missing: Sequence[tuple[Method, str]]):
+    """The evaluation's bar, in percent of the estimated work still to do in this run."""
+    total = sum(weights[method.name] for method, _ in missing)
+    bar = progress_bar(
+        total=total,
+        desc="evaluation",
+        unit="work",
+        smoothing=0,  # the ETA from the average rate: units are weighted, not alike
+        bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}{postfix}]",
+    )
+    return bar
 
 
 def score_method(

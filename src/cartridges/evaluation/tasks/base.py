@@ -96,7 +96,10 @@ class TaskInputs:
     """Everything tasks score a method from, shared across methods and tasks of one evaluation.
 
     ``teacher`` is the reference method (ICL) for tasks that compare to it; greedy answers are
-    generated once per method and shared by every task that needs them.
+    generated once per method and shared by every task that needs them. A task that scores
+    several methods more cheaply together (fidelity: one teacher pass) asks :meth:`pending` which
+    methods it has still to score and hands the others' rows over in ``ahead[task name][method
+    name]``: the runner keeps them at once and does not ask for them again.
     """
 
     model: PreTrainedModel
@@ -107,7 +110,13 @@ class TaskInputs:
     config: EvalConfig
     teacher: Method | None = None
     template_kwargs: TemplateKwargs = None
+    ahead: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict, repr=False)
+    to_score: dict[str, list[Method]] = field(default_factory=dict, repr=False)
     _answers: dict[str, list[str]] = field(default_factory=dict, repr=False)
+
+    def pending(self, task: str) -> list[Method]:
+        """The methods ``task`` has still to score in this evaluation, in order."""
+        return list(self.to_score.get(task, ()))
 
     def answers(self, method: Method) -> list[str]:
         """``method``'s greedy answers, in question order."""

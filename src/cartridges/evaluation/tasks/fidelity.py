@@ -1,9 +1,10 @@
 """Fidelity: the full-vocabulary KL from the ICL teacher to a method, on held-out conversations.
 
 This is what distillation minimises, measured at the assistant tokens of self-study conversations
-no evaluated cartridge trained on. The teacher's log-probabilities are recomputed for every method
-so that memory holds one conversation's ``[positions, vocabulary]`` at a time (a few forward
-passes, small next to generating the answers).
+no evaluated cartridge trained on. All methods are scored in one pass over the conversations: the
+teacher's ``[positions, vocabulary]`` log-probabilities of a conversation are computed once and
+compared with every method's, so memory holds one conversation's distributions at a time and the
+teacher (the longest prefix) runs once per evaluation, not once per method.
 """
 
 from __future__ import annotations
@@ -41,19 +42,26 @@ class Fidelity(Task):
             return []
         if method.name == inputs.teacher.name:  # KL(p || p) = 0: nothing to compute
             return [self.measure.row(0.0, len(inputs.conversations))]
-        kl = fidelity_kl(
+        others = [
+            m for m in inputs.pending(self.name) if m.name not in (method.name, inputs.teacher.name)
+        ]
+        together = [method, *others]  # one teacher pass for all the methods still to score
+        kls = fidelity_kls(
             inputs.model,
             inputs.tokenizer,
             inputs.teacher,
-            method,
+            together,
             inputs.conversations,
             inputs.system_text,
             inputs.template_kwargs,
         )
-        return [self.measure.row(kl, len(inputs.conversations))]
+        rows = [[self.measure.row(kl, len(inputs.conversations))] for kl in kls]
+        inputs.ahead.setdefault(self.name, {}).update(
+            (m.name, r) for m, r in zip(others, rows[1:], strict=True)
+        )
+        return rows[0]
 
 
-@torch.no_grad()
 def fidelity_kl(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -69,27 +77,49 @@ def fidelity_kl(
     tokens after the opening a chat without system message has; ``nan`` when the template
     renders the turns differently then, so that no position can be matched.
     """
-    opening = None
-    if method.prefix is None:
-        opening = _no_context_opening(tokenizer, system_text, template_kwargs)
-        if opening is None:
-            logger.warning(
-                "Fidelity of %s skipped: its template renders turns differently.", method.name
-            )
-            return math.nan
-    total, count = 0.0, 0
-    for conversation in conversations:
+    (kl,) = fidelity_kls(
+        model, tokenizer, teacher, [method], conversations, system_text, template_kwargs
+    )
+    return kl
+
+
+@torch.no_grad()
+def fidelity_kls(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    teacher: Method,
+    methods: Sequence[Method],
+    conversations: Sequence[HeldOutConversation],
+    system_text: str,
+    template_kwargs: TemplateKwargs = None,
+) -> list[float]:
+    """:func:`fidelity_kl` of each of ``methods``, the teacher's distributions computed once."""
+    openings: list[list[int] | None] = []
+    for method in methods:
+        opening = [] if method.prefix is not None else None
+        if method.prefix is None:
+            opening = _no_context_opening(tokenizer, system_text, template_kwargs)
+            if opening is None:
+                logger.warning(
+                    "Fidelity of %s skipped: its template renders turns differently.", method.name
+                )
+        openings.append(opening)
+    totals, count = [0.0] * len(methods), 0
+    scored = [index for index, opening in enumerate(openings) if opening is not None]
+    for conversation in conversations if scored else ():
         ids, positions = conversation.token_ids, conversation.positions
         reference = token_logprobs(model, teacher, ids, positions)  # [N, V]
-        if opening is None:
-            student = token_logprobs(model, method, ids, positions)
-        else:
+        for index in scored:
+            opening = openings[index]
             shifted = [p + len(opening) for p in positions]
-            student = token_logprobs(model, method, opening + ids, shifted)
-        kl = (reference.exp() * (reference - student)).sum(-1)  # [N]
-        total += kl.sum().item()
+            student = token_logprobs(model, methods[index], opening + ids, shifted)
+            kl = (reference.exp() * (reference - student)).sum(-1)  # [N]
+            totals[index] += kl.sum().item()
         count += len(positions)
-    return total / count if count else math.nan
+    return [
+        totals[index] / count if index in scored and count else math.nan
+        for index in range(len(methods))
+    ]
 
 
 def _no_context_opening(

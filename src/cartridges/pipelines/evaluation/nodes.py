@@ -96,6 +96,7 @@ def evaluate_methods(
         documents=documents,
         max_context_tokens=params.max_context_tokens,
         template_kwargs=template_kwargs,
+        results_dir=params.results_dir,
     )
     return report, report_metrics(report)
 
