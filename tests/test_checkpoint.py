@@ -83,6 +83,22 @@ def test_non_cartridge_files_are_refused(tmp_path):
         load_cartridge(garbage)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_changed_byte_is_refused_with_both_digests(model, cartridge, tmp_path, dtype):
+    """A same-size edit of the tensors loaded as a different cartridge without a word."""
+    path = tmp_path / "c.safetensors"
+    save_cartridge(cartridge.to("cpu", dtype), path)
+    assert load_cartridge(path).dtype == dtype
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor's bytes
+    path.write_bytes(bytes(data))
+    expected = read_metadata(path)["content_sha256"]
+    with pytest.raises(
+        CartridgeFormatError, match=rf"hash to [0-9a-f]{{64}}, its header records {expected}"
+    ):
+        load_cartridge(path)
+
+
 @pytest.mark.parametrize("architecture", ["llama", "qwen3", "gpt_neox", "gemma2"])
 def test_peft_export_loads_in_peft_with_identical_logits(architecture, tmp_path):
     model = build_model(architecture)

@@ -68,8 +68,9 @@ def test_a_cartridge_keeps_its_record_in_its_file_and_the_cli_prints_it(tiny, tm
         "inputs": {"conversations": {"version": "V1", "digest": "abc", "run_id": "r-8"}},
     }
     assert lineage.attach(cartridge, record)
+    saved_as = Version(None, record["version"])  # the version its record names
+    CartridgeDataset(str(tmp_path / "c.safetensors"), version=saved_as).save(cartridge)
     dataset = CartridgeDataset(str(tmp_path / "c.safetensors"), version=Version(None, None))
-    dataset.save(cartridge)
     (path,) = (tmp_path / "c.safetensors").glob("*/c.safetensors")
     assert lineage.read(path) == record
     assert lineage.get(dataset.load()) == record

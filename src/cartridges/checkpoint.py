@@ -2,13 +2,15 @@
 
 Our format is ONE ``.safetensors`` file: the four tensors of a
 :class:`~cartridges.cartridge.Cartridge` and, in the header metadata, the model name and
-fingerprint, p, the frozen count, dtype, the initialiser, the source corpus hash and the package
-version. One file (not a folder) so that a versioned catalog entry and an MLflow artifact are a
-single object; safetensors so that loading never runs pickled code.
+fingerprint, p, the frozen count, dtype, the initialiser, the source corpus hash, the package
+version and a SHA-256 of the tensors' bytes, verified on every load (a changed byte is refused).
+One file (not a folder) so that a versioned catalog entry and an MLflow artifact are a single
+object; safetensors so that loading never runs pickled code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -47,9 +49,18 @@ def save_cartridge(cartridge: Cartridge, path: str | os.PathLike) -> None:
         "layout": json.dumps(asdict(cartridge.layout)),
         "info": json.dumps(_stored_info(cartridge)),
         "package_version": __version__,
+        "content_sha256": _content_digest(tensors),
     }
     with atomic_write(path) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
+
+
+def _content_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' raw bytes, in file order (any dtype, bfloat16 included)."""
+    digest = hashlib.sha256()
+    for name in _TENSORS:
+        digest.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _stored_info(cartridge: Cartridge) -> dict:
@@ -83,7 +94,15 @@ def load_cartridge(
 ) -> Cartridge:
     """Read a cartridge file; with ``model`` given, refuse it unless it was made for that model."""
     metadata = read_metadata(path)
-    tensors = load_file(str(path), device=str(device))
+    tensors = load_file(str(path))
+    expected = metadata.get("content_sha256")  # absent in files written before it was kept
+    if expected is not None and (found := _content_digest(tensors)) != expected:
+        raise CartridgeFormatError(
+            f"Cartridge '{path}' does not hold the bytes it was saved with: its tensors hash to "
+            f"{found}, its header records {expected}. The file was corrupted or edited after it "
+            "was written; train it again or restore a copy."
+        )
+    tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
     keys = torch.cat([tensors["frozen_keys"], tensors["trainable_keys"]], dim=2)
     values = torch.cat([tensors["frozen_values"], tensors["trainable_values"]], dim=2)
     info = CartridgeInfo(**json.loads(metadata["info"]))

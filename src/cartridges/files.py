@@ -47,6 +47,13 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
+def make_read_only(path: str | os.PathLike) -> None:
+    """Clear the write bits of a finished file, so that no writer changes it in place (files
+    that versions share by hard link stay what was written)."""
+    mode = os.stat(path).st_mode
+    os.chmod(path, mode & ~0o222)
+
+
 @contextmanager
 def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it becomes ``path``, on error it is removed.

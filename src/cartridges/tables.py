@@ -4,6 +4,13 @@ Teacher targets of a real run are 10^8-10^9 rows: they must never be one DataFra
 :class:`ShardedTable` only knows its files; row counts and the schema come from parquet
 footers, and rows are read on demand (whole, as record batches, or one row range of one file).
 Nothing here caches data, so a handle costs the same memory for a thousand rows or a billion.
+
+Every parquet file the project writes carries a CRC32 checksum per page
+(:func:`write_parquet`, :func:`parquet_writer`) and every read verifies them
+(:func:`parquet_file`, :data:`PARQUET_FORMAT`): a byte changed after the write, even one that
+keeps the file's size and decodes to a plausible value, is refused when its page is read, naming
+the file. The check rides on the read itself (the pages are in memory anyway), so lazy reads of
+a billion-row table stay lazy.
 """
 
 from __future__ import annotations
@@ -23,9 +30,48 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-__all__ = ["ShardError", "ShardedTable"]
+__all__ = [
+    "PARQUET_FORMAT",
+    "ShardError",
+    "ShardedTable",
+    "parquet_file",
+    "parquet_writer",
+    "shard_errors",
+    "write_parquet",
+]
 
 _SAMPLE = 1 << 20  # bytes at each end of a file that its fingerprint hashes
+_CHECKSUM_FAILED = "CRC checksum verification failed"
+
+PARQUET_FORMAT = ds.ParquetFileFormat(
+    default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True)
+)
+"""Dataset scans that verify every page's checksum."""
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike, **options: Any) -> None:
+    """``pq.write_table`` with a checksum in every page."""
+    pq.write_table(table, path, write_page_checksum=True, **options)
+
+
+def parquet_writer(path: str | os.PathLike, schema: pa.Schema, **options: Any) -> pq.ParquetWriter:
+    """``pq.ParquetWriter`` with a checksum in every page."""
+    return pq.ParquetWriter(path, schema, write_page_checksum=True, **options)
+
+
+def parquet_file(path: str | os.PathLike, **options: Any) -> pq.ParquetFile:
+    """``pq.ParquetFile`` that verifies each page's checksum as it is read."""
+    return pq.ParquetFile(path, page_checksum_verification=True, **options)
+
+
+def corrupted(path: str | os.PathLike, error: Exception) -> ShardError | None:
+    """The error to raise for a page whose checksum failed, or ``None`` for other errors."""
+    if _CHECKSUM_FAILED not in str(error):
+        return None
+    return ShardError(
+        f"Shard '{path}' failed its page checksum ({error}): its bytes changed after it was "
+        "written (disk or copy corruption, or an edit). Re-run the stage that writes it."
+    )
 
 
 class ShardError(ValueError):
@@ -56,7 +102,7 @@ class ShardedTable:
         """Write ``data`` as one parquet file at ``path`` (small tables and tests)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data.to_parquet(path, index=False)
+        write_parquet(pa.Table.from_pandas(data, preserve_index=False), path)
         return cls([path], attrs=data.attrs)
 
     # ------------------------------------------------------------------ metadata only
@@ -103,7 +149,7 @@ class ShardedTable:
     def metadata(self, index: int) -> pq.FileMetaData:
         """The parquet footer of file ``index``; a missing or truncated file names itself."""
         path = self._files[index]
-        with _shard_errors(path):
+        with shard_errors(path):
             return pq.read_metadata(path)
 
     def fingerprint(self) -> str:
@@ -155,9 +201,11 @@ class ShardedTable:
             return pd.DataFrame(columns=list(columns or []))
         try:
             table = ds.dataset(
-                [str(f) for f in self._files], format="parquet", schema=self.schema
+                [str(f) for f in self._files], format=PARQUET_FORMAT, schema=self.schema
             ).to_table(columns=list(columns) if columns is not None else None)
         except (FileNotFoundError, pa.ArrowInvalid, OSError) as error:
+            if corrupted(self._describe(), error) is not None:
+                self.verify()  # names the file
             raise ShardError(f"Cannot read table of {self._describe()}: {error}") from error
         return table.to_pandas()
 
@@ -168,12 +216,24 @@ class ShardedTable:
         for index, path in enumerate(self._files):
             self.metadata(index)  # a clear error for a missing or truncated file
             try:
-                parquet = pq.ParquetFile(path)
+                parquet = parquet_file(path)
                 yield from parquet.iter_batches(
                     batch_size=batch_size, columns=list(columns) if columns is not None else None
                 )
             except (FileNotFoundError, pa.ArrowInvalid, OSError) as error:
-                raise ShardError(f"Cannot read shard '{path}': {error}") from error
+                raise corrupted(path, error) or ShardError(
+                    f"Cannot read shard '{path}': {error}"
+                ) from error
+
+    def verify(self, batch_size: int = 65_536) -> None:
+        """Read every page of every file, checking its checksum (a full read: for resumes and
+        audits, not on the training path, whose reads verify the pages they touch).
+
+        Raises:
+            ShardError: naming the first file with a page that fails.
+        """
+        for _ in self.iter_batches(batch_size=batch_size):
+            pass
 
     @cached_property
     def file_offsets(self) -> np.ndarray:
@@ -229,12 +289,14 @@ class ShardedTable:
         wanted = pa.array(list(values), self.schema.field(column).type)
         try:
             table = ds.dataset(
-                [str(f) for f in self._files], format="parquet", schema=self.schema
+                [str(f) for f in self._files], format=PARQUET_FORMAT, schema=self.schema
             ).to_table(
                 columns=list(columns) if columns is not None else None,
                 filter=pc.field(column).isin(wanted),
             )
         except (FileNotFoundError, pa.ArrowInvalid, OSError) as error:
+            if corrupted(self._describe(), error) is not None:
+                self.verify()  # names the file
             raise ShardError(f"Cannot read {self._describe()}: {error}") from error
         return table.to_pandas()
 
@@ -246,8 +308,8 @@ class ShardedTable:
         self, index: int, ranges: Sequence[tuple[int, int]], columns: Sequence[str] | None
     ) -> list[pa.Table]:
         path = self._files[index]
-        with _shard_errors(path):
-            parquet = pq.ParquetFile(path)
+        with shard_errors(path):
+            parquet = parquet_file(path)
             meta = parquet.metadata
             sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
             starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
@@ -291,7 +353,7 @@ class ShardedTable:
 
 
 @contextmanager
-def _shard_errors(path: Path) -> Iterator[None]:
+def shard_errors(path: Path) -> Iterator[None]:
     """Turn a missing or unreadable shard into a ``ShardError`` that names the file."""
     try:
         yield
@@ -301,6 +363,6 @@ def _shard_errors(path: Path) -> Iterator[None]:
             "deleted after it was written."
         ) from error
     except (pa.ArrowInvalid, OSError) as error:
-        raise ShardError(
+        raise corrupted(path, error) or ShardError(
             f"Shard '{path}' is not a readable parquet file (truncated or corrupted?): {error}"
         ) from error

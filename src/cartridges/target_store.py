@@ -21,12 +21,11 @@ from typing import overload
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from cartridges.batching import Example
 from cartridges.progress import progress_bar
-from cartridges.tables import ShardedTable
+from cartridges.tables import ShardedTable, parquet_file, shard_errors
 from cartridges.targets import TargetsError, dense_targets
 
 __all__ = ["LazyExamples", "example_lengths", "prefetch", "select"]
@@ -313,8 +312,9 @@ def _target_runs(targets: ShardedTable) -> tuple[list[str], np.ndarray, np.ndarr
     with bar:
         for index, path in enumerate(files):
             targets.metadata(index)  # a clear error for a missing or truncated shard
-            parquet = pq.ParquetFile(path, read_dictionary=["conversation_id"])
-            for batch in parquet.iter_batches(batch_size=_SCAN_BATCH, columns=["conversation_id"]):
+            parquet = parquet_file(path, read_dictionary=["conversation_id"])
+            batches = parquet.iter_batches(batch_size=_SCAN_BATCH, columns=["conversation_id"])
+            for batch in _named(path, batches):
                 column = batch.column(0)
                 if not isinstance(column, pa.DictionaryArray):
                     column = pc.dictionary_encode(column)
@@ -364,9 +364,16 @@ def _check_token_ids(targets: ShardedTable, vocab_size: int) -> None:
             raise TargetsError(_vocabulary_message(f"'{path}'", np.array([low, high]), vocab_size))
 
 
+def _named(path, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """``batches`` of the file at ``path``; a read error (a failed checksum) names the file."""
+    with shard_errors(path):
+        yield from batches
+
+
 def _scan_min_max(path) -> tuple[int, int]:
     low, high = np.iinfo(np.int64).max, np.iinfo(np.int64).min
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=_SCAN_BATCH, columns=["token_id"]):
+    batches = parquet_file(path).iter_batches(batch_size=_SCAN_BATCH, columns=["token_id"])
+    for batch in _named(path, batches):
         if len(batch):
             bounds = pc.min_max(batch.column(0))
             low, high = min(low, bounds["min"].as_py()), max(high, bounds["max"].as_py())

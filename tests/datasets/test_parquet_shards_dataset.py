@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ import pytest
 from kedro.io import DatasetError, Version
 
 from cartridges.datasets import ParquetShardsDataset
-from cartridges.tables import ShardedTable
+from cartridges.tables import ShardedTable, ShardError
 
 # Kedro wraps a dataset's errors in DatasetError, keeping the message.
 FRAME = pd.DataFrame({"conversation_id": [f"c{i // 3}" for i in range(10)], "x": np.arange(10)})
@@ -105,3 +106,30 @@ def test_an_unversioned_table_is_replaced_whole_when_saved_again(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table"]  # nothing left beside it
     dataset.save(dataset.load())  # a handle to the folder it replaces
     pd.testing.assert_frame_equal(dataset.load().to_pandas(), FRAME.head(5))
+
+
+def test_a_changed_byte_of_the_same_size_is_refused_when_read(tmp_path):
+    """One flipped byte inside a page read cleanly as another value, and training used it."""
+    frame = FRAME.assign(logprob=np.linspace(-9.0, -0.1, 10).astype(np.float32))
+    dataset = _dataset(tmp_path, rows_per_shard=4)
+    dataset.save(frame)
+    shard = dataset.shards()[1]
+    assert stat.S_IMODE(shard.stat().st_mode) & 0o222 == 0  # read-only once written
+    footer = pq.read_metadata(shard)
+    chunk = footer.row_group(0).column(footer.schema.names.index("logprob"))
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    offset = start + chunk.total_compressed_size - 2
+    shard.chmod(0o644)
+    data = bytearray(shard.read_bytes())
+    data[offset] ^= 0x5A
+    shard.write_bytes(bytes(data))
+
+    table = dataset.load()  # same size: the manifest cannot tell
+    message = r"part-00001.parquet' failed its page checksum .*Re-run the stage"
+    with pytest.raises(ShardError, match=message):
+        table.to_pandas()
+    with pytest.raises(ShardError, match=message):
+        table.read_rows(1, 0, 2)
+    with pytest.raises(ShardError, match=message):
+        table.verify()
+    assert table.read_rows(0, 0, 2)["logprob"].to_pylist() == frame["logprob"][:2].tolist()

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -289,3 +292,31 @@ def test_progress_is_told_of_each_question_and_answer_not_only_of_finished_batch
     turns = sum(len(c.messages) for c in batch)
     assert len(replies) >= 2 and replies[0] == 2  # the first questions, before any answer
     assert sum(replies) == turns
+
+
+def _flip_a_page_byte(path, column: str) -> None:
+    """Change one byte inside ``column``'s first data page, keeping the file's size."""
+    footer = pq.read_metadata(path)
+    names = [footer.schema.column(i).path for i in range(footer.num_columns)]
+    chunk = footer.row_group(0).column(names.index(column))
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    offset = start + chunk.total_compressed_size - 3
+    path.chmod(0o644)  # shards are read-only: a deliberate edit
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def test_a_resumed_run_synthesises_a_corrupted_batch_again(tiny, tmp_path, caplog):
+    """A flipped byte in a finished shard was resumed as it was ("3 of 3 batches already")."""
+    reference = _run(_study(tiny), CHUNKS, tmp_path)
+    (shard,) = tmp_path.glob("*/targets-000001.parquet")
+    assert stat.S_IMODE(shard.stat().st_mode) & 0o222 == 0  # read-only once written
+    _flip_a_page_byte(shard, "logprob")
+    calls = []
+    with caplog.at_level(logging.WARNING, logger="cartridges.synthesis"):
+        again = _run(_recording(_study(tiny), calls), CHUNKS, tmp_path)
+    assert calls == [1]
+    warned = [r.getMessage() for r in caplog.records if "again" in r.getMessage()]
+    assert len(warned) == 1 and "targets-000001.parquet' failed its page checksum" in warned[0]
+    pd.testing.assert_frame_equal(again[1], reference[1])

@@ -7,8 +7,14 @@ from typing import Any
 
 from kedro.io import AbstractVersionedDataset, Version
 
+from cartridges import lineage
 from cartridges.cartridge import Cartridge
-from cartridges.checkpoint import load_cartridge, read_metadata, save_cartridge
+from cartridges.checkpoint import (
+    CartridgeFormatError,
+    load_cartridge,
+    read_metadata,
+    save_cartridge,
+)
 
 
 class CartridgeDataset(AbstractVersionedDataset[Cartridge, Cartridge]):
@@ -41,7 +47,16 @@ class CartridgeDataset(AbstractVersionedDataset[Cartridge, Cartridge]):
         cartridge = load_cartridge(self._get_load_path())
         if self._version is not None:
             # Reports name the exact version they evaluated (the latest resolves to a timestamp).
-            cartridge.info.extra["catalog_version"] = self.resolve_load_version()
+            version = self.resolve_load_version()
+            saved_as = (cartridge.info.extra.get(lineage.LINEAGE) or {}).get("version")
+            if saved_as and saved_as != version:
+                raise CartridgeFormatError(
+                    f"The cartridge in version {version} of '{self._filepath}' records that it "
+                    f"was saved as version {saved_as}: it was copied into another version's "
+                    f"folder. Load it as --load-versions=<entry>:{saved_as} from its own folder, "
+                    "or save it anew."
+                )
+            cartridge.info.extra["catalog_version"] = version
         return cartridge
 
     def save(self, data: Cartridge) -> None:

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 from kedro.io import Version
 
 from cartridges.datasets.versioned_folder import VersionedFolderDataset
-from cartridges.tables import ShardedTable, ShardError
+from cartridges.files import make_read_only
+from cartridges.tables import ShardedTable, ShardError, parquet_writer, write_parquet
 
 MANIFEST = "_manifest.json"
 
@@ -95,6 +96,8 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
 
         def write_with_manifest(folder: Path) -> None:
             names = write(folder)
+            for name in names:  # read-only: shards may be hard links shared with a cache
+                make_read_only(folder / name)
             entries = [
                 {
                     "file": name,
@@ -117,7 +120,7 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
                     data.iloc[start : start + self._rows_per_shard], preserve_index=False
                 )
                 names.append(f"part-{index:05d}.parquet")
-                pq.write_table(shard, folder / names[-1], row_group_size=self._row_group_size)
+                write_parquet(shard, folder / names[-1], row_group_size=self._row_group_size)
             return names
 
         return write
@@ -137,7 +140,7 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
                 if largest <= self._row_group_size:
                     _link_or_copy(source, target)
                     continue
-                with pq.ParquetWriter(target, schema) as writer:
+                with parquet_writer(target, schema) as writer:
                     for batch in ShardedTable([source]).iter_batches(
                         batch_size=self._row_group_size
                     ):
@@ -179,7 +182,8 @@ def read_attrs(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
-    """A hard link (no bytes copied; writers that replace files atomically never alter it)."""
+    """A hard link (no bytes copied): the file is read-only, and its page checksums are verified
+    wherever it is read, so neither name can silently change what the other holds."""
     try:
         os.link(source, target)
     except OSError:  # another file system, or links not supported

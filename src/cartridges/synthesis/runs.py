@@ -22,14 +22,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from cartridges.files import atomic_write, exclusive_lock
+from cartridges.files import atomic_write, exclusive_lock, make_read_only
 from cartridges.lineage import RUN_ID
 from cartridges.progress import progress_bar
 from cartridges.synthesis.backends import Backend, BackendError
 from cartridges.synthesis.self_study import Conversation, SelfStudy, SelfStudyConfig
-from cartridges.tables import ShardedTable
+from cartridges.tables import ShardedTable, ShardError, parquet_file, write_parquet
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +105,11 @@ def _shard(directory: Path, kind: str, batch_index: int) -> Path:
 
 def _write_atomically(table: pa.Table, path: Path) -> None:
     # Bounded row groups: training reads one conversation's targets by decoding its row group.
+    # Read-only once written: catalog versions hard-link these files, so no writer may alter
+    # them in place (a byte changed anyway fails its page checksum when read).
     with atomic_write(path) as temporary:
-        pq.write_table(table, temporary, row_group_size=ROW_GROUP_SIZE)
+        write_parquet(table, temporary, row_group_size=ROW_GROUP_SIZE)
+        make_read_only(temporary)
 
 
 def _write_batch(directory: Path, batch_index: int, conversations: list[Conversation]) -> None:
@@ -119,6 +121,24 @@ def _write_batch(directory: Path, batch_index: int, conversations: list[Conversa
 
 def _finished_batches(directory: Path) -> set[int]:
     return {int(p.stem.split("-")[1]) for p in directory.glob("conversations-*.parquet")}
+
+
+def _intact_batches(directory: Path, finished: set[int]) -> set[int]:
+    """The finished batches whose shards pass every page checksum; the others are removed
+    (with a warning naming the file) so that they are synthesised again."""
+    intact = set()
+    with progress_bar(total=len(finished), desc="verify shards", unit="batch") as bar:
+        for batch_index in sorted(finished):
+            try:
+                for kind in ("targets", "conversations"):
+                    ShardedTable([_shard(directory, kind, batch_index)]).verify()
+                intact.add(batch_index)
+            except ShardError as error:
+                logger.warning("Synthesising batch %d again: %s", batch_index, error)
+                for kind in ("conversations", "targets"):  # the conversations shard marks it done
+                    _shard(directory, kind, batch_index).unlink(missing_ok=True)
+            bar.update()
+    return intact
 
 
 @dataclass
@@ -196,7 +216,7 @@ def _trimmed(directory: Path, kind: str, batch_index: int, rows: int, keep: set[
     path = directory / "trimmed" / f"{kind}-{batch_index:06d}-{rows:03d}.parquet"
     if not path.exists():
         path.parent.mkdir(exist_ok=True)
-        table = pq.read_table(_shard(directory, kind, batch_index))
+        table = parquet_file(_shard(directory, kind, batch_index)).read()
         mask = pc.is_in(table["conversation_id"], pa.array(sorted(keep), pa.string()))
         _write_atomically(table.filter(mask), path)
     return path
@@ -262,6 +282,8 @@ def _synthesize_missing(
     """Write the batches that ``directory`` lacks; how fast, and in how many seconds."""
     config = study.config
     done = _finished_batches(directory)
+    if done:
+        done = _intact_batches(directory, done)
     todo = [b for b in range(config.num_batches) if b not in done]
     if done:
         logger.info(
