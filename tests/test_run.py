@@ -164,6 +164,25 @@ def test_conversations_and_targets_of_different_runs_are_refused(project):
 
 
 @pytest.mark.slow
+def test_a_failed_save_leaves_no_partial_set_as_the_latest(project):
+    """teacher_logprobs failing to save left the run's conversations alone as the latest."""
+    before = _versions(project, "data/03_primary/conversations")
+    targets = project / "data/04_feature/teacher_logprobs"
+    kept = targets.with_name("teacher_logprobs.kept")
+    targets.rename(kept)
+    targets.write_text("a file where the version folders go: every save there fails")
+    try:  # the same run as the default one: its batches are read back from the shard cache
+        result = _run(project, "run", "--pipelines", "self_study", "--params", REDUCED)
+    finally:
+        targets.unlink()
+        kept.rename(targets)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Removed conversations version" in output and "'teacher_logprobs']" in output
+    assert _versions(project, "data/03_primary/conversations") == before
+
+
+@pytest.mark.slow
 def test_viz_build_renders_the_pipelines(project):
     result = _run(project, "viz", "build")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

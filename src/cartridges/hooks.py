@@ -1,4 +1,5 @@
-"""Kedro hooks: lineage in every artifact, and only rank 0 writing under a distributed launcher.
+"""Kedro hooks: lineage in every artifact, only rank 0 writing under a distributed launcher, and
+a node's outputs visible together or not at all.
 
 ``torchrun --nproc-per-node N -m kedro run --pipelines distill_training`` starts N Kedro sessions.
 All of them must train (each holds a shard of every global batch), but only rank 0 may save the
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from kedro.framework.hooks import hook_impl
-from kedro.io import AbstractDataset, DataCatalog, MemoryDataset
+from kedro.io import AbstractDataset, AbstractVersionedDataset, DataCatalog, MemoryDataset
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 
@@ -65,6 +67,72 @@ class RankZeroOutputsHook:
             if dataset is not None and not isinstance(dataset, MemoryDataset):
                 catalog[name] = _RankLocalDataset(dataset)
         logger.info("Rank %d: outputs stay in memory; rank 0 writes them.", rank)
+
+
+class OutputsTogetherHook:
+    """A node's versioned outputs become visible together: when one of its saves fails, the
+    versions its other outputs already saved in this run are removed, so that no partial set
+    (``conversations`` without its ``teacher_logprobs``) is ever the latest.
+
+    Kedro saves a node's outputs one after the other once the node has returned; this hook
+    notes each save and, on the run's error, rolls back those of the node it stopped in. (A
+    process killed between two saves cannot roll back: then the run id that both self-study
+    tables carry makes every consumer refuse the unmatched pair, naming the versions.)
+    """
+
+    def __init__(self) -> None:
+        self._catalog: DataCatalog | None = None
+        self._node: str | None = None
+        self._unsaved: set[str] = set()
+        self._saved: list[str] = []
+
+    @hook_impl
+    def after_catalog_created(self, catalog: DataCatalog) -> None:
+        self._catalog = catalog
+
+    @hook_impl
+    def after_node_run(self, node) -> None:
+        self._node, self._unsaved, self._saved = node.name, set(node.outputs), []
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str) -> None:
+        self._unsaved.discard(dataset_name)
+        self._saved.append(dataset_name)
+        if not self._unsaved:
+            self._node, self._saved = None, []
+
+    @hook_impl
+    def on_pipeline_error(self, error: Exception) -> None:
+        if self._node is None or self._catalog is None:
+            return
+        for name in self._saved:
+            removed = _remove_saved_version(self._catalog, name)
+            if removed is not None:
+                logger.warning(
+                    "Removed %s version %s (saved by %s): the node's other outputs %s were not "
+                    "saved (%s), and a partial set must not become the latest.",
+                    name,
+                    removed.name,
+                    self._node,
+                    sorted(self._unsaved),
+                    error,
+                )
+        self._node, self._saved = None, []
+
+
+def _remove_saved_version(catalog: DataCatalog, name: str) -> Path | None:
+    """Delete the version folder this run saved for ``name``; its path, or ``None``."""
+    dataset = catalog.get(name) if name in catalog else None
+    while dataset is not None and not isinstance(dataset, AbstractVersionedDataset):
+        dataset = getattr(dataset, "_inner", None)  # the MLflow and rank-local wrappers
+    if dataset is None or dataset._version is None:
+        return None
+    saved = dataset._get_versioned_path(dataset.resolve_save_version())
+    folder = Path(str(saved)).parent  # <filepath>/<version>
+    if not folder.exists():
+        return None
+    shutil.rmtree(folder)
+    return folder
 
 
 class LineageHook:

@@ -8,14 +8,19 @@ from cartridges.logs import quiet_known_warnings
 
 quiet_known_warnings()  # before the imports below, which raise some of them
 
-from cartridges.hooks import LineageHook, RankZeroOutputsHook, process_rank  # noqa: E402
+from cartridges.hooks import (  # noqa: E402
+    LineageHook,
+    OutputsTogetherHook,
+    RankZeroOutputsHook,
+    process_rank,
+)
 from cartridges.params import ParametersHook  # noqa: E402
 
 # Telemetry is off for the project: it must run offline and never phone home.
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 
 # ParametersHook checks a run's parameters before its first node (and before any model loads).
-HOOKS = (ParametersHook(), RankZeroOutputsHook(), LineageHook())
+HOOKS = (ParametersHook(), RankZeroOutputsHook(), LineageHook(), OutputsTogetherHook())
 # Under torchrun only rank 0 tracks the run in MLflow; the other ranks would open runs of their own.
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow",) if process_rank() > 0 else ()
 

@@ -55,9 +55,10 @@ def measure_cost(
         model, method, repeats
     )
     costs = {"prefill_ms": 1000 * seconds}
+    if batch_sizes:  # warm-up, once: a batch of 16 prompts costs a long prefill for nothing
+        decode_rate(model, method, [list(prompt)], min(decode_tokens, 2), pad_token_id)
     for batch in batch_sizes:
         rows = [list(prompt)] * batch
-        decode_rate(model, method, rows, min(decode_tokens, 2), pad_token_id)  # warm-up
         costs[f"decode_tok_s_b{batch}"] = decode_rate(
             model, method, rows, decode_tokens, pad_token_id
         )
