@@ -16,10 +16,12 @@ import pytest
 
 from cartridges.evaluation import (
     TASKS,
+    Method,
     answer_questions,
     build_methods,
     evaluate,
     fidelity_kl,
+    measure_cost,
 )
 from cartridges.evaluation import answers as answers_module
 from cartridges.evaluation import cost as cost_module
@@ -214,3 +216,16 @@ def test_the_bar_weighs_methods_by_their_prefix(tiny, methods):
     weights = run_module._work_weights(model, methods)
     assert weights["no_context"] == 1.0
     assert weights["icl"] > weights["truncated_icl_p8"] == weights["cartridge"] > 1.0
+
+
+def test_decoding_is_timed_over_the_steps_a_full_context_leaves(tiny, inputs):
+    """An ICL context filling the model up to its answers failed the timing's 16 tokens."""
+    model, tokenizer = tiny
+    limit = model.config.max_position_embeddings
+    prompt = question_ids(
+        tokenizer, Method("icl", "icl", None), SYSTEM_TEXT, [user_message(inputs["questions"][0])]
+    )
+    context = (inputs["context"] * limit)[: limit - len(prompt) - 3]
+    (icl,) = build_methods(model, context, {}, limit)[:1]
+    costs = measure_cost(model, icl, prompt, decode_tokens=16, batch_sizes=(1, 2), repeats=1)
+    assert costs["decode_tok_s_b1"] > 0 and costs["decode_tok_s_b2"] > 0

@@ -22,7 +22,7 @@ from cartridges.continuous import Request, complete
 from cartridges.evaluation.methods import Method
 from cartridges.generation import generate
 from cartridges.initialization import kv_of_tokens
-from cartridges.modeling import synchronize
+from cartridges.modeling import context_length, synchronize
 from cartridges.prefix import forward_with_prefix
 from cartridges.shared_prefix import UnsupportedModelError
 
@@ -55,6 +55,7 @@ def measure_cost(
         model, method, repeats
     )
     costs = {"prefill_ms": 1000 * seconds}
+    decode_tokens = _fitting(model, method, prompt, decode_tokens)
     if batch_sizes:  # warm-up, once: a batch of 16 prompts costs a long prefill for nothing
         decode_rate(model, method, [list(prompt)], min(decode_tokens, 2), pad_token_id)
     for batch in batch_sizes:
@@ -113,6 +114,16 @@ def decode_rate(
         return len(prompts) / (stamps[-1] - stamps[0])
     steps = [later - earlier for earlier, later in zip(stamps[1:-1], stamps[2:], strict=True)]
     return len(prompts) / statistics.median(steps)
+
+
+def _fitting(model: PreTrainedModel, method: Method, prompt: Sequence[int], tokens: int) -> int:
+    """``tokens``, or fewer where the prefix and prompt leave the model less room: a rate is
+    measured over the steps there are (an ICL context fills the model up to its answers)."""
+    limit = context_length(model.config)
+    if limit is None:
+        return tokens
+    room = limit - method.num_tokens - len(prompt) + 1
+    return max(min(tokens, room), 1)
 
 
 def _context_seconds(model: PreTrainedModel, method: Method, repeats: int) -> float:
