@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -250,7 +251,8 @@ def main() -> None:
         )
         before_s.append(time.perf_counter() - started)
         with tempfile.TemporaryDirectory() as folder:
-            now, seconds, eta = evaluate_now(
+            run_now = partial(
+                evaluate_now,
                 model,
                 tokenizer,
                 methods,
@@ -260,19 +262,11 @@ def main() -> None:
                 config,
                 folder,
             )
+            now, seconds, eta = run_now()
             now_s.append(seconds)
             etas.append(eta)
             started = time.perf_counter()
-            again, _, _ = evaluate_now(
-                model,
-                tokenizer,
-                methods,
-                questions,
-                conversations,
-                context.system_text,
-                config,
-                folder,
-            )
+            again, _, _ = run_now()  # every result read back from the folder
             resumed_s.append(time.perf_counter() - started)
         same = (
             all(
