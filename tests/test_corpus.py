@@ -206,6 +206,23 @@ def test_encodings(tmp_path, raw, expected):
     assert text_of(tmp_path, "doc.txt", raw) == expected
 
 
+def test_each_document_records_what_its_bytes_were_decoded_as(tmp_path):
+    """A fallback decoding was logged but the corpus table did not say which rows it touched."""
+    (tmp_path / "new.txt").write_bytes("“quoted” – dash".encode())
+    (tmp_path / "old.txt").write_bytes("“old” – dash".encode("cp1252"))
+    (tmp_path / "wide.txt").write_bytes("\ufeffwide text".encode("utf-16-le"))
+    (tmp_path / "page.html").write_bytes(
+        b'<html><head><meta charset="iso-8859-1"></head><body>Caf\xe9</body></html>'
+    )
+    documents, _ = load_dir(tmp_path)
+    assert {name: d.encoding for name, d in documents.items()} == {
+        "new.txt": "utf-8",
+        "old.txt": "windows-1252",
+        "wide.txt": "utf-16",
+        "page.html": "iso-8859-1",
+    }
+
+
 def test_a_fallback_decoding_is_logged_naming_the_file(tmp_path, caplog):
     """Invalid UTF-8 read as Windows-1252 was documented but said nowhere in a run."""
     with caplog.at_level(logging.WARNING, logger="cartridges.documents.loaders"):

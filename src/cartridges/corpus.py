@@ -102,6 +102,7 @@ class Document:
     sha256: str
     n_chars: int
     n_tokens: int | None = None
+    encoding: str = ""  # what its bytes were decoded as (utf-8, windows-1252, ...); "" for PDF
 
 
 def document_name(source: str) -> str:
@@ -221,7 +222,7 @@ def iter_corpus(
     for source, read in _inputs(config):
         try:
             raw, kind, charset = read()
-            title, text = parse_document(
+            title, text, encoding = parse_document(
                 raw,
                 kind,
                 declared_encoding=charset,
@@ -241,7 +242,9 @@ def iter_corpus(
             continue
         seen[digest] = source
         n_tokens = count_tokens(text) if count_tokens else None
-        yield Document(digest[:16], source, kind, title, text, digest, len(text), n_tokens)
+        yield Document(
+            digest[:16], source, kind, title, text, digest, len(text), n_tokens, encoding
+        )
     if not seen:
         raise CorpusError(
             f"No usable document (corpus_dir={config.corpus_dir!r}, include={config.include}, "

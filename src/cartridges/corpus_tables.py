@@ -22,7 +22,9 @@ from cartridges.corpus import CorpusConfig, Document, corpus_statistics, iter_co
 
 logger = logging.getLogger(__name__)
 
-CORPUS_COLUMNS = ["doc_id", "source", "format", "title", "text", "sha256", "n_chars", "n_tokens"]
+CORPUS_COLUMNS = [
+    "doc_id", "source", "format", "title", "text", "sha256", "n_chars", "n_tokens", "encoding"
+]  # fmt: skip
 CHUNK_COLUMNS = ["chunk_id", "doc_id", "token_start", "token_end", "n_tokens", "text"]
 SKIPPED_COLUMNS = ["source", "reason"]
 

@@ -15,7 +15,7 @@ import logging
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,14 @@ DEFAULT_JSON_TEXT_FIELDS = ("text", "content", "body")
 
 # The input being parsed, for the warning of a fallback decoding deep inside a format's parser.
 _SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("source", default="")
+# The character encoding the input's text was decoded as, for the corpus table.
+_DECODED_AS: contextvars.ContextVar[str] = contextvars.ContextVar("decoded_as", default="")
+
+
+class Parsed(NamedTuple):
+    title: str
+    text: str
+    encoding: str  # what the bytes were decoded as ("utf-8", "windows-1252", ...); "" for PDF
 
 
 class Unusable(Exception):
@@ -68,6 +76,7 @@ def decode_text(raw: bytes, declared: str | None = None) -> str:
     """
     for bom, encoding in _BOMS:
         if raw.startswith(bom):
+            _DECODED_AS.set(encoding.removesuffix("-sig"))
             return _check_text(raw.decode(encoding, errors="replace"))
     if b"\x00" in raw:
         raise Unusable("binary file (NUL bytes; UTF-16/32 text needs a byte-order mark)")
@@ -78,10 +87,13 @@ def decode_text(raw: bytes, declared: str | None = None) -> str:
             text = raw.decode(encoding)
         except (UnicodeDecodeError, LookupError):
             continue
+        name = {"cp1252": "windows-1252"}.get(encoding, encoding)
+        _DECODED_AS.set(name)
         if encoding not in ("utf-8", declared):
             logger.warning(
                 "%s is not valid UTF-8 and declares no charset: decoded as %s, so a few "
-                "characters may differ from the author's. Save it as UTF-8 to be sure.",
+                "characters may differ from the author's (recorded in the corpus table's encoding "
+                "column). Save it as UTF-8 to be sure.",
                 _SOURCE.get() or "An input",
                 "Windows-1252" if encoding == "cp1252" else "Latin-1",
             )
@@ -305,7 +317,7 @@ def parse_document(
     declared_encoding: str | None = None,
     json_text_fields: Sequence[str] = DEFAULT_JSON_TEXT_FIELDS,
     source: str = "",
-) -> tuple[str, str]:
+) -> Parsed:
     """Parse and clean one input.
 
     Args:
@@ -316,22 +328,25 @@ def parse_document(
         source: the input's name, for warnings (e.g. a fallback decoding).
 
     Returns:
-        ``(title, text)``; the title is the format's own (HTML ``<title>``, PDF metadata,
-        ``\\title{}``, a JSON ``title``) or else the first line of the text.
+        ``(title, text, encoding)``; the title is the format's own (HTML ``<title>``, PDF
+        metadata, ``\\title{}``, a JSON ``title``) or else the first line of the text; the
+        encoding is what the bytes were decoded as (``""`` for a PDF's text layer).
 
     Raises:
         Unusable: with the reason, for empty, binary, malformed or text-less input.
     """
     if not raw:
         raise Unusable("empty file")
-    token = _SOURCE.set(source)
+    token, decoded = _SOURCE.set(source), _DECODED_AS.set("")
     try:
         title, text = _PARSERS[kind](
             raw, declared_encoding=declared_encoding, json_text_fields=json_text_fields
         )
+        encoding = _DECODED_AS.get()
     finally:
         _SOURCE.reset(token)
+        _DECODED_AS.reset(decoded)
     text = normalise_text(text)
     if not text:
         raise Unusable("empty after cleaning")
-    return normalise_text(title)[:200] or _first_line(text), text
+    return Parsed(normalise_text(title)[:200] or _first_line(text), text, encoding)
