@@ -173,3 +173,63 @@ def test_a_chunk_set_that_misses_tokens_is_reported_with_the_ranges(caplog):
     with caplog.at_level("INFO"):
         report_coverage(chunk_coverage(corpus_table, chunk_set), "The chunks", min_share=0.5)
     assert "never in any chunk" not in caplog.text and "cover 66.7%" in caplog.text
+
+
+def _long_text(paragraphs: int = 120) -> str:
+    import random
+
+    rng = random.Random(0)
+    words = ["pump", "P2", "seal", "Mira", "Okafor's", "3.5", "bar", "(spare)", "café", "--"]
+    lines = []
+    for _ in range(paragraphs):
+        sentence = " ".join(rng.choice(words) for _ in range(rng.randint(5, 30)))
+        lines.append(sentence + rng.choice([".", "!", ":", ";"]) + rng.choice(["\n", "\n\n", "  "]))
+    return "".join(lines) * 4
+
+
+def _trained_tokenizer(text: str, kind: str):
+    """A SentencePiece-style tokenizer (word starts marked, a space prepended to the text), or
+    one without pre-tokenization, whose tokens may span spaces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    if kind == "metaspace":
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        tokenizer.decoder = decoders.Metaspace()
+    tokenizer.train_from_iterator(
+        [text], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"])
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "metaspace", "across_spaces"])
+def test_a_long_text_is_tokenised_in_pieces_with_the_tokens_of_the_whole(tiny, kind, monkeypatch):
+    """One 50 MB document was encoded whole: gigabytes of encoding for one table row."""
+    from cartridges import corpus_tables
+
+    text = _long_text()
+    tokenizer = tiny[1] if kind == "byte_level" else _trained_tokenizer(text, kind)
+    whole = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    monkeypatch.setattr(corpus_tables, "PIECE_CHARS", 2_000)
+    longest = []
+    backend = tokenizer.backend_tokenizer
+
+    class Watched:  # records the longest text any encode call sees
+        def __getattr__(self, name):
+            method = getattr(backend, name)
+
+            def call(texts, *args, **kwargs):
+                longest.append(max(map(len, texts)) if isinstance(texts, list) else len(texts))
+                return method(texts, *args, **kwargs)
+
+            return call
+
+    monkeypatch.setattr(type(tokenizer), "backend_tokenizer", property(lambda self: Watched()))
+    assert corpus_tables.token_counter(tokenizer)(text) == len(whole.ids)
+    offsets = corpus_tables.offsets_encoder(tokenizer)(text)
+    assert list(offsets) == whole.offsets
+    assert [offsets[i] for i in (0, 1234, len(whole) - 1)] == [
+        whole.offsets[i] for i in (0, 1234, len(whole) - 1)
+    ]
+    assert len(text) > 20 * 2_000 and max(longest) < 2 * 2_000 + 600  # never the whole text

@@ -19,7 +19,6 @@ passed in as an ``encode`` function, so this module knows no model.
 
 from __future__ import annotations
 
-import bisect
 import random
 import re
 from collections import defaultdict
@@ -27,6 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
@@ -200,9 +200,9 @@ _BLOCK_START = re.compile(
 _HEADING = re.compile(r"#{1,6} |\\(?:part|chapter|section|subsection|subsubsection)\*?\{")
 
 
-def _token_at(starts: list[int], offsets: Sequence[tuple[int, int]], char: int) -> int:
+def _token_at(starts: np.ndarray, offsets: Sequence[tuple[int, int]], char: int) -> int:
     """The token covering ``char`` (its leading whitespace comes along), else the next one."""
-    token = bisect.bisect_right(starts, char) - 1
+    token = int(np.searchsorted(starts, char, side="right")) - 1
     return token + 1 if token < 0 or offsets[token][1] <= char else token
 
 
@@ -226,7 +226,7 @@ def structural_chunks(
         max_tokens: longest chunk.
     """
     n = len(offsets)
-    starts = [start for start, _ in offsets]
+    starts = np.asarray(offsets).reshape(-1, 2)[:, 0]
     cuts, headings = [0], {0: bool(_HEADING.match(text))}
     for match in _BLOCK_START.finditer(text):
         token = _token_at(starts, offsets, match.end())
@@ -291,7 +291,7 @@ def chunk_corpus(
                 doc_id, text, offsets, config.min_tokens, config.max_tokens
             )
             chunks.extend(by_doc[doc_id])
-        for chunk in by_doc[doc_id]:
+        for chunk in sorted(by_doc[doc_id], key=lambda c: c.token_start):  # spans in order
             chunk_texts[chunk.chunk_id] = text[
                 offsets[chunk.token_start][0] : offsets[chunk.token_end - 1][1]
             ]

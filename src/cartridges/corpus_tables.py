@@ -8,7 +8,9 @@ tokenizer, and keeps a large corpus's texts in compact Arrow buffers while it re
 
 from __future__ import annotations
 
+import itertools
 import logging
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -51,23 +53,139 @@ class _Offsets(Sequence[tuple[int, int]]):
         return iter(self._encoding.offsets)
 
 
+class _PiecedOffsets(Sequence[tuple[int, int]]):
+    """Character spans of a long text's tokens, encoded one piece at a time when asked for.
+
+    Only the piece holding the token asked for is encoded (the last one is kept), so reading
+    spans in text order encodes each piece at most once and holds one piece's encoding.
+    """
+
+    def __init__(
+        self, text: str, cuts: list[int], counts: list[int], encode: Callable[[str], Any]
+    ) -> None:
+        self._text, self._cuts, self._encode = text, cuts, encode
+        self._bases = np.cumsum([0, *counts])
+        self._held: tuple[int, Any] = (-1, None)
+
+    def __len__(self) -> int:
+        return int(self._bases[-1])
+
+    def _piece(self, k: int) -> Any:
+        if self._held[0] != k:
+            self._held = (k, self._encode(self._text[self._cuts[k] : self._cuts[k + 1]]))
+        return self._held[1]
+
+    def __getitem__(self, index: int) -> tuple[int, int]:  # type: ignore[override]
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        k = int(np.searchsorted(self._bases, index, side="right")) - 1
+        start, end = self._piece(k).token_to_chars(int(index - self._bases[k]))
+        return start + self._cuts[k], end + self._cuts[k]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for k, base in enumerate(self._cuts[:-1]):
+            for start, end in self._piece(k).offsets:
+                yield start + base, end + base
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        pieces = [
+            np.array(self._piece(k).offsets, dtype=np.int64).reshape(-1, 2) + base
+            for k, base in enumerate(self._cuts[:-1])
+        ]
+        return np.concatenate(pieces).astype(dtype or np.int64, copy=False)
+
+
+# A text longer than this is tokenised in pieces: a fast tokenizer's encoding costs hundreds
+# of bytes per token, so one 50 MB document encoded whole took gigabytes.
+PIECE_CHARS = 1 << 18
+_WORD_GAP = re.compile(r"(?<=\S) (?=\S)")  # one space between two words: a candidate cut
+_CUT_CHECK_CHARS = 256  # context either side of a cut in which its tokens are compared
+_CUT_TRIES = 64
+
+
+def piece_cuts(
+    text: str, encode_ids: Callable[[str], list[int]], piece_chars: int = PIECE_CHARS
+) -> list[int]:
+    """Where ``text`` can be cut so that tokenising the pieces gives the tokens of the whole.
+
+    A cut is a single space between words about every ``piece_chars`` characters, kept only if
+    the tokens around it are the same cut and whole (a tokenizer that marks word starts, or a
+    merge across the space, moves it to the next candidate). Returns the piece boundaries,
+    ``[0, ..., len(text)]``.
+    """
+    cuts, position = [0], piece_chars
+    while position < len(text) - piece_chars // 4:
+        for tries, match in enumerate(_WORD_GAP.finditer(text, position)):
+            cut = match.start()
+            left = text[max(cut - _CUT_CHECK_CHARS, cuts[-1]) : cut]
+            right = text[cut : cut + _CUT_CHECK_CHARS]
+            if encode_ids(left + right) == encode_ids(left) + encode_ids(right):
+                cuts.append(cut)
+                break
+            if tries >= _CUT_TRIES:
+                break
+        position = max(cuts[-1], position) + piece_chars
+    return [*cuts, len(text)]
+
+
 def offsets_encoder(tokenizer: PreTrainedTokenizerBase) -> Encode:
-    """Character offsets of a text's tokens, no special tokens, straight from the fast tokenizer."""
+    """Character offsets of a text's tokens, no special tokens, straight from the fast tokenizer.
+
+    A long text is encoded piece by piece (:func:`piece_cuts`), its spans kept compactly.
+    """
     if not tokenizer.is_fast:
         raise ValueError(
             f"Chunking needs a fast tokenizer (character offsets); {type(tokenizer).__name__} "
             "is not one."
         )
     backend = tokenizer.backend_tokenizer
-    return lambda text: _Offsets(backend.encode(text, add_special_tokens=False))
+
+    def encode(text: str) -> Sequence[tuple[int, int]]:
+        if len(text) <= PIECE_CHARS:
+            return _Offsets(backend.encode(text, add_special_tokens=False))
+        cuts = piece_cuts(text, _ids_encoder(backend), PIECE_CHARS)
+        counts = [
+            len(backend.encode_batch_fast([text[start:end]], add_special_tokens=False)[0])
+            for start, end in itertools.pairwise(cuts)
+        ]
+        return _PiecedOffsets(
+            text, cuts, counts, lambda piece: backend.encode(piece, add_special_tokens=False)
+        )
+
+    return encode
 
 
 def token_counter(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], int]:
-    """Tokens in a text, without special tokens (chunk spans count the same way)."""
+    """Tokens in a text, without special tokens (chunk spans count the same way).
+
+    A long text is counted piece by piece (:func:`piece_cuts`), so memory stays flat.
+    """
     if tokenizer.is_fast:  # without character offsets, counting is about 1.5x faster
         backend = tokenizer.backend_tokenizer
-        return lambda text: len(backend.encode_batch_fast([text], add_special_tokens=False)[0])
-    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = _ids_encoder(backend)
+
+        def length(text: str) -> int:
+            return len(backend.encode_batch_fast([text], add_special_tokens=False)[0])
+    else:
+
+        def ids(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        def length(text: str) -> int:
+            return len(ids(text))
+
+    def count(text: str) -> int:
+        if len(text) <= PIECE_CHARS:
+            return length(text)
+        cuts = piece_cuts(text, ids, PIECE_CHARS)
+        return sum(length(text[start:end]) for start, end in itertools.pairwise(cuts))
+
+    return count
+
+
+def _ids_encoder(backend: Any) -> Callable[[str], list[int]]:
+    """Token ids without special tokens or character offsets (the fastest encoding)."""
+    return lambda text: backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
 
 
 class CorpusTable:
