@@ -58,6 +58,34 @@ def test_inputs_are_transitive_and_direct_versions_win(tmp_path):
     assert lineage.digest(corpus) != lineage.digest(pd.DataFrame({"text": ["valve"]}))
 
 
+def test_an_input_made_from_another_version_of_a_sibling_input_is_refused(tmp_path):
+    """A chunk set of another corpus beside conversations of this one trained with rc 0."""
+    ours, theirs = pd.DataFrame({"text": ["pump"]}), pd.DataFrame({"text": ["valve"]})
+    conversations = _table(tmp_path, "c", "run-a")
+    conversations.attrs[lineage.LINEAGE] = {
+        "inputs": {"chunk_set": {"version": "V0", "digest": lineage.digest(ours)}}
+    }
+    lineage.check_consistent({"conversations": ("V1", conversations), "chunk_set": ("V0", ours)})
+    with pytest.raises(lineage.LineageError) as error:
+        lineage.check_consistent(
+            {"conversations": ("V1", conversations), "chunk_set": ("V2", theirs)}
+        )
+    message = str(error.value)
+    assert "conversations (version V1) was made from chunk_set version V0" in message
+    assert "reads chunk_set version V2" in message and lineage.digest(theirs) in message
+    assert '--load-versions "chunk_set:V0"' in message
+    # A sweep (a dict of cartridges) is checked item by item; inputs without a digest pass.
+    cartridge_like = _table(tmp_path, "s", None)
+    cartridge_like.attrs[lineage.LINEAGE] = conversations.attrs[lineage.LINEAGE]
+    with pytest.raises(lineage.LineageError):
+        lineage.check_consistent(
+            {"sweep": (None, {"p4": cartridge_like}), "chunk_set": ("V2", theirs)}
+        )
+    unknown = _table(tmp_path, "u", None)
+    unknown.attrs[lineage.LINEAGE] = {"inputs": {"chunk_set": {"version": "V0"}}}
+    lineage.check_consistent({"conversations": ("V1", unknown), "chunk_set": ("V2", theirs)})
+
+
 def test_a_cartridge_keeps_its_record_in_its_file_and_the_cli_prints_it(tiny, tmp_path, capsys):
     model, tokenizer = tiny
     cartridge = from_token_ids(model, tokenizer("pump seal")["input_ids"])

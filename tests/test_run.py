@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
+
+from cartridges.tables import write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 KEDRO = [sys.executable, "-m", "kedro"]
@@ -161,6 +164,33 @@ def test_conversations_and_targets_of_different_runs_are_refused(project):
     assert f"teacher_logprobs:{original}" in output  # the --load-versions that fixes it
     assert "Loading weights" not in output  # refused before any model loaded
     shutil.rmtree(root / forged)
+
+
+@pytest.mark.slow
+def test_a_chunk_set_of_another_corpus_is_refused_beside_these_conversations(project):
+    """A chunk set of another corpus paired with matching conversations trained with rc 0, and
+    the lineage recorded the foreign input without a word."""
+    root = project / "data/02_intermediate/chunk_set.parquet"
+    (original,) = _versions(project, "data/02_intermediate/chunk_set.parquet")
+    forged = "2020-01-01T00.00.00.000Z"
+    chunks = pd.read_parquet(root / original / "chunk_set.parquet")
+    chunks["text"] = chunks["text"] + " And one more record."
+    (root / forged).mkdir()
+    write_parquet(
+        pa.Table.from_pandas(chunks, preserve_index=False), root / forged / "chunk_set.parquet"
+    )
+    try:
+        result = _run(
+            project, "run", "--pipelines", "distill_training", "--load-versions",
+            f"chunk_set:{forged}", "--params", REDUCED,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(root / forged)
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode != 0
+    assert f"was made from chunk_set version {original}" in output
+    assert f"reads chunk_set version {forged}" in output
+    assert f'--load-versions "chunk_set:{original}"' in output
 
 
 @pytest.mark.slow

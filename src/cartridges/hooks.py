@@ -146,7 +146,8 @@ class LineageHook:
 
     Before a pipeline runs, conversations and teacher targets that it reads from the catalog
     (rather than makes) must come from one self-study run: otherwise the run stops before any
-    model loads, naming both versions.
+    model loads, naming both versions. Before a node runs, an input made from another version
+    of an input the node also reads (a chunk set of another corpus) is refused the same way.
     """
 
     def __init__(self) -> None:
@@ -180,6 +181,10 @@ class LineageHook:
             if attrs is not None and version is not None:
                 attrs["catalog_version"] = version  # what this run read, for reports
         self._track_input(dataset_name, version, data)
+
+    @hook_impl
+    def before_node_run(self, node) -> None:
+        lineage.check_consistent(self._loaded.get(node.name, {}))
 
     @hook_impl
     def before_dataset_saved(self, dataset_name: str, data: Any, node) -> None:

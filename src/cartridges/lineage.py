@@ -174,6 +174,35 @@ def check_pair(
     raise LineageError(message)
 
 
+def check_consistent(loaded: Mapping[str, tuple[str | None, Any]]) -> None:
+    """Refuse a node's inputs when one was made from another version of another input.
+
+    ``loaded`` is ``{name: (version, data)}`` of what a node reads. Where an input's record says
+    it was made from ``name`` (directly or upstream) and the node also reads ``name`` itself,
+    the two digests must agree: a chunk set of another corpus beside conversations of this one
+    would train on one text and put another in context, silently.
+    """
+    found: dict[str, str | None] = {}
+    for made, (made_version, data) in loaded.items():
+        for item in data.values() if isinstance(data, dict) else [data]:
+            for name, entry in ((get(item) or {}).get("inputs") or {}).items():
+                recorded = entry.get("digest")
+                if name not in loaded or name == made or recorded is None:
+                    continue
+                if name not in found:
+                    found[name] = digest(loaded[name][1])
+                if found[name] is not None and found[name] != recorded:
+                    version = loaded[name][0] or "latest"
+                    raise LineageError(
+                        f"{made} (version {made_version or 'latest'}) was made from {name} "
+                        f"version {entry.get('version')} (digest {recorded}), but this run reads "
+                        f"{name} version {version} (digest {found[name]}): their contents differ, "
+                        "so the run would pair artifacts of different inputs. Load the matching "
+                        f'version: --load-versions "{name}:{entry.get("version")}", or rerun the '
+                        f"pipelines after {name} to remake {made}."
+                    )
+
+
 # --------------------------------------------------------------------------- reading and printing
 def read(path: str | Path) -> dict[str, Any]:
     """The lineage record of an artifact on disk: a cartridge file or a (sharded) table."""
