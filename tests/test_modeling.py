@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 import cartridges.modeling as modeling
 from cartridges.modeling import (
     MODEL_PLUGINS,
+    UNSUPPORTED_ATTENTION_INPUTS,
     ModelNotFoundError,
     kv_layout,
     load_model,
@@ -250,3 +252,27 @@ def test_bfloat16_on_a_gpu_without_it_is_refused_naming_what_runs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     with pytest.raises(ValueError, match=r"bfloat16 is not supported by Tesla T4: use model.dtype"):
         modeling.load_model("any/model", dtype="bfloat16", device="cuda")
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED_ATTENTION_INPUTS))
+def test_each_attention_input_no_function_here_computes_is_refused_by_both(name):
+    """The lists drifted: packed training refused two of the four inputs shared-prefix decoding
+    refuses, and would have ignored sinks or ALiBi slopes silently."""
+    from cartridges.attention import block_sparse_attention
+    from cartridges.shared_prefix import (
+        SharedPrefixBatch,
+        UnsupportedModelError,
+        shared_prefix_attention,
+    )
+
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    query, key = torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4)
+    what = UNSUPPORTED_ATTENTION_INPUTS[name]
+    with pytest.raises(ValueError, match=f"it passes {re.escape(what)}"):
+        block_sparse_attention(module, query, key, key, None, **{name: torch.zeros(2)})
+    batch = SharedPrefixBatch(torch.zeros(1, 1), torch.zeros(1, 1), [])
+    with pytest.raises(UnsupportedModelError, match=f"it passes {re.escape(what)}"):
+        shared_prefix_attention(
+            module, query, key, key, None, shared_prefix_batch=batch, **{name: torch.zeros(2)}
+        )

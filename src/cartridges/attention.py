@@ -26,6 +26,8 @@ from functools import cached_property
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 
+from cartridges.modeling import unsupported_attention_inputs
+
 try:
     from torch.nn.attention.flex_attention import BlockMask
 except ImportError:  # a torch without FlexAttention: packed rows use the dense mask
@@ -300,14 +302,15 @@ def block_sparse_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function for a :attr:`PackedLayout.block_mask`: ``[B, T, H, D]``."""
+    unsupported = unsupported_attention_inputs(kwargs) + ([f"dropout {dropout}"] if dropout else [])
+    if unsupported:
+        raise ValueError(
+            f"Block-sparse packed attention cannot compute {type(module).__name__}'s attention: "
+            f"it passes {', '.join(unsupported)}. Set train.attention: dense."
+        )
     layout = getattr(attention_mask, "packed_layout", None)
     if not isinstance(layout, PackedLayout):
         raise TypeError(f"{ATTENTION_NAME} attention needs a PackedLayout's block mask.")
-    if dropout > 0 or kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
-        raise ValueError(
-            "Block-sparse packed attention supports no attention dropout, sinks or position "
-            "bias; set train.attention: dense."
-        )
     if key.dtype != query.dtype:  # a float32 prefix under bfloat16 autocast, as SDPA casts it
         key, value = key.to(query.dtype), value.to(query.dtype)
     if query.device.type in _FLEX_BACKWARD_DEVICES:

@@ -371,6 +371,24 @@ def sliding_window(config) -> int | None:
     return int(window)
 
 
+# Inputs some models hand their attention function that the project's own attention functions
+# (packed training's block-sparse rows, shared-prefix decoding) do not compute: each refuses a
+# call that passes one, naming it, rather than return something else. One list, asked by both.
+UNSUPPORTED_ATTENTION_INPUTS = {
+    "s_aux": "attention sinks (s_aux)",
+    "sinks": "attention sinks",
+    "position_bias": "a position bias",
+    "alibi_slopes": "ALiBi slopes",
+}
+
+
+def unsupported_attention_inputs(kwargs: Mapping[str, object]) -> list[str]:
+    """What an attention call passes (``kwargs``) that no attention function here computes."""
+    return [
+        what for name, what in UNSUPPORTED_ATTENTION_INPUTS.items() if kwargs.get(name) is not None
+    ]
+
+
 def model_fingerprint(model: PreTrainedModel) -> str:
     """A short hash of the architecture config and a sample of the weights.
 

@@ -43,12 +43,11 @@ from transformers import AttentionInterface, PreTrainedModel
 
 from cartridges.attention import attention_implementation
 from cartridges.cartridge import Cartridge
-from cartridges.modeling import sliding_window
+from cartridges.modeling import sliding_window, unsupported_attention_inputs
 
 ATTENTION_NAME = "cartridges_shared_prefix"
 BATCH_KWARG = "shared_prefix_batch"
 INVALID_POSITION = 2**62  # the position of a padding key: after every query, so never seen
-_UNSUPPORTED_KWARGS = ("s_aux", "sinks", "position_bias", "alibi_slopes")
 
 
 class UnsupportedModelError(ValueError):
@@ -159,7 +158,7 @@ def _check_exact(module, key, attention_mask, dropout, batch, kwargs) -> int:
         problems.append(f"attention dropout is {dropout}")
     if getattr(module, "is_causal", True) is False:
         problems.append("the layer is not causal")
-    problems += [f"it passes {k}" for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
+    problems += [f"it passes {what}" for what in unsupported_attention_inputs(kwargs)]
     if key.shape[2] != batch.key_positions.shape[1]:
         problems.append(
             f"its keys ({key.shape[2]} positions) are not the {batch.key_positions.shape[1]} "
