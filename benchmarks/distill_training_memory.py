@@ -89,7 +89,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from cartridges.initialization import from_token_ids
     from cartridges.tables import ShardedTable
-    from cartridges.targets import to_examples
+    from cartridges.target_store import to_examples
     from cartridges.training import TrainConfig, train_cartridge
 
     if args.threads:

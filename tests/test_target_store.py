@@ -16,8 +16,8 @@ from cartridges.batching import Example, plan_batches
 from cartridges.evaluation import held_out_conversations
 from cartridges.objective import evaluate_kl
 from cartridges.tables import ShardedTable, ShardError
-from cartridges.target_store import LazyExamples, prefetch
-from cartridges.targets import TargetsError, one_hot, to_examples
+from cartridges.target_store import LazyExamples, prefetch, to_examples
+from cartridges.targets import TargetsError, one_hot
 from cartridges.train_state import run_key
 from cartridges.training import TrainConfig, train_cartridge
 from tests.training_data import setting

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from cartridges.synthesis.self_study import Conversation, truncate_to_mass
+from cartridges.target_store import to_examples
 from cartridges.targets import (
     TargetsError,
     memorization_examples,
     one_hot,
-    to_examples,
     to_tables,
 )
 

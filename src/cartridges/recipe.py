@@ -38,13 +38,8 @@ from cartridges.context import CorpusContext
 from cartridges.initialization import from_random_tokens, from_random_vectors, from_token_ids
 from cartridges.modeling import context_length
 from cartridges.tables import ShardedTable
-from cartridges.target_store import LazyExamples, select
-from cartridges.targets import (
-    memorization_examples,
-    one_hot,
-    to_examples,
-    unsure_conversations,
-)
+from cartridges.target_store import LazyExamples, select, to_examples
+from cartridges.targets import memorization_examples, one_hot, unsure_conversations
 
 logger = logging.getLogger(__name__)
 OBJECTIVES = ("distillation", "cross_entropy", "memorization")

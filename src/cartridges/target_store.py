@@ -5,7 +5,8 @@ streaming scan of the ``conversation_id`` column: conversation -> global row ran
 span shard files) and keeps only that index and the conversations' lengths in memory, so
 batches are planned without reading a target. ``examples[i]`` or :meth:`LazyExamples.read`
 reads a conversation's tokens and targets from the row groups that hold them and builds
-exactly the tensors :func:`cartridges.targets.to_examples` builds from DataFrames.
+exactly the tensors :func:`cartridges.targets.dense_examples` builds from DataFrames;
+:func:`to_examples` takes either.
 :func:`prefetch` reads the next steps' examples in a background thread (pyarrow releases the
 GIL), so a training step does not wait on the disk.
 """
@@ -19,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import overload
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -26,7 +28,7 @@ import torch
 from cartridges.batching import Example
 from cartridges.progress import progress_bar
 from cartridges.tables import ShardedTable, parquet_file, shard_errors
-from cartridges.targets import TargetsError, dense_targets
+from cartridges.targets import TargetsError, dense_examples, dense_targets
 
 __all__ = ["LazyExamples", "example_lengths", "prefetch", "select"]
 
@@ -216,6 +218,27 @@ class LazyExamples(Sequence[Example]):
 
 
 # --------------------------------------------------------------------------- helpers
+def to_examples(
+    conversations: pd.DataFrame | ShardedTable,
+    teacher_logprobs: pd.DataFrame | ShardedTable,
+    vocab_size: int,
+) -> list[Example] | LazyExamples:
+    """Rebuild training examples, refusing tables that do not belong together.
+
+    Two :class:`ShardedTable` handles give :class:`LazyExamples` (indexed now, read a
+    micro-batch at a time); two DataFrames give dense examples at once.
+    """
+    if isinstance(conversations, ShardedTable) and isinstance(teacher_logprobs, ShardedTable):
+        return LazyExamples.open(conversations, teacher_logprobs, vocab_size)
+    if isinstance(conversations, ShardedTable) or isinstance(teacher_logprobs, ShardedTable):
+        raise TypeError(
+            "conversations and teacher_logprobs must both be ShardedTable handles or both be "
+            f"DataFrames, got {type(conversations).__name__} and "
+            f"{type(teacher_logprobs).__name__}."
+        )
+    return dense_examples(conversations, teacher_logprobs, vocab_size)
+
+
 def example_lengths(examples: Sequence[Example]) -> list[int]:
     """Tokens of each example; read from the index for lazy examples (no data read)."""
     if isinstance(examples, LazyExamples):

@@ -27,7 +27,6 @@ from cartridges.tables import ShardedTable
 
 if TYPE_CHECKING:
     from cartridges.synthesis.self_study import Conversation
-    from cartridges.target_store import LazyExamples
 
 CONVERSATION_COLUMNS = [
     "conversation_id",
@@ -76,26 +75,11 @@ def to_tables(conversations: Iterable[Conversation]) -> tuple[pd.DataFrame, pd.D
     return conversations_table, targets_table
 
 
-def to_examples(
-    conversations: pd.DataFrame | ShardedTable,
-    teacher_logprobs: pd.DataFrame | ShardedTable,
-    vocab_size: int,
-) -> list[Example] | LazyExamples:
-    """Rebuild training examples, refusing tables that do not belong together.
-
-    Two :class:`ShardedTable` handles give :class:`~cartridges.target_store.LazyExamples`
-    (indexed now, read a micro-batch at a time); two DataFrames give dense examples at once.
-    """
-    if isinstance(conversations, ShardedTable) and isinstance(teacher_logprobs, ShardedTable):
-        from cartridges.target_store import LazyExamples
-
-        return LazyExamples.open(conversations, teacher_logprobs, vocab_size)
-    if isinstance(conversations, ShardedTable) or isinstance(teacher_logprobs, ShardedTable):
-        raise TypeError(
-            "conversations and teacher_logprobs must both be ShardedTable handles or both be "
-            f"DataFrames, got {type(conversations).__name__} and "
-            f"{type(teacher_logprobs).__name__}."
-        )
+def dense_examples(
+    conversations: pd.DataFrame, teacher_logprobs: pd.DataFrame, vocab_size: int
+) -> list[Example]:
+    """Training examples of tables held in memory, refusing tables that do not belong together
+    (:func:`cartridges.target_store.to_examples` reads shard folders lazily instead)."""
     if conversations.empty:
         raise TargetsError("The conversations table is empty: run self_study first.")
     if teacher_logprobs.empty:
