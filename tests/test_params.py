@@ -166,6 +166,12 @@ def test_every_error_of_a_run_comes_in_one_message():
             {"train": {"learnign_rate": 0.001}},
             "Unknown parameter 'lora_baseline.train.learnign_rate'; did you mean 'learning_rate'?",
         ),
+        (  # passed the check and failed when the backend was built, with its own message
+            "self_study",
+            {"backend": "openai", "openai": {"base_urls": []}},
+            "Invalid parameter 'self_study.openai.base_urls' = []: List should have at least 1 "
+            "item after validation, not 0.",
+        ),
         ("serving", {"prot": 80}, "Unknown parameter 'serving.prot'; did you mean 'port'?"),
         (
             "serving",

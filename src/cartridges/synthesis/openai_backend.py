@@ -56,7 +56,9 @@ TOKENIZE_HINT = (
 class OpenAISettings:
     """``self_study.openai``: the servers and how to reach them (``OpenAIBackend``'s arguments)."""
 
-    base_urls: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])
+    base_urls: Annotated[list[str], Field(min_length=1)] = field(
+        default_factory=lambda: ["http://127.0.0.1:8000/v1"]
+    )
     model: str = "default"  # the served model's name
     api_key_env: str = "OPENAI_API_KEY"
     max_concurrency: Annotated[int, Field(ge=1)] = 32
@@ -91,11 +93,11 @@ class OpenAIBackend(BlockingCalls):
         base_urls: one or more ``http://host:port/v1`` URLs; each request goes to the one with
             the fewest requests in flight.
         model: the served model's name.
-        api_key_env: environment variable holding the API key (a dummy key is used if unset).
-        max_concurrency: requests in flight at once, over all batches and all servers.
-        max_retries: retries per request on transient failures (see the module docstring).
-        timeout_s: per-request timeout.
-        backoff_s: the first retry's delay; each further retry doubles it (with jitter).
+        **settings: the other fields of :class:`OpenAISettings` (their defaults and checks are
+            there): ``api_key_env`` (a dummy key is used if it is unset), ``max_concurrency``
+            (requests in flight over all batches and servers), ``max_retries`` (on transient
+            failures, see the module docstring), ``timeout_s`` (per request), ``backoff_s`` (the
+            first retry's delay; each further retry doubles it, with jitter).
     """
 
     def __init__(
@@ -103,23 +105,14 @@ class OpenAIBackend(BlockingCalls):
         tokenizer: PreTrainedTokenizerBase,
         base_urls: Sequence[str],
         model: str,
-        api_key_env: str = "OPENAI_API_KEY",
-        max_concurrency: int = 32,
-        max_retries: int = 5,
-        timeout_s: float = 120.0,
-        backoff_s: float = 0.5,
+        **settings: Any,
     ) -> None:
-        if not base_urls:
-            raise ValueError("self_study.openai.base_urls is empty: give at least one server URL.")
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}.")
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {max_retries}.")
+        checked = OpenAISettings(base_urls=list(base_urls), model=model, **settings)
         self.tokenizer, self.model = tokenizer, model
-        self.base_urls = [url.rstrip("/") for url in base_urls]
-        self.api_key = os.environ.get(api_key_env) or "unused"
-        self.max_concurrency, self.max_retries = max_concurrency, max_retries
-        self.timeout_s, self.backoff_s = timeout_s, backoff_s
+        self.base_urls = [url.rstrip("/") for url in checked.base_urls]
+        self.api_key = os.environ.get(checked.api_key_env) or "unused"
+        self.max_concurrency, self.max_retries = checked.max_concurrency, checked.max_retries
+        self.timeout_s, self.backoff_s = checked.timeout_s, checked.backoff_s
         self.max_length: int | None = None  # the servers refuse what does not fit
         self._session: _Session | None = None
         self._reader = ResponseReader(tokenizer)
