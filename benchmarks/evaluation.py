@@ -76,7 +76,7 @@ def _inputs(model, tokenizer, count: int, answer_tokens: int):
     """The corpus, ``count`` questions, and as many held-out conversations: each question
     answered by ICL in up to ``answer_tokens`` tokens, as self-study's teacher answers."""
     path = REAL / "corpus/gpl-2.0.txt"
-    _, text = parse_document(path.read_bytes(), "text", source=path.name)  # (title, text)
+    text = parse_document(path.read_bytes(), "text", source=path.name).text
     context = corpus_context([text], tokenizer, SYSTEM_PROMPT)
     questions = load_questions(REAL / "questions.jsonl")[:count]
     icl = Method("icl", "icl", from_token_ids(model, context.ids))
