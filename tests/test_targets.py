@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from cartridges.synthesis.self_study import Conversation, truncate_to_mass
+from cartridges.synthesis.self_study import Conversation, mass_cut
 from cartridges.target_store import to_examples
 from cartridges.targets import (
     TargetsError,
@@ -68,12 +69,11 @@ def test_teacher_ids_outside_the_vocabulary_name_the_tokenizer():
 
 
 def test_top_k_is_cut_once_the_probability_mass_is_reached():
-    ids = torch.tensor([5, 6, 7, 8])
-    logprobs = torch.tensor([0.6, 0.3, 0.08, 0.02]).log()
-    assert truncate_to_mass(ids, logprobs, 0.85)[0] == [5, 6]
-    assert truncate_to_mass(ids, logprobs, 0.95)[0] == [5, 6, 7]
-    assert truncate_to_mass(ids, logprobs, 0.5)[0] == [5]
-    assert truncate_to_mass(ids, logprobs, 1.0)[0] == [5, 6, 7, 8]
+    logprobs = np.log(np.array([[0.6, 0.3, 0.08, 0.02], [0.7, 0.3, -np.inf, -np.inf]]))
+    assert mass_cut(logprobs, 0.85).tolist() == [2, 2]
+    assert mass_cut(logprobs, 0.95).tolist() == [3, 2]
+    assert mass_cut(logprobs, 0.5).tolist() == [1, 1]
+    assert mass_cut(logprobs, 1.0).tolist() == [4, 2]  # padding (-inf) is never kept
 
 
 def test_cross_entropy_and_memorization_targets_are_one_hot():

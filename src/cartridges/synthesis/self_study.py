@@ -180,12 +180,6 @@ class Conversation:
             self.targets = Targets.from_rows(self.targets)
 
 
-def truncate_to_mass(ids, logprobs, mass: float) -> tuple[list, list]:
-    """Keep the leading top-k entries until their cumulative probability reaches ``mass``."""
-    keep = mass_cut(np.asarray(logprobs, dtype=np.float32)[None], mass)[0]
-    return list(ids)[:keep], list(logprobs)[:keep]
-
-
 def mass_cut(logprobs: np.ndarray, mass: float) -> np.ndarray:
     """Per row of ``[T, K]`` sorted log-probabilities, how many leading entries to keep.
 
