@@ -1,6 +1,6 @@
 """Self-study against a fleet: the streaming client versus one batch at a time, same teacher.
 
-A stand-in teacher on 127.0.0.1 (``cartridges.synthesis.stand_in_teacher``, its own process)
+A stand-in teacher on 127.0.0.1 (``cartridges_testing.stand_in_teacher``, its own process)
 answers every request after a fixed delay with a vLLM-shaped payload: answers of
 ``--answer-tokens`` tokens with top-``--top-k`` log-probabilities and their bytes. Three clients
 run the same self-study (same seed, chunks and limits) against it, in one run:
@@ -37,7 +37,7 @@ from cartridges.synthesis.backends import Completion, Sampling
 from cartridges.synthesis.openai_backend import OpenAIBackend
 from cartridges.synthesis.runs import run_self_study
 from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig
-from cartridges.synthesis.stand_in_teacher import StandInTeacher, TeacherSettings
+from cartridges_testing.stand_in_teacher import StandInTeacher, TeacherSettings
 
 logger = logging.getLogger("benchmark")
 logging.getLogger("httpx2").setLevel(logging.WARNING)  # the openai SDK logs every request

@@ -66,7 +66,7 @@ from cartridges.generation import generate
 from cartridges.initialization import from_token_ids
 from cartridges.modeling import kv_layout
 from cartridges.serving import BackgroundServer, ServingConfig, create_app
-from cartridges.tiny_model import build_tokenizer
+from cartridges_testing.tiny_model import build_tokenizer
 
 logger = logging.getLogger("benchmark")
 VOCAB = 2048

@@ -7,7 +7,7 @@ model is the project's plain tiny Llama rebuilt with head size 32 (vLLM's CPU at
 kernel for the committed model's head size 16) and the project's tokenizer, so the local backend
 can load the very same weights and the two backends can be compared token for token.
 
-Run it with the project's Python (it builds the model with ``cartridges.tiny_model``)::
+Run it with the project's Python (it builds the model with ``cartridges_testing.tiny_model``)::
 
     .venv/bin/python scripts/vllm_teacher.py setup       # install or reuse .venv-vllm
     .venv/bin/python scripts/vllm_teacher.py model DIR   # build the head-32 tiny Llama into DIR
@@ -114,7 +114,7 @@ def build_teacher_model(output_dir: str | Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer
 
-    from cartridges.tiny_model import build_model
+    from cartridges_testing.tiny_model import build_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     model = build_model(

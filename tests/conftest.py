@@ -13,7 +13,7 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(1)
 
 from cartridges.modeling import load_model  # noqa: E402
-from cartridges.tiny_model import build  # noqa: E402
+from cartridges_testing.tiny_model import build  # noqa: E402
 
 CORPUS = (
     "The Aurora AP-40 pump was built by Halvard Industrial in 2019. Replace its seal every "

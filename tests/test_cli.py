@@ -11,7 +11,7 @@ import yaml
 
 from cartridges.cli import parse_params
 from cartridges.modeling import load_tokenizer
-from cartridges.synthesis.stand_in_teacher import StandInTeacher, TeacherSettings
+from cartridges_testing.stand_in_teacher import StandInTeacher, TeacherSettings
 from tests.test_run import _run, project  # noqa: F401 (project is a fixture)
 
 FLEET = "self_study.openai.base_urls=[http://gpu0:8000/v1,http://gpu1:8000/v1]"

@@ -11,7 +11,7 @@ from cartridges.cartridge import CartridgeMismatchError
 from cartridges.generation import Step, decoding_cache, default_stop_ids, generate, left_pad
 from cartridges.initialization import from_text, from_token_ids
 from cartridges.modeling import sliding_window
-from cartridges.tiny_model import build_model as build_tiny_model
+from cartridges_testing.tiny_model import build_model as build_tiny_model
 from tests.architectures import build_model
 from tests.conftest import CORPUS
 

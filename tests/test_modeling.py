@@ -26,7 +26,7 @@ from cartridges.modeling import (
     model_fingerprint,
     resolve_dtype,
 )
-from cartridges.tiny_model import build
+from cartridges_testing.tiny_model import build
 from tests.architectures import ARCHITECTURES, build_model
 from tests.conftest import CORPUS
 

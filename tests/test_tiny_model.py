@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cartridges.modeling import load_model
-from cartridges.tiny_model import build
+from cartridges_testing.tiny_model import build
 from tests.conftest import CORPUS
 
 

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from cartridges.chat import continuation_ids
 from cartridges.evaluation import EvalConfig
 from cartridges.modeling import load_tokenizer
-from cartridges.tiny_model import CHAT_TEMPLATE
+from cartridges_testing.tiny_model import CHAT_TEMPLATE
 from tests.conftest import CORPUS
 
 SYSTEM_PROMPT = "Conversation about:\n{chunk}"

@@ -12,7 +12,7 @@ from cartridges.checkpoint import save_cartridge
 from cartridges.initialization import from_text, from_token_ids
 from cartridges.modeling import load_model
 from cartridges.serving import BackgroundServer, ServingConfig, create_app
-from cartridges.tiny_model import build
+from cartridges_testing.tiny_model import build
 from tests.conftest import CORPUS
 
 API_KEY = "test-secret-key"

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from cartridges.chat import chat_ids, continuation_ids
 from cartridges.serving import BackgroundServer, ServingConfig, cli, create_app
-from cartridges.tiny_model import CHAT_TEMPLATE
+from cartridges_testing.tiny_model import CHAT_TEMPLATE
 from tests.serving.conftest import cartridges, make_config
 
 # The tiny template, plus a thinking switch and a second variable after the generation prompt.

@@ -16,7 +16,7 @@ from cartridges.synthesis.local_backend import LocalBackend
 from cartridges.synthesis.openai_backend import BackendError, OpenAIBackend
 from cartridges.synthesis.runs import run_self_study
 from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig
-from cartridges.tiny_model import build
+from cartridges_testing.tiny_model import build
 from tests.conftest import CORPUS
 
 CHUNKS = [("chunk-a", CORPUS), ("chunk-b", "Mira Okafor replaced the seal of pump P2 in March.")]

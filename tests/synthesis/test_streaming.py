@@ -17,7 +17,7 @@ from cartridges.synthesis.backends import BackendError
 from cartridges.synthesis.openai_backend import OpenAIBackend
 from cartridges.synthesis.runs import run_self_study
 from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig
-from cartridges.synthesis.stand_in_teacher import StandInTeacher, TeacherSettings
+from cartridges_testing.stand_in_teacher import StandInTeacher, TeacherSettings
 from tests.synthesis import stream_worker
 
 CHUNKS = stream_worker.CHUNKS[1:]

@@ -13,8 +13,8 @@ from cartridges.synthesis.local_backend import LocalBackend
 from cartridges.synthesis.openai_backend import OpenAIBackend
 from cartridges.synthesis.runs import run_key
 from cartridges.synthesis.self_study import SelfStudy, SelfStudyConfig
-from cartridges.synthesis.stand_in_teacher import StandInTeacher, TeacherSettings
-from cartridges.tiny_model import CHAT_TEMPLATE
+from cartridges_testing.stand_in_teacher import StandInTeacher, TeacherSettings
+from cartridges_testing.tiny_model import CHAT_TEMPLATE
 from tests.conftest import CORPUS
 
 # Like Qwen3's template: a switched-off thinking mode shows in the assistant's opening.

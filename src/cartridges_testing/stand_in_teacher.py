@@ -11,7 +11,7 @@ fails; and requests whose system message contains a marker can be made slower th
 (batches then complete out of order). The last requests can be kept and read back, to check
 what a client sends.
 
-Run ``python -m cartridges.synthesis.stand_in_teacher --help``; from Python, ``StandInTeacher``
+Run ``python -m cartridges_testing.stand_in_teacher --help``; from Python, ``StandInTeacher``
 starts it in a subprocess (its own interpreter, so the client's CPU is measured alone).
 """
 
@@ -218,7 +218,7 @@ class StandInTeacher:
         self._process: subprocess.Popen | None = None
 
     def __enter__(self) -> StandInTeacher:
-        arguments = [sys.executable, "-m", "cartridges.synthesis.stand_in_teacher"]
+        arguments = [sys.executable, "-m", "cartridges_testing.stand_in_teacher"]
         arguments += ["--port", str(self.port)]
         for name, value in asdict(self.settings).items():
             if value is not None:

@@ -4,7 +4,7 @@ It stands in for a real LLM in tests and on machines with no hub access: the cod
 exactly those a 1B-8B model takes, only the sizes differ. Its weights are random, so it cannot
 answer questions; the toy-world model (``cartridges.toy_world``) is the one trained to read.
 
-Run ``python -m cartridges.tiny_model OUTPUT_DIR`` to build it.
+Run ``python -m cartridges_testing.tiny_model OUTPUT_DIR`` to build it.
 """
 
 from __future__ import annotations
