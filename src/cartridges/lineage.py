@@ -82,6 +82,12 @@ def get(data: Any) -> dict[str, Any] | None:
     return attrs.get(LINEAGE) if attrs is not None else None
 
 
+def catalog_version(data: Any) -> str:
+    """The catalog version an artifact was read from (or, failing that, saved as); ``""``."""
+    attrs = _attrs(data) or {}
+    return attrs.get("catalog_version") or (attrs.get(LINEAGE) or {}).get("version") or ""
+
+
 def attach(data: Any, record: Mapping[str, Any]) -> bool:
     """Store ``record`` in ``data``; False for types that cannot carry one."""
     attrs = _attrs(data)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cartridges.cartridge import Cartridge, CartridgeInfo, CartridgeMismatchError
+from cartridges.context import corpus_context
 from cartridges.evaluation import (
     DocumentCartridges,
     EvalConfig,
@@ -45,6 +46,24 @@ def test_icl_and_a_cartridge_of_the_whole_context_score_identically(tiny, inputs
 def _document_questions(questions):
     """The question set with the first two questions about ``a`` and the third about ``b``."""
     return [replace(q, document=d) for q, d in zip(questions, ["a", "a", "b"], strict=True)]
+
+
+def test_document_cartridges_are_chosen_by_name_in_order_and_refused_when_unknown(tiny):
+    model, tokenizer = tiny
+    cartridges = {name: from_token_ids(model, [1, 2, 3]) for name in ("a", "b")}
+    texts = {"a": "Pump P1 hums.", "b": "Valve V2 leaks."}
+    chosen = DocumentCartridges.select(cartridges, ("b", "a"), texts, tokenizer, "{chunk}")
+    assert list(chosen.cartridges) == ["b", "a"]
+    together = corpus_context([texts["b"], texts["a"]], tokenizer, "{chunk}").ids
+    assert chosen.context == together  # the ICL of the chosen documents, in that order
+    assert list(
+        DocumentCartridges.select(cartridges, (), texts, tokenizer, "{chunk}").cartridges
+    ) == ["a", "b"]
+    assert DocumentCartridges.select({}, (), texts, tokenizer, "{chunk}") is None
+    with pytest.raises(ValueError, match=r"names \['c'\], which have no document cartridge"):
+        DocumentCartridges.select(cartridges, ("c",), texts, tokenizer, "{chunk}")
+    with pytest.raises(ValueError, match=r"\['b'\] have no document of that name in the corpus"):
+        DocumentCartridges.select(cartridges, ("b",), {"a": "x"}, tokenizer, "{chunk}")
 
 
 def test_document_cartridges_answer_their_own_questions_alone_and_all_composed(tiny, inputs):

@@ -16,10 +16,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cartridges.cartridge import Cartridge, CartridgeMismatchError, compose
+from cartridges.chat import TemplateKwargs
+from cartridges.context import corpus_context
 from cartridges.initialization import from_token_ids
+from cartridges.lineage import catalog_version
 from cartridges.modeling import context_length, synchronize
 
 logger = logging.getLogger(__name__)
@@ -115,6 +118,51 @@ class DocumentCartridges:
     context: Sequence[int]
     versions: Mapping[str, str] = field(default_factory=dict)
     compose: bool = True
+
+    @classmethod
+    def select(
+        cls,
+        available: Mapping[str, Cartridge],
+        names: Sequence[str],
+        texts: Mapping[str, str],
+        tokenizer: PreTrainedTokenizerBase,
+        system_prompt: str,
+        template_kwargs: TemplateKwargs = None,
+        compose: bool = True,
+    ) -> DocumentCartridges | None:
+        """The cartridges of the documents ``names`` (in that order; all when empty), with the
+        ICL context of those documents together; ``None`` when there is none.
+
+        Args:
+            available: the trained document cartridges by document name.
+            texts: every document's text by document name (the corpus).
+
+        Raises:
+            ValueError: a name has no cartridge, or a cartridge no document in the corpus.
+        """
+        unknown = [name for name in names if name not in available]
+        if unknown:
+            raise ValueError(
+                f"evaluation.documents names {unknown}, which have no document cartridge; the "
+                f"latest document_cartridges has {sorted(available) or 'none'} (set "
+                "distill_training.document_compression to train one per document)."
+            )
+        chosen = {name: available[name] for name in names} if names else dict(available)
+        if not chosen:
+            return None
+        missing = [name for name in chosen if name not in texts]
+        if missing:
+            raise ValueError(
+                f"The document cartridges {missing} have no document of that name in the corpus "
+                f"({sorted(texts)}): were they trained on another corpus?"
+            )
+        together = [texts[name] for name in chosen]
+        return cls(
+            chosen,
+            corpus_context(together, tokenizer, system_prompt, template_kwargs).ids,
+            {name: catalog_version(cartridge) for name, cartridge in chosen.items()},
+            compose,
+        )
 
 
 def build_methods(

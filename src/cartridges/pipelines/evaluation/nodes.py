@@ -61,28 +61,22 @@ def evaluate_methods(
     params, model = parse("evaluation", params), parse("model", model)
     system_prompt = parse("system_prompt", system_prompt)
     llm, tokenizer = load_model_from(model)
-    cartridges, versions = _select_cartridges(cartridge, cartridge_history, params)
-    if params.include_sweep:
-        cartridges |= {f"sweep_{name}": swept for name, swept in cartridge_sweep.items()}
-        versions |= {f"sweep_{name}": _version(swept) for name, swept in cartridge_sweep.items()}
+    cartridges, versions = _select_cartridges(cartridge, cartridge_history, cartridge_sweep, params)
     template_kwargs = model.chat_template_kwargs
-    documents = None
-    chosen = _select_documents(document_cartridges, params.documents)
-    if chosen:
-        texts = dict(zip(map(document_name, corpus["source"]), corpus["text"], strict=True))
-        missing = [name for name in chosen if name not in texts]
-        if missing:
-            raise ValueError(
-                f"The document cartridges {missing} have no document of that name in the corpus "
-                f"({sorted(texts)}): were they trained on another corpus?"
-            )
-        together = [texts[name] for name in chosen]
-        documents = DocumentCartridges(
-            chosen,
-            corpus_context(together, tokenizer, system_prompt, template_kwargs).ids,
-            {name: _version(cartridge) for name, cartridge in chosen.items()},
-            params.compose,
-        )
+    texts = (
+        dict(zip(map(document_name, corpus["source"]), corpus["text"], strict=True))
+        if document_cartridges
+        else {}
+    )
+    documents = DocumentCartridges.select(
+        document_cartridges,
+        params.documents,
+        texts,
+        tokenizer,
+        system_prompt,
+        template_kwargs,
+        params.compose,
+    )
     report = compare_methods(
         llm,
         tokenizer,
@@ -101,46 +95,31 @@ def evaluate_methods(
     return report, report_metrics(report)
 
 
-def _select_documents(
-    available: dict[str, Cartridge], names: tuple[str, ...]
-) -> dict[str, Cartridge]:
-    """The document cartridges named (in that order), or all of them."""
-    unknown = [name for name in names if name not in available]
-    if unknown:
-        raise ValueError(
-            f"evaluation.documents names {unknown}, which have no document cartridge; the "
-            f"latest document_cartridges has {sorted(available) or 'none'} (set "
-            "distill_training.document_compression to train one per document)."
-        )
-    return {name: available[name] for name in names} if names else dict(available)
-
-
 def _select_cartridges(
-    latest: Cartridge, history: CartridgeHistory, params: EvaluationParams
+    latest: Cartridge,
+    history: CartridgeHistory,
+    sweep: dict[str, Cartridge],
+    params: EvaluationParams,
 ) -> tuple[dict[str, Cartridge], dict[str, str]]:
     """The cartridges to compare by report name, and their versions.
 
     No ``cartridge_versions``: the catalog's cartridge, named ``cartridge``. Otherwise each listed
     version of the catalog's ``cartridge`` entry, named ``cartridge_p{p}`` (so sizes can be
-    compared).
+    compared). With ``include_sweep``, the size sweep's too, named ``sweep_p{p}``.
     """
     listed = list(params.cartridge_versions)
-    if not listed:
-        return {"cartridge": latest}, {"cartridge": _version(latest)}
-    cartridges, versions = {}, {}
+    cartridges = {"cartridge": latest} if not listed else {}
+    versions = {"cartridge": lineage.catalog_version(latest)} if not listed else {}
     for version in listed:
         loaded = history.load(version)
         name = "cartridge" if len(listed) == 1 else f"cartridge_p{loaded.num_tokens}"
         if name in cartridges:
             name = f"{name}_{version}"
         cartridges[name], versions[name] = loaded, version
+    for name, swept in sweep.items() if params.include_sweep else ():
+        cartridges[f"sweep_{name}"] = swept
+        versions[f"sweep_{name}"] = lineage.catalog_version(swept)
     return cartridges, versions
-
-
-def _version(cartridge: Cartridge) -> str:
-    """The catalog version a cartridge was read from (or, failing that, saved as)."""
-    extra = cartridge.info.extra
-    return extra.get("catalog_version") or (extra.get(lineage.LINEAGE) or {}).get("version") or ""
 
 
 def plot_tradeoff(evaluation_report: pd.DataFrame) -> tuple[Figure, Figure]:
