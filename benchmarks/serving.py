@@ -14,8 +14,8 @@ Three measures:
    row's cache holds at the end, ``(prefix + question + N) x bytes per token``: ``generate``
    copies the shared prefix into each row's cache on its first decode step.
 2. The paper's measure, peak decode throughput within a fixed KV memory budget
-   (``--kv-budget-mb``), with :class:`~cartridges.continuous.ContinuousBatcher`, which stores
-   each prefix once and reserves ``question + N`` tokens per request: each case runs at the
+   (``--kv-budget-mb``), with :class:`~cartridges.decoding.continuous.ContinuousBatcher`, which
+   stores each prefix once and reserves ``question + N`` tokens per request: each case runs at the
    largest concurrency the budget admits (the batcher's own admission decides). The default
    budget holds the document plus three ICL requests. Tokens/s = rows x (N - 1) / time of the
    N - 1 decode steps after the prefill. KV bytes per request are printed both ways: with the
@@ -61,7 +61,7 @@ from openai import AsyncOpenAI
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cartridges.checkpoint import save_cartridge
-from cartridges.continuous import ContinuousBatcher, Request
+from cartridges.decoding.continuous import ContinuousBatcher, Request
 from cartridges.generation import generate
 from cartridges.initialization import from_token_ids
 from cartridges.modeling import kv_layout

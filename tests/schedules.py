@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from cartridges.continuous import ContinuousBatcher, Request, Token
+from cartridges.decoding.continuous import ContinuousBatcher, Request, Token
 from cartridges.generation import generate
 
 TOLERANCE = 1e-5

@@ -10,11 +10,8 @@ import torch
 from cartridges.attention import ATTENTION_NAME as BLOCK_SPARSE
 from cartridges.attention import _configs, attention_implementation, block_sparse
 from cartridges.cartridge import CartridgeMismatchError
-from cartridges.continuous import ContinuousBatcher, Request, StepFailed
-from cartridges.generation import generate
-from cartridges.initialization import from_token_ids
-from cartridges.modeling import kv_layout
-from cartridges.shared_prefix import (
+from cartridges.decoding.continuous import ContinuousBatcher, Request, StepFailed
+from cartridges.decoding.shared_prefix import (
     ATTENTION_NAME,
     SharedPrefixBatch,
     UnsupportedModelError,
@@ -22,6 +19,9 @@ from cartridges.shared_prefix import (
     check_calls,
     expected_windows,
 )
+from cartridges.generation import generate
+from cartridges.initialization import from_token_ids
+from cartridges.modeling import kv_layout
 from tests.architectures import ARCHITECTURES, VOCAB_SIZE, build_model
 from tests.schedules import assert_same_as_generate, run_schedule
 

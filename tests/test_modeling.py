@@ -259,7 +259,7 @@ def test_each_attention_input_no_function_here_computes_is_refused_by_both(name)
     """The lists drifted: packed training refused two of the four inputs shared-prefix decoding
     refuses, and would have ignored sinks or ALiBi slopes silently."""
     from cartridges.attention import block_sparse_attention
-    from cartridges.shared_prefix import (
+    from cartridges.decoding.shared_prefix import (
         SharedPrefixBatch,
         UnsupportedModelError,
         shared_prefix_attention,

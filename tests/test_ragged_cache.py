@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from cartridges.cartridge import Cartridge
+from cartridges.decoding.ragged_cache import RaggedCache
+from cartridges.decoding.shared_prefix import INVALID_POSITION
 from cartridges.modeling import KVLayout
-from cartridges.ragged_cache import RaggedCache
-from cartridges.shared_prefix import INVALID_POSITION
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_dim=2)
 

@@ -14,6 +14,7 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 
+from cartridges.decoding.shared_prefix import UnsupportedModelError
 from cartridges.evaluation import (
     TASKS,
     Method,
@@ -32,7 +33,6 @@ from cartridges.evaluation.tasks import fidelity as fidelity_module
 from cartridges.generation import default_stop_ids, generate
 from cartridges.initialization import from_token_ids
 from cartridges.modeling import pad_token_id
-from cartridges.shared_prefix import UnsupportedModelError
 from tests.evaluation.data import FAST, SYSTEM_TEXT
 
 CONFIG = replace(FAST, tasks=("qa", "log_perplexity", "fidelity"))

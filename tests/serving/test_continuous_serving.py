@@ -14,7 +14,7 @@ import openai
 import pytest
 import requests
 
-from cartridges.continuous import ContinuousBatcher
+from cartridges.decoding.continuous import ContinuousBatcher
 from cartridges.serving.engine import ContinuousEngine
 from tests.serving.conftest import API_KEY, cartridges
 from tests.serving.test_completions import QUESTION

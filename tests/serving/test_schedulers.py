@@ -10,12 +10,12 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from cartridges.continuous import ContinuousBatcher, StepFailed
+from cartridges.decoding.continuous import ContinuousBatcher, StepFailed
+from cartridges.decoding.shared_prefix import BATCH_KWARG, UnsupportedModelError
 from cartridges.generation import generate
 from cartridges.serving import BackgroundServer, ServingConfig, create_app
 from cartridges.serving.engine import ContinuousEngine
 from cartridges.serving.jobs import Job
-from cartridges.shared_prefix import BATCH_KWARG, UnsupportedModelError
 from tests.serving.conftest import API_KEY, make_config
 from tests.serving.test_continuous_serving import Gate, _wait_for
 

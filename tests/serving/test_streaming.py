@@ -8,13 +8,13 @@ import threading
 import openai
 import pytest
 
+from cartridges.decoding.shared_prefix import BATCH_KWARG
 from cartridges.generation import generate
 from cartridges.serving import static as static_module
 from cartridges.serving.engine import ContinuousEngine
 from cartridges.serving.jobs import Job, Row, StreamToken
 from cartridges.serving.static import StaticEngine
 from cartridges.serving.text import TextStream, render
-from cartridges.shared_prefix import BATCH_KWARG
 from tests.serving.test_completions import QUESTION
 
 

@@ -6,7 +6,7 @@ import random
 
 from tests.schedules import assert_same_as_generate, run_schedule
 
-from cartridges.continuous import ContinuousBatcher, Request
+from cartridges.decoding.continuous import ContinuousBatcher, Request
 from cartridges.initialization import from_token_ids
 from cartridges.toy_world import registry
 from cartridges.toy_world.tokenizer import encode_conversation

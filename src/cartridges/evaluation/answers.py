@@ -17,13 +17,13 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cartridges.chat import Message, TemplateKwargs, chat_ids, continuation_ids
-from cartridges.continuous import Request, complete
+from cartridges.decoding.continuous import Request, complete
+from cartridges.decoding.shared_prefix import UnsupportedModelError
 from cartridges.evaluation.methods import Method
 from cartridges.evaluation.questions import Question, prompt_text
 from cartridges.generation import default_stop_ids, generate
 from cartridges.modeling import pad_token_id
 from cartridges.prefix import forward_with_prefix, head_only_at
-from cartridges.shared_prefix import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ def answer_questions(
 ) -> list[str]:
     """Greedy answers of ``method`` to each question (options listed for multiple choice).
 
-    Decoded as the server decodes (:func:`cartridges.continuous.complete`: the prefix held once
-    for all ``batch_size`` rows); a model whose attention cannot share a prefix decodes with
+    Decoded as the server decodes (:func:`cartridges.decoding.continuous.complete`: the prefix held
+    once for all ``batch_size`` rows); a model whose attention cannot share a prefix decodes with
     :func:`cartridges.generation.generate`, ``batch_size`` questions at a time. Both give the
     tokens ``generate`` gives each question alone.
     """

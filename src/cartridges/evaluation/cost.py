@@ -1,12 +1,12 @@
 """What a method costs at serving time: prefill latency and decoding throughput.
 
 KV bytes are exact (:attr:`Method.kv_bytes`); times are measured here on whatever device the model
-is on. Decoding is timed on the path the server takes (:func:`cartridges.continuous.complete`,
-one copy of the prefix for all rows; :func:`cartridges.generation.generate` for a model that
-cannot share one), from the step that produced each row's first token to the last step, so that
-one call gives the throughput and the prompt's prefill does not count as decoding. Computing an
-in-context prefix takes seconds on a long corpus: it is timed once, when the method is built
-(:attr:`Method.kv_seconds`), not recomputed here.
+is on. Decoding is timed on the path the server takes
+(:func:`cartridges.decoding.continuous.complete`, one copy of the prefix for all rows;
+:func:`cartridges.generation.generate` for a model that cannot share one), from the step that
+produced each row's first token to the last step, so that one call gives the throughput and the
+prompt's prefill does not count as decoding. Computing an in-context prefix takes seconds on a long
+corpus: it is timed once, when the method is built (:attr:`Method.kv_seconds`), not recomputed here.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from cartridges.continuous import Request, complete
+from cartridges.decoding.continuous import Request, complete
+from cartridges.decoding.shared_prefix import UnsupportedModelError
 from cartridges.evaluation.methods import Method
 from cartridges.generation import generate
 from cartridges.initialization import kv_of_tokens
 from cartridges.modeling import context_length, synchronize
 from cartridges.prefix import forward_with_prefix
-from cartridges.shared_prefix import UnsupportedModelError
 
 
 def measure_cost(

@@ -1,12 +1,12 @@
 """The continuous scheduler: one model thread steps a ContinuousBatcher while there is work.
 
 Requests join the running decode at the next step and leave when they finish, whatever their
-cartridges and lengths (:class:`cartridges.continuous.ContinuousBatcher`): a short request that
-arrives while a long one decodes is answered before the long one ends, and each cartridge's KV
+cartridges and lengths (:class:`cartridges.decoding.continuous.ContinuousBatcher`): a short request
+that arrives while a long one decodes is answered before the long one ends, and each cartridge's KV
 is stored once however many rows attend to it.
 
 Each choice of a :class:`~cartridges.serving.jobs.Job` becomes one
-:class:`~cartridges.continuous.Request` (``n`` choices, ``n`` requests) with the job's
+:class:`~cartridges.decoding.continuous.Request` (``n`` choices, ``n`` requests) with the job's
 ``max_tokens``, temperature and log-probability settings. Seeded sampling is reproducible per
 choice: choice ``i`` of a job with ``seed`` samples from its own generator seeded with
 ``seed + i``, so a choice's answer depends neither on the other requests in the batch nor on
@@ -19,8 +19,8 @@ their jobs through ``loop.call_soon_threadsafe``: a streamed job's asyncio queue
 step, a whole answer's future gets its :class:`~cartridges.serving.jobs.Row` objects at the end.
 Every batcher call and every other use of the model (the cartridge check) runs on that thread.
 
-Failures: a forward that fails (:class:`~cartridges.continuous.StepFailed`) fails the jobs of
-its requests; the others decode on. Anything else leaves the batcher in an unknown state: every
+Failures: a forward that fails (:class:`~cartridges.decoding.continuous.StepFailed`) fails the jobs
+of its requests; the others decode on. Anything else leaves the batcher in an unknown state: every
 job in flight gets the error and a fresh batcher takes over.
 """
 
@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import PreTrainedModel
 
-from cartridges.continuous import ContinuousBatcher, Request, StepFailed, Token
+from cartridges.decoding.continuous import ContinuousBatcher, Request, StepFailed, Token
 from cartridges.serving.jobs import EngineStats, Job, Row, StreamToken
 
 logger = logging.getLogger(__name__)
@@ -77,11 +77,11 @@ class _Active:
 
 
 class ContinuousEngine:
-    """Owns the model thread and its :class:`~cartridges.continuous.ContinuousBatcher`.
+    """Owns the model thread and its :class:`~cartridges.decoding.continuous.ContinuousBatcher`.
 
     Args:
         model: the frozen LLM; one that shared-prefix attention cannot reproduce raises
-            :class:`~cartridges.shared_prefix.UnsupportedModelError` here.
+            :class:`~cartridges.decoding.shared_prefix.UnsupportedModelError` here.
         stop_token_ids: tokens that end a choice (the tokenizer's eos and the model's).
         pad_token_id: filler id of left padding in a prefill.
         max_batch_size: most requests (choices) decoding at once.

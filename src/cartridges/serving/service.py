@@ -16,6 +16,7 @@ from fastapi import Depends, Request
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cartridges.cartridge import Cartridge
+from cartridges.decoding.shared_prefix import UnsupportedModelError
 from cartridges.generation import default_stop_ids
 from cartridges.modeling import context_length, pad_token_id
 from cartridges.serving.config import ServingConfig
@@ -24,7 +25,6 @@ from cartridges.serving.errors import ServingError
 from cartridges.serving.jobs import Engine
 from cartridges.serving.static import StaticEngine
 from cartridges.serving.store import CacheKey, CartridgeLookupError, CartridgeStore
-from cartridges.shared_prefix import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 

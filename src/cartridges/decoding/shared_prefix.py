@@ -29,8 +29,8 @@ registered for that name with ``AttentionMaskInterface``, so transformers builds
 The per-forward bookkeeping (:class:`SharedPrefixBatch`) travels as the forward keyword argument
 :data:`BATCH_KWARG`: transformers 5 hands extra forward kwargs down to every attention call.
 
-This module stores no row's tokens (:mod:`cartridges.ragged_cache` does) and decides nothing
-about which rows run (:mod:`cartridges.continuous`).
+This module stores no row's tokens (:mod:`cartridges.decoding.ragged_cache` does) and decides
+nothing about which rows run (:mod:`cartridges.decoding.continuous`).
 """
 
 from __future__ import annotations

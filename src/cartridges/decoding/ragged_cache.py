@@ -6,19 +6,19 @@ one tensor), as in paged attention: a row holds a list of blocks, a step writes 
 block or takes a free one, and a row that leaves returns its blocks at once. Nothing is re-padded
 or moved when rows join or leave; the pool doubles when it runs out (amortised growth) and keeps
 its size. Each distinct prefix (a cartridge) is stored once, as a
-:class:`~cartridges.shared_prefix.PrefixKV`, however many rows use it, and dropped with its last
-row.
+:class:`~cartridges.decoding.shared_prefix.PrefixKV`, however many rows use it, and dropped with
+its last row.
 
 A forward over some rows goes through a :class:`StepCache` (:meth:`RaggedCache.step_cache`): a
 transformers ``Cache`` whose ``update`` writes the new tokens into the rows' blocks and hands
 attention each row's own tokens (gathered, right-padded to the longest row), with the
-:class:`~cartridges.shared_prefix.SharedPrefixBatch` that says where they sit. Some models keep
-per-row state on the cache object (the toy-world model's ``_toy_prev_ids``): tensor attributes
+:class:`~cartridges.decoding.shared_prefix.SharedPrefixBatch` that says where they sit. Some models
+keep per-row state on the cache object (the toy-world model's ``_toy_prev_ids``): tensor attributes
 whose first dimension is the batch are set from the rows before the forward and handed back to
 them after it (:meth:`StepCache.keep_row_state`), so that the state follows its rows. Other
 attributes a model sets are not kept.
 
-This module runs no model; :mod:`cartridges.continuous` does.
+This module runs no model; :mod:`cartridges.decoding.continuous` does.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import torch
 from transformers import Cache
 
 from cartridges.cartridge import Cartridge
+from cartridges.decoding.shared_prefix import INVALID_POSITION, PrefixKV, SharedPrefixBatch
 from cartridges.modeling import KVLayout
-from cartridges.shared_prefix import INVALID_POSITION, PrefixKV, SharedPrefixBatch
 
 
 @dataclass(eq=False)

@@ -9,8 +9,8 @@ log-probability and top k when asked) and whether it finished (a stop token, or 
 their place. A request's answer equals :func:`cartridges.generation.generate`'s for it alone.
 
 Memory: each distinct prefix is stored once and each row holds only its own tokens
-(:mod:`cartridges.ragged_cache`); attention merges the two parts exactly
-(:mod:`cartridges.shared_prefix`). Admission is first come, first served within
+(:mod:`cartridges.decoding.ragged_cache`); attention merges the two parts exactly
+(:mod:`cartridges.decoding.shared_prefix`). Admission is first come, first served within
 ``max_batch_size`` rows and a budget of KV tokens; it reserves a request's worst case (its prompt
 and ``max_new_tokens``, plus its prefix unless a running row holds it already), so that a running
 request never waits for memory and nothing is preempted.
@@ -34,15 +34,15 @@ import torch
 from transformers import PreTrainedModel
 
 from cartridges.cartridge import Cartridge
-from cartridges.generation import default_stop_ids, left_pad
-from cartridges.modeling import context_length, kv_layout
-from cartridges.ragged_cache import KVMemory, RaggedCache, Row
-from cartridges.shared_prefix import (
+from cartridges.decoding.ragged_cache import KVMemory, RaggedCache, Row
+from cartridges.decoding.shared_prefix import (
     BATCH_KWARG,
     UnsupportedModelError,
     attending_shared_prefix,
     check_calls,
 )
+from cartridges.generation import default_stop_ids, left_pad
+from cartridges.modeling import context_length, kv_layout
 
 
 @dataclass
@@ -146,7 +146,8 @@ class ContinuousBatcher:
         kv_budget_tokens: most KV tokens held at once (stored prefixes plus the requests'
             reservations); ``None``: unbounded.
         pad_token_id: filler of left padding in a prefill (never attended to).
-        block_size: own tokens per cache block (:class:`~cartridges.ragged_cache.RaggedCache`).
+        block_size: own tokens per cache block
+        (:class:`~cartridges.decoding.ragged_cache.RaggedCache`).
     """
 
     def __init__(
