@@ -11,13 +11,14 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from transformers import PreTrainedTokenizerBase
 
 from cartridges.cartridge import Cartridge
-from cartridges.context import corpus_context
+from cartridges.context import CorpusContext, corpus_context
 from cartridges.distillation import RunLog, distill, distill_documents, distill_sweep
 from cartridges.modeling import load_model_from
 from cartridges.params import DistillTrainingParams, ModelParams, parse
-from cartridges.recipe import Companions, initial_cartridge, split_examples
+from cartridges.recipe import Companions, Split, initial_cartridge, split_examples
 from cartridges.tables import ShardedTable
 
 
@@ -28,11 +29,9 @@ def initialize_cartridge(
     system_prompt: str,
 ) -> Cartridge:
     """Build the starting cartridge: by default the KV of the corpus's first p context tokens."""
-    params, model = parse("distill_training", params), parse("model", model)
-    system_prompt = parse("system_prompt", system_prompt)
+    params, model, system_prompt = _parse(params, model, system_prompt)
     llm, tokenizer = load_model_from(model)
-    texts = list(corpus["text"])
-    context = corpus_context(texts, tokenizer, system_prompt, model.chat_template_kwargs)
+    context = _context(corpus, tokenizer, system_prompt, model)
     return initial_cartridge(llm, tokenizer, context, params, params.train.seed)
 
 
@@ -54,12 +53,11 @@ def distill_cartridge(
     Returns:
         The trained ``cartridge`` and ``training_metrics`` in kedro-mlflow's history format.
     """
-    params, model = parse("distill_training", params), parse("model", model)
-    system_prompt = parse("system_prompt", system_prompt)
+    params, model, system_prompt = _parse(params, model, system_prompt)
     llm, tokenizer = load_model_from(model)
-    seed = params.train.seed
-    split = split_examples(conversations, teacher_logprobs, chunk_set, params, seed, tokenizer)
-    companions = Companions(list(chunk_set["text"]), system_prompt, model.chat_template_kwargs)
+    split, companions = _training_set(
+        conversations, teacher_logprobs, chunk_set, params, model, system_prompt, tokenizer
+    )
     distilled = distill(
         llm, tokenizer, initial, split, params, conversations, _run_log(), None, companions
     )
@@ -80,16 +78,14 @@ def distill_cartridge_sweep(
     Returns:
         ``cartridge_sweep``: ``{"p<p>": cartridge}`` (empty when no sweep is configured).
     """
-    params, model = parse("distill_training", params), parse("model", model)
-    system_prompt = parse("system_prompt", system_prompt)
+    params, model, system_prompt = _parse(params, model, system_prompt)
     if not params.sweep_compressions:
         return {}
     llm, tokenizer = load_model_from(model)
-    texts = list(corpus["text"])
-    context = corpus_context(texts, tokenizer, system_prompt, model.chat_template_kwargs)
-    seed = params.train.seed
-    split = split_examples(conversations, teacher_logprobs, chunk_set, params, seed, tokenizer)
-    companions = Companions(list(chunk_set["text"]), system_prompt, model.chat_template_kwargs)
+    context = _context(corpus, tokenizer, system_prompt, model)
+    split, companions = _training_set(
+        conversations, teacher_logprobs, chunk_set, params, model, system_prompt, tokenizer
+    )
     return distill_sweep(
         llm, tokenizer, context, split, params, conversations, _run_log(), companions
     )
@@ -110,8 +106,7 @@ def distill_document_cartridges(
     Returns:
         ``document_cartridges``: ``{document name: cartridge}`` (empty when not asked for).
     """
-    params, model = parse("distill_training", params), parse("model", model)
-    system_prompt = parse("system_prompt", system_prompt)
+    params, model, system_prompt = _parse(params, model, system_prompt)
     if params.document_compression is None:
         return {}
     llm, tokenizer = load_model_from(model)
@@ -127,6 +122,45 @@ def distill_document_cartridges(
         model.chat_template_kwargs,
         _run_log(),
     )
+
+
+def _parse(
+    params: DistillTrainingParams | dict[str, Any],
+    model: ModelParams | dict[str, Any],
+    system_prompt: str,
+) -> tuple[DistillTrainingParams, ModelParams, str]:
+    """Every node's parameter blocks, checked."""
+    return (
+        parse("distill_training", params),
+        parse("model", model),
+        parse("system_prompt", system_prompt),
+    )
+
+
+def _context(
+    corpus: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, system_prompt: str, model: ModelParams
+) -> CorpusContext:
+    """The whole corpus in context, as the cartridge stands in for it."""
+    return corpus_context(
+        list(corpus["text"]), tokenizer, system_prompt, model.chat_template_kwargs
+    )
+
+
+def _training_set(
+    conversations: ShardedTable,
+    teacher_logprobs: ShardedTable,
+    chunk_set: pd.DataFrame,
+    params: DistillTrainingParams,
+    model: ModelParams,
+    system_prompt: str,
+    tokenizer: PreTrainedTokenizerBase,
+) -> tuple[Split, Companions]:
+    """The examples split into training and held-out, and the chunks they train beside."""
+    split = split_examples(
+        conversations, teacher_logprobs, chunk_set, params, params.train.seed, tokenizer
+    )
+    companions = Companions(list(chunk_set["text"]), system_prompt, model.chat_template_kwargs)
+    return split, companions
 
 
 class _MlflowRunLog:
