@@ -281,14 +281,14 @@ def test_every_bad_input_is_skipped_with_its_reason(tmp_path, caplog):
 def test_unreadable_file(tmp_path, monkeypatch):
     (tmp_path / "good.txt").write_text("fine")
     (tmp_path / "locked.txt").write_text("secret")
-    real = Path.read_bytes
+    real = Path.open
 
-    def read_bytes(self: Path) -> bytes:
+    def open_(self: Path, *args, **kwargs):
         if self.name == "locked.txt":
             raise PermissionError(13, "Permission denied", str(self))
-        return real(self)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(Path, "open", open_)
     _, skipped = load_dir(tmp_path)
     assert skipped == {"locked.txt": "unreadable: Permission denied"}
 
@@ -504,3 +504,14 @@ def test_join_documents_and_statistics():
         "max": 30.0,
         "mean": 20.0,
     }
+
+
+@pytest.mark.parametrize("kind", ["text", "html"])
+def test_a_files_bytes_are_released_once_parsed(kind):
+    """One 50 MB file held its raw bytes beside two copies of its text while it was cleaned."""
+    raw = bytearray(b"<p>Pump P1 hums.</p>" if kind == "html" else b"Pump P1 hums.\r\n")
+    _, text, encoding = parse_document(raw, kind)
+    assert text.endswith("Pump P1 hums.") and encoding == "utf-8"
+    assert raw == bytearray()  # cleared: its memory is free while the text is cleaned
+    kept = b"Pump P1 hums."
+    assert parse_document(kept, "text").text == "Pump P1 hums." and kept == b"Pump P1 hums."

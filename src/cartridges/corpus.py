@@ -150,7 +150,7 @@ _Reader = Callable[[], tuple[bytes, str, str | None]]  # -> (raw bytes, format, 
 
 
 def _file_reader(path: Path, max_bytes: int) -> _Reader:
-    def read() -> tuple[bytes, str, str | None]:
+    def read() -> tuple[bytes | bytearray, str, str | None]:
         kind = SUFFIXES.get(path.suffix.lower())
         if kind is None:
             raise Unusable(
@@ -160,11 +160,20 @@ def _file_reader(path: Path, max_bytes: int) -> _Reader:
             size = path.stat().st_size
             if size > max_bytes:
                 raise Unusable(f"too large: {size} bytes, limit {max_bytes}")
-            return path.read_bytes(), kind, None
+            return _read_into_bytearray(path, size), kind, None
         except OSError as error:
             raise Unusable(f"unreadable: {error.strerror or error}") from None
 
     return read
+
+
+def _read_into_bytearray(path: Path, size: int) -> bytearray:
+    """The file's bytes in a buffer the parser can release once it has the text."""
+    data = bytearray(size)
+    with path.open("rb") as handle, memoryview(data) as view:
+        read = handle.readinto(view)
+    del data[read:]
+    return data
 
 
 def _missing(reason: str) -> _Reader:

@@ -310,8 +310,12 @@ _PARSERS: dict[str, Callable[..., tuple[str, str]]] = {
 }
 
 
+# Formats whose parsers read a bytearray as they read bytes (HTML and PDF parsers want bytes).
+_PARSES_BUFFERS = frozenset({"text", "markdown", "latex", "json", "jsonl"})
+
+
 def parse_document(
-    raw: bytes,
+    raw: bytes | bytearray,
     kind: str,
     *,
     declared_encoding: str | None = None,
@@ -321,7 +325,9 @@ def parse_document(
     """Parse and clean one input.
 
     Args:
-        raw: the file's bytes.
+        raw: the file's bytes; a ``bytearray`` is cleared once parsed, so that its memory is
+            free while the text is cleaned (a large file's bytes are not held beside two
+            copies of its text).
         kind: a format from ``SUFFIXES`` (``"text"``, ``"markdown"``, ``"pdf"``, ...).
         declared_encoding: a charset the source declared (an HTTP header), tried before UTF-8.
         json_text_fields: JSON/JSONL record fields that hold the text, in order.
@@ -337,6 +343,10 @@ def parse_document(
     """
     if not raw:
         raise Unusable("empty file")
+    if isinstance(raw, bytearray) and kind not in _PARSES_BUFFERS:
+        data = bytes(raw)
+        raw.clear()
+        raw = data
     token, decoded = _SOURCE.set(source), _DECODED_AS.set("")
     try:
         title, text = _PARSERS[kind](
@@ -346,6 +356,8 @@ def parse_document(
     finally:
         _SOURCE.reset(token)
         _DECODED_AS.reset(decoded)
+        if isinstance(raw, bytearray):
+            raw.clear()
     text = normalise_text(text)
     if not text:
         raise Unusable("empty after cleaning")
