@@ -10,13 +10,17 @@ Every parquet file the project writes carries a CRC32 checksum per page
 (:func:`parquet_file`, :data:`PARQUET_FORMAT`): a byte changed after the write, even one that
 keeps the file's size and decodes to a plausible value, is refused when its page is read, naming
 the file. The check rides on the read itself (the pages are in memory anyway), so lazy reads of
-a billion-row table stay lazy.
+a billion-row table stay lazy. A handle verifies each page the first time it reads it, and again
+once the file's identity (inode, size, modification or status-change time) changes: training,
+which decodes a row group once per micro-batch that touches it, pays for each checksum once
+rather than on every re-read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
@@ -93,6 +97,9 @@ class ShardedTable:
         self.attrs: dict[str, Any] = dict(attrs or {})
         self._files = [Path(f) for f in files]
         self._fingerprint: str | None = None
+        # file index -> (its identity when verified, the (row group, column) pages verified)
+        self._verified: dict[int, tuple[tuple[int, ...], set[tuple[int, str]]]] = {}
+        self._verified_lock = threading.Lock()
         missing = [str(f) for f in self._files if not f.is_file()]
         if missing:
             raise ShardError(f"Shard file(s) not found: {missing[:3]}.")
@@ -227,7 +234,7 @@ class ShardedTable:
 
     def verify(self, batch_size: int = 65_536) -> None:
         """Read every page of every file, checking its checksum (a full read: for resumes and
-        audits, not on the training path, whose reads verify the pages they touch).
+        audits, not on the training path, whose reads verify the pages they touch first).
 
         Raises:
             ShardError: naming the first file with a page that fails.
@@ -331,7 +338,19 @@ class ShardedTable:
                 }
             )
             cols = list(columns) if columns is not None else None
-            table = parquet.read_row_groups(groups, columns=cols) if groups else None
+            names = cols or parquet.schema_arrow.names
+            identity, fresh, known = self._unverified(index, path, groups, names)
+            table = None
+            if fresh:
+                table = parquet.read_row_groups(fresh, columns=cols)
+                self._mark_verified(index, fresh, names)
+            if known:
+                plain = pq.ParquetFile(path, metadata=meta, page_checksum_verification=False)
+                table = _in_group_order(
+                    fresh, table, known, plain.read_row_groups(known, columns=cols), sizes
+                )
+                if _identity(path) != identity:  # written to while read: read it afresh
+                    return self._read_file_ranges(index, ranges, columns)
         # Row ``r`` of the file is row ``r - starts[g] + read_start[g]`` of what was read.
         read_start = dict(zip(groups, np.cumsum([0] + [sizes[g] for g in groups]), strict=False))
         out = []
@@ -343,6 +362,25 @@ class ShardedTable:
             out.append(table.slice(int(lo - starts[g] + read_start[g]), hi - lo))
         return out
 
+    def _unverified(
+        self, index: int, path: Path, groups: list[int], columns: Sequence[str]
+    ) -> tuple[tuple[int, ...], list[int], list[int]]:
+        """The file's identity and ``groups`` split into those with a page of ``columns`` not
+        yet verified by this handle in the file as it is now, and those whose pages all were."""
+        identity = _identity(path)
+        with self._verified_lock:
+            seen = self._verified.get(index)
+            if seen is None or seen[0] != identity:  # new, or changed since: verify afresh
+                seen = self._verified[index] = (identity, set())
+            pages = seen[1]
+        fresh = [g for g in groups if any((g, c) not in pages for c in columns)]
+        return identity, fresh, [g for g in groups if all((g, c) in pages for c in columns)]
+
+    def _mark_verified(self, index: int, groups: list[int], columns: Sequence[str]) -> None:
+        with self._verified_lock:
+            pages = self._verified[index][1]
+            pages.update((g, c) for g in groups for c in columns)
+
     def _describe(self) -> str:
         if len(self._files) == 1:
             return f"'{self._files[0]}'"
@@ -350,6 +388,29 @@ class ShardedTable:
 
     def __repr__(self) -> str:
         return f"ShardedTable({self._describe()})"
+
+
+def _in_group_order(
+    first: list[int], a: pa.Table | None, second: list[int], b: pa.Table, sizes: list[int]
+) -> pa.Table:
+    """The row groups ``first`` (read as ``a``) and ``second`` (read as ``b``) as one table
+    in row-group order (zero-copy slices)."""
+    if a is None:
+        return b
+    pieces: list[tuple[int, pa.Table]] = []
+    for groups, table in ((first, a), (second, b)):
+        offset = 0
+        for g in groups:
+            pieces.append((g, table.slice(offset, sizes[g])))
+            offset += sizes[g]
+    return pa.concat_tables([t for _, t in sorted(pieces, key=lambda piece: piece[0])])
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file is replaced or written to: inode, size, modification and
+    status-change times (the last cannot be set back, so a write hidden by ``utime`` shows)."""
+    state = os.stat(path)
+    return state.st_ino, state.st_size, state.st_mtime_ns, state.st_ctime_ns
 
 
 @contextmanager

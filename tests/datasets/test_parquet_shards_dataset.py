@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
+import time
 
 import numpy as np
 import pandas as pd
@@ -133,3 +135,35 @@ def test_a_changed_byte_of_the_same_size_is_refused_when_read(tmp_path):
     with pytest.raises(ShardError, match=message):
         table.verify()
     assert table.read_rows(0, 0, 2)["logprob"].to_pylist() == frame["logprob"][:2].tolist()
+
+
+def _flip_a_logprob_byte(shard) -> bytearray:
+    footer = pq.read_metadata(shard)
+    chunk = footer.row_group(0).column(footer.schema.names.index("logprob"))
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    data = bytearray(shard.read_bytes())
+    data[start + chunk.total_compressed_size - 2] ^= 0x5A
+    return data
+
+
+def test_pages_are_verified_once_per_handle_and_again_once_the_file_changes(tmp_path):
+    """Re-reads of verified pages skip the checksum; a write since, even one that puts the
+    modification time back, is caught by the same handle."""
+    frame = FRAME.assign(logprob=np.linspace(-9.0, -0.1, 10).astype(np.float32))
+    dataset = _dataset(tmp_path, rows_per_shard=4)
+    dataset.save(frame)
+    shard = dataset.shards()[1]
+    table = dataset.load()
+    assert table.read_rows(1, 0, 2)["logprob"].to_pylist() == frame["logprob"][4:6].tolist()
+    assert table.read_rows(1, 0, 2)["logprob"].to_pylist() == frame["logprob"][4:6].tolist()
+    data, before = _flip_a_logprob_byte(shard), shard.stat()
+    time.sleep(0.05)  # a later write: the file system's clock has moved on
+    shard.chmod(0o644)
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    message = r"part-00001.parquet' failed its page checksum"
+    with pytest.raises(ShardError, match=message):
+        table.read_rows(1, 0, 2)
+    with pytest.raises(ShardError, match=message):
+        dataset.load().take_ranges([(4, 6)], ["position", "logprob"])
+    assert table.read_rows(1, 0, 2, ["position"]).num_rows == 2  # other columns' pages are sound
