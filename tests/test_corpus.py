@@ -16,7 +16,13 @@ import pytest
 from pypdf import PdfWriter
 
 from cartridges.context import join_documents
-from cartridges.corpus import CorpusConfig, CorpusError, corpus_statistics, load_corpus
+from cartridges.corpus import (
+    CorpusConfig,
+    CorpusError,
+    corpus_statistics,
+    load_corpus,
+    text_digest,
+)
 from cartridges.documents import Unusable, decode_text, normalise_text, parse_document
 
 
@@ -515,3 +521,9 @@ def test_a_files_bytes_are_released_once_parsed(kind):
     assert raw == bytearray()  # cleared: its memory is free while the text is cleaned
     kept = b"Pump P1 hums."
     assert parse_document(kept, "text").text == "Pump P1 hums." and kept == b"Pump P1 hums."
+
+
+def test_a_texts_digest_is_the_sha256_of_its_utf8_taken_in_pieces():
+    text = "naïve café 日本語 🙂 " * 50
+    assert text_digest(text, piece_chars=7) == hashlib.sha256(text.encode()).hexdigest()
+    assert text_digest("") == hashlib.sha256(b"").hexdigest()

@@ -214,6 +214,15 @@ def _inputs(config: CorpusConfig) -> Iterator[tuple[str, _Reader]]:
 # ---------------------------------------------------------------------------- loading
 
 
+def text_digest(text: str, piece_chars: int = 1 << 20) -> str:
+    """The SHA-256 of ``text``'s UTF-8, encoded a piece at a time (no second copy of a large
+    document in memory)."""
+    digest = hashlib.sha256()
+    for start in range(0, len(text), piece_chars):
+        digest.update(text[start : start + piece_chars].encode())
+    return digest.hexdigest()
+
+
 def iter_corpus(
     config: CorpusConfig, count_tokens: Callable[[str], int] | None = None
 ) -> Iterator[Document | Skipped]:
@@ -239,7 +248,7 @@ def iter_corpus(
                 source=source,
             )
             del raw
-            digest = hashlib.sha256(text.encode()).hexdigest()
+            digest = text_digest(text)
             if digest in seen:
                 raise Unusable(f"duplicate of '{seen[digest]}' (same text)")
         except Unusable as error:
