@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -93,3 +96,11 @@ def test_fingerprint_follows_the_content(tmp_path, table):
         pa.table({"x": np.arange(10, 17), "y": [f"s{i}" for i in range(7)]}), table.files[1]
     )
     assert ShardedTable(table.files).fingerprint() != before
+
+
+def test_a_table_copies_and_pickles_with_what_it_has_verified_left_behind(table):
+    """A handle with a lock inside could not be deep-copied (Kedro copies memory datasets)."""
+    table.take_ranges([(0, 25)])
+    for other in (copy.deepcopy(table), pickle.loads(pickle.dumps(table))):
+        assert other.files == table.files and other._verified == {}
+        assert other.take_ranges([(3, 14)], ["x"])[0].column("x").to_pylist() == list(range(3, 14))

@@ -104,6 +104,16 @@ class ShardedTable:
         if missing:
             raise ShardError(f"Shard file(s) not found: {missing[:3]}.")
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (or a pickle sent to another process) verifies afresh what it reads."""
+        state = self.__dict__.copy()
+        del state["_verified"], state["_verified_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._verified, self._verified_lock = {}, threading.Lock()
+
     @classmethod
     def from_dataframe(cls, data: pd.DataFrame, path: str | Path) -> ShardedTable:
         """Write ``data`` as one parquet file at ``path`` (small tables and tests)."""
