@@ -45,6 +45,7 @@ from cartridges.corpus import CorpusConfig
 from cartridges.distillation import DistillConfig
 from cartridges.evaluation.config import EvalConfig
 from cartridges.modeling import resolve_dtype
+from cartridges.routing import RoutingConfig
 from cartridges.serving.config import ServingConfig
 from cartridges.synthesis.registry import BACKENDS, DEFAULT_BACKEND, BackendKind
 from cartridges.synthesis.self_study import SelfStudyConfig
@@ -225,6 +226,8 @@ class EvaluationParams(EvalConfig):
     compose: bool = True
     documents: tuple[str, ...] = ()  # whose cartridges, in composition order; empty: all
     max_context_tokens: Annotated[int, Field(ge=1)] | None = None  # None: the model's maximum
+    # The library of document cartridges routed per question (top_k of them by a retriever).
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     # Each (method, task) result as it completes; a rerun with the same inputs resumes. None: off.
     results_dir: str | None = None  # conf/base: under the data folder
 

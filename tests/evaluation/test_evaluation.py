@@ -20,7 +20,11 @@ from cartridges.evaluation import (
     evaluate,
     load_questions,
 )
+from cartridges.evaluation.answers import answer_questions
+from cartridges.evaluation.methods import Method
+from cartridges.evaluation.tasks.log_perplexity import answer_log_perplexity
 from cartridges.initialization import from_token_ids
+from cartridges.routing import RoutingConfig
 from tests.evaluation.data import FAST, SYSTEM_TEXT
 
 
@@ -200,3 +204,96 @@ def test_chrf_is_sacrebleus():
     assert chrf(["the seal leaks"], ["the seal leaks"]) == 100.0
     assert 0 < chrf(["the seal leak"], ["the seal leaks"]) < 100
     assert math.isclose(chrf(["abc"], ["xyz"]), 0.0)
+
+
+LIBRARY_TEXTS = {
+    "a": "Halvard Industrial built the pump. Its seal is replaced every 18 months.",
+    "b": "Alarm E21 means a seal leak. Alarm E12 means a low inlet pressure.",
+}
+
+
+def _library(model, context, top_k=1, oracle=True):
+    cartridges = {"a": from_token_ids(model, context[:6]), "b": from_token_ids(model, context[:10])}
+    return DocumentCartridges(
+        {},
+        [],
+        {"a": "v1", "b": "v2"},
+        library=cartridges,
+        texts=LIBRARY_TEXTS,
+        routing=RoutingConfig(top_k=top_k, retriever_options={"passage_words": 8}, oracle=oracle),
+    )
+
+
+def test_a_routed_library_answers_each_question_after_the_cartridges_chosen_for_it(tiny, inputs):
+    model, tokenizer = tiny
+    context = inputs["context"]
+    documents = _library(model, context)
+    methods = {m.name: m for m in build_methods(model, context, {}, 4000, documents=documents)}
+    routed, oracle = methods["routed_top1"], methods["oracle_selection"]
+    assert (routed.kind, oracle.kind) == ("routed", "oracle_selection")
+    assert routed.version == "v1 + v2" and routed.documents == ("a", "b")
+    questions = _document_questions(inputs["questions"])  # about a, a, b
+    picked = [routed.for_question(q) for q in questions]
+    assert [m.name for m in picked] == ["routed_top1[a]", "routed_top1[a]", "routed_top1[b]"]
+    assert picked[0] is picked[1]  # one method per selection
+    # Exact: each answer is the one its own cartridge gives alone.
+    alone = {
+        name: Method(name, "document_cartridge", cartridge.to(model.device, model.dtype))
+        for name, cartridge in documents.library.items()
+    }
+    routed_answers = answer_questions(model, tokenizer, routed, questions, SYSTEM_TEXT, 4, 2)
+    expected = [
+        answer_questions(model, tokenizer, alone[q.document], [q], SYSTEM_TEXT, 4, 2)[0]
+        for q in questions
+    ]
+    assert routed_answers == expected
+    for q in questions:  # and each log-likelihood, where the two cartridges differ
+        nll = {
+            name: answer_log_perplexity(model, tokenizer, m, [q], SYSTEM_TEXT)
+            for name, m in alone.items()
+        }
+        assert nll["a"] != nll["b"]
+        assert answer_log_perplexity(model, tokenizer, routed, [q], SYSTEM_TEXT) == nll[q.document]
+    report = evaluate(
+        model,
+        tokenizer,
+        list(methods.values()),
+        questions,
+        inputs["held_out"],
+        SYSTEM_TEXT,
+        replace(FAST, tasks=("qa", "log_perplexity", "fidelity", "routing")),
+    ).set_index(["method", "task"])
+    assert report.loc[("routed_top1", "routing"), "quality"] == 1.0
+    assert report.loc[("oracle_selection", "routing"), "quality"] == 1.0
+    assert report.loc[("routed_top1", "log_perplexity"), "num_items"] == 3
+    assert ("routed_top1", "fidelity") not in report.index  # held-out conversations: whole corpus
+    assert ("icl", "routing") not in report.index  # only routed methods route
+    assert report.loc[("routed_top1", "qa"), "questions"] == "a+b"
+
+
+def test_routing_accuracy_counts_questions_whose_document_was_not_chosen(tiny, inputs):
+    model, tokenizer = tiny
+    context = inputs["context"]
+    methods = build_methods(model, context, {}, 4000, documents=_library(model, context))
+    questions = [  # the third is about b's alarms but labelled a
+        replace(q, document=d) for q, d in zip(inputs["questions"], "aaa", strict=True)
+    ]
+    routed = next(m for m in methods if m.kind == "routed")
+    report = evaluate(
+        model,
+        tokenizer,
+        [methods[0], routed],
+        questions,
+        [],
+        SYSTEM_TEXT,
+        replace(FAST, tasks=("routing",)),
+    ).set_index(["method", "task"])
+    assert report.loc[("routed_top1", "routing"), "quality"] == pytest.approx(2 / 3)
+
+
+def test_a_routed_selection_that_cannot_fit_the_model_is_left_out(tiny, inputs, caplog):
+    model, _ = tiny
+    context = inputs["context"]
+    methods = build_methods(model, context, {}, 12, documents=_library(model, context, top_k=2))
+    assert not [m for m in methods if m.kind in ("routed", "oracle_selection")]
+    assert "No routed method: 2 cartridges can take 16 tokens" in caplog.text

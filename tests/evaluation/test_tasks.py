@@ -57,7 +57,7 @@ class AnswerLength(Task):
 
 
 def test_the_registry_holds_the_tasks_in_their_default_order():
-    assert tuple(TASKS) == ("qa", "log_perplexity", "fidelity", "chrf")
+    assert tuple(TASKS) == ("qa", "log_perplexity", "fidelity", "chrf", "routing")
     assert EvalConfig().tasks == tuple(TASKS)
     assert {m.task for t in TASKS.values() for m in t.measures} == {
         "qa",
@@ -65,6 +65,7 @@ def test_the_registry_holds_the_tasks_in_their_default_order():
         "log_perplexity",
         "fidelity",
         "chrf",
+        "routing",
     }
     for task in TASKS.values():
         assert get_task(task.name) is task and task.summary and task.needs

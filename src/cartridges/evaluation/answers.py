@@ -66,8 +66,30 @@ def answer_questions(
     Decoded as the server decodes (:func:`cartridges.decoding.continuous.complete`: the prefix held
     once for all ``batch_size`` rows); a model whose attention cannot share a prefix decodes with
     :func:`cartridges.generation.generate`, ``batch_size`` questions at a time. Both give the
-    tokens ``generate`` gives each question alone.
+    tokens ``generate`` gives each question alone. A routed method answers each group of
+    questions that share a selection after that selection's prefix.
     """
+    if method.routes is not None:
+        answered_by = [method.for_question(q) for q in questions]
+        groups: dict[str, list[int]] = {}
+        for index, answering in enumerate(answered_by):
+            groups.setdefault(answering.name, []).append(index)
+        answers = [""] * len(questions)
+        for indices in groups.values():
+            asked = [questions[i] for i in indices]
+            group = answer_questions(
+                model,
+                tokenizer,
+                answered_by[indices[0]],
+                asked,
+                system_text,
+                max_new_tokens,
+                batch_size,
+                template_kwargs,
+            )
+            for index, answer in zip(indices, group, strict=True):
+                answers[index] = answer
+        return answers
     prompts = [
         question_ids(
             tokenizer, method, system_text, [user_message(q)], template_kwargs=template_kwargs

@@ -4,17 +4,19 @@ Every method is a prefix followed by the same question tokens, so the comparison
 what the prefix holds and how many bytes it takes: the whole corpus in context (ICL), nothing,
 the first p context tokens (truncated ICL at a cartridge's budget), a trained cartridge, or,
 with cartridges trained on one document each, each of those alone and their composition, next to
-ICL over the composed documents. A method may be scored on the questions about some documents
-only (a document's cartridge on its own document's questions).
+ICL over the composed documents, and a library of them routed per question (a retriever picks
+which cartridges each question is answered with; the oracle picks its own document's). A method
+may be scored on the questions about some documents only (a document's cartridge on its own
+document's questions).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -24,6 +26,10 @@ from cartridges.context import corpus_context
 from cartridges.initialization import from_token_ids
 from cartridges.lineage import catalog_version
 from cartridges.modeling import context_length, synchronize
+from cartridges.routing import RoutingConfig, make_retriever, select
+
+if TYPE_CHECKING:
+    from cartridges.evaluation.questions import Question
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +41,8 @@ KINDS: dict[str, str] = {
     "document_cartridge": "cartridge of one document",
     "document_icl": "ICL (composed documents)",
     "composition": "composed document cartridges",
+    "routed": "routed document cartridges",
+    "oracle_selection": "oracle-selected document cartridges",
 }
 """The kinds of method, with their human names (legends, tables)."""
 
@@ -57,6 +65,8 @@ class Method:
         kv_seconds: how long computing the prefix from ``context_ids`` took when it was built
             (the prefill a request pays that does not have it), so that timing it is not
             repeated; ``None``: not timed.
+        routes: for a routed method, the prefix of each question (:meth:`for_question`);
+            ``prefix`` is then one of the size every question gets, for the cost columns.
     """
 
     name: str
@@ -68,6 +78,12 @@ class Method:
     documents: tuple[str, ...] | None = None
     uncut_tokens: int | None = None
     kv_seconds: float | None = None
+    routes: Routes | None = None
+
+    def for_question(self, question: Question) -> Method:
+        """The method that answers ``question``: itself, or for a routed method the composition
+        of the cartridges its router picks for that question."""
+        return self if self.routes is None else self.routes.method(self, question)
 
     @property
     def whole_kv_bytes(self) -> float:
@@ -91,6 +107,38 @@ class Method:
         return self.prefix.kv_bytes if self.prefix is not None else 0
 
 
+@dataclass
+class Routes:
+    """Per question, the composition of a library's cartridges that a router picks.
+
+    Attributes:
+        cartridges: the library by document name, in composition order, on the model's device.
+        choose: question -> the documents to load, in library order (:func:`cartridges.routing.
+            select`).
+        identity: what else decides the choice (router, top-k), for the saved results' digest.
+    """
+
+    cartridges: Mapping[str, Cartridge]
+    choose: Callable[[Question], tuple[str, ...]]
+    identity: str
+    _methods: dict[tuple[str, ...], Method] = field(default_factory=dict, repr=False)
+
+    def method(self, routed: Method, question: Question) -> Method:
+        """The method ``routed`` answers ``question`` with (one per selection, made once)."""
+        names = self.choose(question)
+        if not names:
+            raise ValueError(f"{routed.name} selected no cartridge for {question.question!r}.")
+        if names not in self._methods:
+            parts = [self.cartridges[name] for name in names]
+            self._methods[names] = replace(
+                routed,
+                name=f"{routed.name}[{'+'.join(names)}]",
+                prefix=parts[0] if len(parts) == 1 else compose(parts),
+                routes=None,
+            )
+        return self._methods[names]
+
+
 def context_budget(model: PreTrainedModel, reserve_tokens: int, limit: int | None = None) -> int:
     """How many context tokens fit: the model's positions minus room for questions and answers."""
     limit = limit or context_length(model.config)
@@ -110,14 +158,20 @@ class DocumentCartridges:
         cartridges: by document name, in the order to compose them.
         context: token ids of the system message carrying those documents together (the ICL
             the composition is compared with).
-        versions: catalog version of each, for the report.
+        versions: catalog version of each, for the report (of the whole library).
         compose: also evaluate their composition (with two or more).
+        library: every document cartridge, routed per question when ``routing`` asks for it.
+        texts: the library's documents' texts, by document name (what a retriever indexes).
+        routing: how questions are routed to the library; ``None``: not at all.
     """
 
     cartridges: Mapping[str, Cartridge]
     context: Sequence[int]
     versions: Mapping[str, str] = field(default_factory=dict)
     compose: bool = True
+    library: Mapping[str, Cartridge] = field(default_factory=dict)
+    texts: Mapping[str, str] = field(default_factory=dict)
+    routing: RoutingConfig | None = None
 
     @classmethod
     def select(
@@ -129,9 +183,11 @@ class DocumentCartridges:
         system_prompt: str,
         template_kwargs: TemplateKwargs = None,
         compose: bool = True,
+        routing: RoutingConfig | None = None,
     ) -> DocumentCartridges | None:
         """The cartridges of the documents ``names`` (in that order; all when empty), with the
-        ICL context of those documents together; ``None`` when there is none.
+        ICL context of those documents together, and the whole library for ``routing``;
+        ``None`` when there is none.
 
         Args:
             available: the trained document cartridges by document name.
@@ -150,7 +206,7 @@ class DocumentCartridges:
         chosen = {name: available[name] for name in names} if names else dict(available)
         if not chosen:
             return None
-        missing = [name for name in chosen if name not in texts]
+        missing = [name for name in {**chosen, **available} if name not in texts]
         if missing:
             raise ValueError(
                 f"The document cartridges {missing} have no document of that name in the corpus "
@@ -160,8 +216,11 @@ class DocumentCartridges:
         return cls(
             chosen,
             corpus_context(together, tokenizer, system_prompt, template_kwargs).ids,
-            {name: catalog_version(cartridge) for name, cartridge in chosen.items()},
+            {name: catalog_version(cartridge) for name, cartridge in available.items()},
             compose,
+            library=dict(available),
+            texts={name: texts[name] for name in available},
+            routing=routing if routing is not None and routing.top_k else None,
         )
 
 
@@ -207,7 +266,7 @@ def build_methods(
         elif all(m.name != truncated for m in methods):
             prefix = context[:p]
             methods.append(_in_context(model, truncated, "truncated_icl", prefix))
-    if documents is not None and documents.cartridges:
+    if documents is not None and (documents.cartridges or documents.routing is not None):
         methods += _document_methods(model, documents, budget)
     return methods
 
@@ -228,6 +287,8 @@ def _document_methods(
                 documents=(name,),
             )
         )
+    if documents.routing is not None:
+        methods += _routed_methods(model, documents, documents.routing, budget)
     names = tuple(documents.cartridges)
     if not documents.compose or len(names) < 2:
         return methods
@@ -262,6 +323,67 @@ def _document_methods(
             documents=names,
         )
     )
+    return methods
+
+
+def _routed_methods(
+    model: PreTrainedModel, documents: DocumentCartridges, routing: RoutingConfig, budget: int
+) -> list[Method]:
+    """The library routed per question by the retriever, and by the oracle (each question's own
+    document), each scored on the questions about any document of the library."""
+    library = {}
+    for name, cartridge in documents.library.items():
+        _check(cartridge, model, f"the cartridge of document {name}")
+        library[name] = cartridge.to(model.device, model.dtype)
+    names = list(library)
+    top_k = min(routing.top_k, len(names))
+    largest = sum(sorted((c.num_tokens for c in library.values()), reverse=True)[:top_k])
+    if largest > budget:
+        logger.warning(
+            "No routed method: %d cartridges can take %d tokens, more than the %d the model has "
+            "room for (lower evaluation.routing.top_k).",
+            top_k,
+            largest,
+            budget,
+        )
+        return []
+    retriever = make_retriever(
+        routing.retriever, [documents.texts[name] for name in names], **routing.retriever_options
+    )
+    chosen: dict[Question, tuple[str, ...]] = {}
+
+    def route(question: Question) -> tuple[str, ...]:
+        if question not in chosen:
+            chosen[question] = select(retriever.scores(question.question), names, top_k)
+        return chosen[question]
+
+    version = " + ".join(documents.versions.get(name, "") for name in names)
+    scope = tuple(names)
+    how = f"{routing.retriever} {sorted(routing.retriever_options.items())}"
+    methods = [
+        Method(
+            f"routed_top{top_k}",
+            "routed",
+            compose([library[name] for name in names[:top_k]]),  # the size each question gets
+            version=version,
+            note=f"per question, the top {top_k} of {len(names)} document cartridges by "
+            f"{routing.retriever}, composed",
+            documents=scope,
+            routes=Routes(library, route, f"{how} top {top_k}"),
+        )
+    ]
+    if routing.oracle:
+        methods.append(
+            Method(
+                "oracle_selection",
+                "oracle_selection",
+                library[names[0]],
+                version=version,
+                note="per question, the cartridge of the document it is about",
+                documents=scope,
+                routes=Routes(library, lambda question: (question.document,), "oracle"),
+            )
+        )
     return methods
 
 

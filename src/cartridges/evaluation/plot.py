@@ -30,10 +30,12 @@ MARKERS = {
     "composition": "D",
     "document_cartridge": "^",
     "document_icl": "P",
+    "routed": "v",
+    "oracle_selection": "X",
 }  # others: "o"
 # Kinds whose points answer different question sets (one document's, several documents'): not
 # joined by a line, and each labelled with the questions it answers.
-SEPARATE = ("document_cartridge", "composition", "document_icl")
+SEPARATE = ("document_cartridge", "composition", "document_icl", "routed", "oracle_selection")
 PANEL_SIZE = (4.4, 3.6)  # inches per panel
 LABEL_SIZE = 7  # points
 ZORDER = {"truncated_icl": 2, "icl": 4}  # cartridges (3) drawn over the baseline they match

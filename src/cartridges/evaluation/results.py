@@ -115,6 +115,9 @@ def method_digest(method: Method) -> str:
     else:
         prefix = lineage.digest(method.prefix) or ""
     identity = [method.name, method.kind, method.documents, method.version, method.note, prefix]
+    if method.routes is not None:  # what each question is answered with
+        library = [lineage.digest(c) or "" for c in method.routes.cartridges.values()]
+        identity += [method.routes.identity, list(method.routes.cartridges), library]
     return _digest(json.dumps(identity, default=str))
 
 

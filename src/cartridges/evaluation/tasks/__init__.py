@@ -12,9 +12,11 @@ from cartridges.evaluation.tasks.chrf import Chrf
 from cartridges.evaluation.tasks.fidelity import Fidelity
 from cartridges.evaluation.tasks.log_perplexity import LogPerplexity
 from cartridges.evaluation.tasks.qa import QuestionAnswering
+from cartridges.evaluation.tasks.routing import Routing
 
 TASKS: dict[str, Task] = {
-    task.name: task for task in (QuestionAnswering(), LogPerplexity(), Fidelity(), Chrf())
+    task.name: task
+    for task in (QuestionAnswering(), LogPerplexity(), Fidelity(), Chrf(), Routing())
 }
 
 

@@ -61,17 +61,18 @@ def answer_log_perplexity(
     suffix = generation_suffix(tokenizer, template_kwargs)
     for q in questions:
         user = user_message(q)
-        prompt = question_ids(tokenizer, method, system_text, [user], True, template_kwargs)
+        answering = method.for_question(q)
+        prompt = question_ids(tokenizer, answering, system_text, [user], True, template_kwargs)
         full = question_ids(
             tokenizer,
-            method,
+            answering,
             system_text,
             [user, {"role": "assistant", "content": q.answer}],
             template_kwargs=template_kwargs,
         )
         # The full rendering ends with the answer turn; drop any generation prompt appended.
         full = full[: len(full) - suffix]
-        logprobs = token_logprobs(model, method, full, range(len(prompt), len(full)))
+        logprobs = token_logprobs(model, answering, full, range(len(prompt), len(full)))
         targets = torch.tensor(full[len(prompt) :], device=logprobs.device)
         total -= logprobs.gather(-1, targets[:, None]).sum().item()
         count += len(targets)

@@ -76,6 +76,7 @@ def evaluate_methods(
         system_prompt,
         template_kwargs,
         params.compose,
+        params.routing,
     )
     report = compare_methods(
         llm,
