@@ -89,7 +89,7 @@ def seeded(
     distill["train"]["seed"] = seed
     if distill["train"].get("max_steps"):
         distill["train"]["max_steps"] = max(10, int(distill["train"]["max_steps"] * scale))
-    params["evaluation"].update(tasks=["qa"], decode_batch_sizes=[1], cost_repeats=1)
+    params["evaluation"].update(tasks=["qa", "routing"], decode_batch_sizes=[1], cost_repeats=1)
     return params
 
 
@@ -104,7 +104,7 @@ def run_pipeline(
     corpus, _ = load_documents(prep, model)
     chunks = chunk_documents(corpus, prep, model)
     conversations, targets, _ = synthesize_conversations(
-        chunks, params["self_study"], model, prompt
+        corpus, chunks, params["self_study"], model, prompt
     )
     initial = initialize_cartridge(corpus, distill, model, prompt)
     cartridge, _ = distill_cartridge(
