@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 _SAMPLE = 1 << 20  # bytes at each end of a file that its fingerprint hashes
+_READ_TRIES = 3  # reads of a file that changes while it is read, before giving up
 _CHECKSUM_FAILED = "CRC checksum verification failed"
 
 PARQUET_FORMAT = ds.ParquetFileFormat(
@@ -325,42 +326,44 @@ class ShardedTable:
         self, index: int, ranges: Sequence[tuple[int, int]], columns: Sequence[str] | None
     ) -> list[pa.Table]:
         path = self._files[index]
-        with shard_errors(path):
-            parquet = parquet_file(path)
-            meta = parquet.metadata
-            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-            starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-            bad = [(lo, hi) for lo, hi in ranges if not 0 <= lo <= hi <= meta.num_rows]
-            if bad:
-                raise ShardError(
-                    f"Rows {bad[0]} are outside shard '{path}' of {meta.num_rows} rows: the file "
-                    "changed since it was indexed."
-                )
-            groups = sorted(
-                {
-                    g
-                    for lo, hi in ranges
-                    if hi > lo
-                    for g in range(
-                        int(np.searchsorted(starts, lo, side="right")) - 1,
-                        int(np.searchsorted(starts, hi - 1, side="right")),
+        for _ in range(_READ_TRIES):
+            with shard_errors(path):
+                identity = _identity(path)  # before opening: a file replaced since shows below
+                parquet = parquet_file(path)
+                meta = parquet.metadata
+                sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+                starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+                bad = [(lo, hi) for lo, hi in ranges if not 0 <= lo <= hi <= meta.num_rows]
+                if bad:
+                    raise ShardError(
+                        f"Rows {bad[0]} are outside shard '{path}' of {meta.num_rows} rows: the "
+                        "file changed since it was indexed."
                     )
-                }
-            )
-            cols = list(columns) if columns is not None else None
-            names = cols or parquet.schema_arrow.names
-            identity, fresh, known = self._unverified(index, path, groups, names)
-            table = None
-            if fresh:
-                table = parquet.read_row_groups(fresh, columns=cols)
-                self._mark_verified(index, fresh, names)
-            if known:
-                plain = pq.ParquetFile(path, metadata=meta, page_checksum_verification=False)
-                table = _in_group_order(
-                    fresh, table, known, plain.read_row_groups(known, columns=cols), sizes
+                groups = sorted(
+                    {
+                        g
+                        for lo, hi in ranges
+                        if hi > lo
+                        for g in range(
+                            int(np.searchsorted(starts, lo, side="right")) - 1,
+                            int(np.searchsorted(starts, hi - 1, side="right")),
+                        )
+                    }
                 )
-                if _identity(path) != identity:  # written to while read: read it afresh
-                    return self._read_file_ranges(index, ranges, columns)
+                cols = list(columns) if columns is not None else None
+                names = cols if cols is not None else parquet.schema_arrow.names
+                fresh, known = self._split_verified(index, identity, groups, names)
+                table = parquet.read_row_groups(fresh, columns=cols) if fresh else None
+                if known:
+                    plain = pq.ParquetFile(path, metadata=meta, page_checksum_verification=False)
+                    table = _in_group_order(
+                        fresh, table, known, plain.read_row_groups(known, columns=cols), sizes
+                    )
+                if _identity(path) == identity:  # not written to or replaced while read
+                    self._mark_verified(index, identity, fresh, names)
+                    break
+        else:
+            raise ShardError(f"Shard '{path}' changed each time it was read: it is being written.")
         # Row ``r`` of the file is row ``r - starts[g] + read_start[g]`` of what was read.
         read_start = dict(zip(groups, np.cumsum([0] + [sizes[g] for g in groups]), strict=False))
         out = []
@@ -372,24 +375,26 @@ class ShardedTable:
             out.append(table.slice(int(lo - starts[g] + read_start[g]), hi - lo))
         return out
 
-    def _unverified(
-        self, index: int, path: Path, groups: list[int], columns: Sequence[str]
-    ) -> tuple[tuple[int, ...], list[int], list[int]]:
-        """The file's identity and ``groups`` split into those with a page of ``columns`` not
-        yet verified by this handle in the file as it is now, and those whose pages all were."""
-        identity = _identity(path)
+    def _split_verified(
+        self, index: int, identity: tuple[int, ...], groups: list[int], columns: Sequence[str]
+    ) -> tuple[list[int], list[int]]:
+        """``groups`` split into those with a page of ``columns`` this handle has not verified
+        in the file as it is (``identity``), and those whose pages it all has."""
         with self._verified_lock:
             seen = self._verified.get(index)
             if seen is None or seen[0] != identity:  # new, or changed since: verify afresh
                 seen = self._verified[index] = (identity, set())
-            pages = seen[1]
-        fresh = [g for g in groups if any((g, c) not in pages for c in columns)]
-        return identity, fresh, [g for g in groups if all((g, c) in pages for c in columns)]
+            verified = [all((g, c) in seen[1] for c in columns) for g in groups]
+        fresh = [g for g, done in zip(groups, verified, strict=True) if not done]
+        return fresh, [g for g, done in zip(groups, verified, strict=True) if done]
 
-    def _mark_verified(self, index: int, groups: list[int], columns: Sequence[str]) -> None:
+    def _mark_verified(
+        self, index: int, identity: tuple[int, ...], groups: list[int], columns: Sequence[str]
+    ) -> None:
         with self._verified_lock:
-            pages = self._verified[index][1]
-            pages.update((g, c) for g in groups for c in columns)
+            seen = self._verified.get(index)
+            if seen is not None and seen[0] == identity:  # not since reset for a newer file
+                seen[1].update((g, c) for g in groups for c in columns)
 
     def _describe(self) -> str:
         if len(self._files) == 1:
