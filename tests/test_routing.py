@@ -82,3 +82,8 @@ def test_routing_settings_are_checked():
         RoutingConfig(top_k=-1)
     with pytest.raises(ValidationError, match="retreiver"):
         RoutingConfig(retreiver="bm25")
+
+
+def test_documents_without_a_word_to_index_are_refused():
+    with pytest.raises(ValueError, match="no word to index"):
+        BM25Retriever(["", "a the of"])

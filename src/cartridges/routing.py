@@ -77,6 +77,11 @@ class BM25Retriever:
         self._documents = len(texts)
         self._index = bm25s.BM25()
         tokens = bm25s.tokenize(passages, stopwords=stopwords, show_progress=False)
+        if not tokens.vocab:
+            raise ValueError(
+                "The documents have no word to index (empty, or only stopwords and one-letter "
+                "words): BM25 cannot route between them."
+            )
         self._index.index(tokens, show_progress=False)
 
     def scores(self, query: str) -> np.ndarray:

@@ -22,6 +22,7 @@ from cartridges.evaluation import (
 )
 from cartridges.evaluation.answers import answer_questions
 from cartridges.evaluation.methods import Method
+from cartridges.evaluation.results import method_digest
 from cartridges.evaluation.tasks.log_perplexity import answer_log_perplexity
 from cartridges.initialization import from_token_ids
 from cartridges.routing import RoutingConfig
@@ -297,3 +298,39 @@ def test_a_routed_selection_that_cannot_fit_the_model_is_left_out(tiny, inputs, 
     methods = build_methods(model, context, {}, 12, documents=_library(model, context, top_k=2))
     assert not [m for m in methods if m.kind in ("routed", "oracle_selection")]
     assert "No routed method: 2 cartridges can take 16 tokens" in caplog.text
+
+
+def test_a_routed_methods_saved_results_depend_on_the_texts_it_routes_by(tiny, inputs):
+    """The picks follow the indexed texts: results saved for other texts must not be reused."""
+    model, _ = tiny
+    context = inputs["context"]
+
+    def routed(texts):
+        documents = replace(_library(model, context), texts=texts)
+        methods = build_methods(model, context, {}, 4000, documents=documents)
+        return next(m for m in methods if m.kind == "routed")
+
+    swapped = {"a": LIBRARY_TEXTS["b"], "b": LIBRARY_TEXTS["a"]}
+    assert method_digest(routed(LIBRARY_TEXTS)) == method_digest(routed(dict(LIBRARY_TEXTS)))
+    assert method_digest(routed(LIBRARY_TEXTS)) != method_digest(routed(swapped))
+
+
+def test_a_question_no_document_shares_a_word_with_is_routed_first_and_logged(tiny, inputs, caplog):
+    model, _ = tiny
+    context = inputs["context"]
+    methods = build_methods(model, context, {}, 4000, documents=_library(model, context))
+    routed = next(m for m in methods if m.kind == "routed")
+    stray = replace(inputs["questions"][0], question="Zebras?", document="b")
+    assert routed.routes.choose(stray) == ("a",)
+    assert "Routing 'Zebras?': no document shares a word with it" in caplog.text
+
+
+def test_the_library_needs_every_documents_text_only_when_it_is_routed(tiny):
+    model, tokenizer = tiny
+    cartridges = {name: from_token_ids(model, [1, 2, 3]) for name in ("a", "b")}
+    only_a = {"a": "Pump P1 hums."}
+    chosen = DocumentCartridges.select(cartridges, ("a",), only_a, tokenizer, "{chunk}")
+    assert list(chosen.cartridges) == ["a"] and chosen.library == {} and chosen.routing is None
+    routing = RoutingConfig(top_k=1)
+    with pytest.raises(ValueError, match=r"\['b'\] have no document of that name"):
+        DocumentCartridges.select(cartridges, ("a",), only_a, tokenizer, "{chunk}", routing=routing)

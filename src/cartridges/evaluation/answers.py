@@ -70,17 +70,16 @@ def answer_questions(
     questions that share a selection after that selection's prefix.
     """
     if method.routes is not None:
-        answered_by = [method.for_question(q) for q in questions]
-        groups: dict[str, list[int]] = {}
-        for index, answering in enumerate(answered_by):
-            groups.setdefault(answering.name, []).append(index)
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for index, question in enumerate(questions):
+            groups.setdefault(method.routes.choose(question), []).append(index)
         answers = [""] * len(questions)
         for indices in groups.values():
             asked = [questions[i] for i in indices]
             group = answer_questions(
                 model,
                 tokenizer,
-                answered_by[indices[0]],
+                method.for_question(asked[0]),
                 asked,
                 system_text,
                 max_new_tokens,

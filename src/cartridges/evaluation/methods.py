@@ -12,8 +12,11 @@ document's questions).
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -32,6 +35,8 @@ if TYPE_CHECKING:
     from cartridges.evaluation.questions import Question
 
 logger = logging.getLogger(__name__)
+
+_SELECTIONS_KEPT = 8  # compositions a routed method keeps between questions
 
 KINDS: dict[str, str] = {
     "icl": "ICL (whole corpus)",
@@ -66,7 +71,7 @@ class Method:
             (the prefill a request pays that does not have it), so that timing it is not
             repeated; ``None``: not timed.
         routes: for a routed method, the prefix of each question (:meth:`for_question`);
-            ``prefix`` is then one of the size every question gets, for the cost columns.
+            ``prefix`` is then the largest any question gets, for the cost columns.
     """
 
     name: str
@@ -121,21 +126,26 @@ class Routes:
     cartridges: Mapping[str, Cartridge]
     choose: Callable[[Question], tuple[str, ...]]
     identity: str
-    _methods: dict[tuple[str, ...], Method] = field(default_factory=dict, repr=False)
+    _methods: OrderedDict[tuple[str, ...], Method] = field(default_factory=OrderedDict, repr=False)
 
     def method(self, routed: Method, question: Question) -> Method:
-        """The method ``routed`` answers ``question`` with (one per selection, made once)."""
+        """The method ``routed`` answers ``question`` with: one per selection, the last few
+        kept (a composition of several cartridges is a KV cache of its own)."""
         names = self.choose(question)
         if not names:
             raise ValueError(f"{routed.name} selected no cartridge for {question.question!r}.")
-        if names not in self._methods:
-            parts = [self.cartridges[name] for name in names]
-            self._methods[names] = replace(
-                routed,
-                name=f"{routed.name}[{'+'.join(names)}]",
-                prefix=parts[0] if len(parts) == 1 else compose(parts),
-                routes=None,
-            )
+        if names in self._methods:
+            self._methods.move_to_end(names)
+            return self._methods[names]
+        parts = [self.cartridges[name] for name in names]
+        self._methods[names] = replace(
+            routed,
+            name=f"{routed.name}[{'+'.join(names)}]",
+            prefix=parts[0] if len(parts) == 1 else compose(parts),
+            routes=None,
+        )
+        while len(self._methods) > _SELECTIONS_KEPT:
+            self._methods.popitem(last=False)
         return self._methods[names]
 
 
@@ -206,7 +216,9 @@ class DocumentCartridges:
         chosen = {name: available[name] for name in names} if names else dict(available)
         if not chosen:
             return None
-        missing = [name for name in {**chosen, **available} if name not in texts]
+        routed = routing is not None and routing.top_k > 0
+        needed = {**chosen, **available} if routed else chosen
+        missing = [name for name in needed if name not in texts]
         if missing:
             raise ValueError(
                 f"The document cartridges {missing} have no document of that name in the corpus "
@@ -218,9 +230,9 @@ class DocumentCartridges:
             corpus_context(together, tokenizer, system_prompt, template_kwargs).ids,
             {name: catalog_version(cartridge) for name, cartridge in available.items()},
             compose,
-            library=dict(available),
-            texts={name: texts[name] for name in available},
-            routing=routing if routing is not None and routing.top_k else None,
+            library=dict(available) if routed else {},
+            texts={name: texts[name] for name in available} if routed else {},
+            routing=routing if routed else None,
         )
 
 
@@ -337,7 +349,8 @@ def _routed_methods(
         library[name] = cartridge.to(model.device, model.dtype)
     names = list(library)
     top_k = min(routing.top_k, len(names))
-    largest = sum(sorted((c.num_tokens for c in library.values()), reverse=True)[:top_k])
+    largest_pick = sorted(names, key=lambda name: -library[name].num_tokens)[:top_k]
+    largest = sum(library[name].num_tokens for name in largest_pick)
     if largest > budget:
         logger.warning(
             "No routed method: %d cartridges can take %d tokens, more than the %d the model has "
@@ -351,25 +364,34 @@ def _routed_methods(
         routing.retriever, [documents.texts[name] for name in names], **routing.retriever_options
     )
     chosen: dict[Question, tuple[str, ...]] = {}
+    unmatched: list[str] = []
 
     def route(question: Question) -> tuple[str, ...]:
         if question not in chosen:
-            chosen[question] = select(retriever.scores(question.question), names, top_k)
+            scores = retriever.scores(question.question)
+            if not (scores > 0).any() and not unmatched:
+                unmatched.append(question.question)
+                logger.warning(
+                    "Routing %r: no document shares a word with it, so it goes to the first %d "
+                    "of the library (and any other such question).",
+                    question.question,
+                    top_k,
+                )
+            chosen[question] = select(scores, names, top_k)
         return chosen[question]
 
     version = " + ".join(documents.versions.get(name, "") for name in names)
     scope = tuple(names)
-    how = f"{routing.retriever} {sorted(routing.retriever_options.items())}"
     methods = [
         Method(
             f"routed_top{top_k}",
             "routed",
-            compose([library[name] for name in names[:top_k]]),  # the size each question gets
+            compose([library[name] for name in largest_pick]),  # the largest a question gets
             version=version,
             note=f"per question, the top {top_k} of {len(names)} document cartridges by "
             f"{routing.retriever}, composed",
             documents=scope,
-            routes=Routes(library, route, f"{how} top {top_k}"),
+            routes=Routes(library, route, _routing_identity(routing, documents.texts, names)),
         )
     ]
     if routing.oracle:
@@ -385,6 +407,21 @@ def _routed_methods(
             )
         )
     return methods
+
+
+def _routing_identity(routing: RoutingConfig, texts: Mapping[str, str], names: list[str]) -> str:
+    """What a routed method's picks depend on besides its cartridges: the retriever, its
+    settings and version, top-k and the texts it indexes (for the saved results' digest)."""
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(f"{name}\0{texts[name]}\0".encode())
+    package = "bm25s" if routing.retriever == "bm25" else routing.retriever.split(".")[0]
+    try:
+        library_version = importlib.metadata.version(package.split(":")[0])
+    except importlib.metadata.PackageNotFoundError:
+        library_version = ""
+    options = sorted(routing.retriever_options.items())
+    return f"{routing.retriever} {library_version} {options} {routing.top_k} {digest.hexdigest()}"
 
 
 def _fit(context: list[int], budget: int, what: str) -> tuple[list[int], str]:
