@@ -278,7 +278,7 @@ def test_the_run_script_prints_no_known_third_party_warning_and_no_colour_codes(
 # claims, at this size: the cartridge of a corpus four times the context answers far more than
 # ICL cut to the context (measured 0.70 vs 0.22), and two cartridges trained separately answer
 # together (0.50, against 0.77 and 0.75 alone); routed by BM25, one document cartridge per
-# question answers better than the whole corpus's cartridge of twice its size (0.90 vs 0.86).
+# question answers better than the whole corpus's cartridge of the same size.
 MULTI_REDUCED = ",".join(
     [
         "self_study.num_conversations=3072",
@@ -312,10 +312,10 @@ def test_the_multi_document_environment_reads_past_the_context_and_composes(proj
     assert accuracy["composition"] > accuracy["no_context"] + 0.2, accuracy.to_dict()
     # Routing: the library of four, one cartridge per question, on the questions about any.
     assert rows.loc["routed_top1", "questions"] == "town_0+town_1+town_2+town_3"
-    assert rows.loc["routed_top1", "kv_tokens"] < rows.loc["cartridge", "kv_tokens"]
+    assert rows.loc["sweep_p32", "kv_tokens"] <= rows.loc["routed_top1", "kv_tokens"] <= 33
     routing = report[report["task"] == "routing"].set_index("method")["quality"]
     assert routing["routed_top1"] >= 0.9, routing.to_dict()
     assert accuracy["routed_top1"] >= 0.9 * accuracy["oracle_selection"], accuracy.to_dict()
-    assert accuracy["routed_top1"] > accuracy["cartridge"], accuracy.to_dict()
+    assert accuracy["routed_top1"] > accuracy["sweep_p32"], accuracy.to_dict()  # equal KV
     saved = (data / "06_models/document_cartridges").glob("*/**/*.safetensors")
     assert sorted(path.stem for path in saved) == [f"town_{k}" for k in range(4)]
