@@ -18,7 +18,8 @@ from cartridges.batching import make_batch, pack_rows
 from cartridges.initialization import from_cartridge
 from cartridges.objective import CartridgeStudent, evaluate_kl
 from cartridges.schedule import lr_at
-from cartridges.training import TrainConfig, train_cartridge
+from cartridges.targets import Example
+from cartridges.training import TrainConfig, planned_tokens, train_cartridge
 from tests.resume_worker import CONFIG
 from tests.training_data import assert_rows_match_alone, setting
 
@@ -204,3 +205,17 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_cartridge(data, tmp_path)
     )
     resumed = torch.load(tmp_path / "out.pt", weights_only=True)
     assert torch.allclose(resumed, reference.keys, atol=1e-6)
+
+
+def test_the_tokens_a_run_trains_on_are_every_step_of_every_epoch():
+    examples = [
+        Example(
+            torch.arange(n),
+            torch.arange(1, n),
+            torch.zeros(n - 1, 1, dtype=torch.long),
+            torch.zeros(n - 1, 1),
+        )
+        for n in (5, 7, 9, 11)
+    ]
+    config = TrainConfig(epochs=3, max_steps=None, global_batch_size=2, micro_batch_size=2)
+    assert planned_tokens(config, examples) == 3 * (5 + 7 + 9 + 11)

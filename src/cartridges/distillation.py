@@ -33,7 +33,7 @@ from cartridges.modeling import pad_token_id
 from cartridges.objective import evaluate_kl
 from cartridges.recipe import Companions, Recipe, Split, initial_cartridge, split_by_document
 from cartridges.tables import ShardedTable
-from cartridges.training import TrainConfig, planned_steps, train_cartridge
+from cartridges.training import TrainConfig, planned_steps, planned_tokens, train_cartridge
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ def distill(
     cartridge.info.extra.update(
         {
             "train_steps": steps,
+            "train_tokens": planned_tokens(config.train, split.training),
             "held_out_kl_initial": kl_before,
             "held_out_kl": kl_after,
             "held_out_conversations": split.held_out_ids,

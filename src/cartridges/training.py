@@ -295,6 +295,14 @@ def planned_steps(config: TrainConfig, examples: Sequence[Example]) -> int:
     return _DataOrder(example_lengths(examples), config, 0, 1).total_steps()
 
 
+def planned_tokens(config: TrainConfig, examples: Sequence[Example]) -> int:
+    """The conversation tokens a run trains on in all (each time an example is read, over every
+    step), however many times it was resumed."""
+    lengths = example_lengths(examples)
+    order = _DataOrder(lengths, config, 0, 1)
+    return sum(lengths[i] for step in range(order.total_steps()) for i in order.indices(step))
+
+
 def train_cartridge(
     model: PreTrainedModel,
     cartridge: Cartridge,

@@ -197,9 +197,11 @@ def test_a_cartridge_rerun_from_a_finished_checkpoint_records_the_steps_it_took(
         "checkpoint_dir": str(tmp_path / "checkpoints"),
     }
     SequentialRunner().run(document_prep() + self_study() + distill_training(), catalog)
-    assert catalog["cartridge"].load().info.extra["train_steps"] == 3
+    first = catalog["cartridge"].load().info.extra
+    assert first["train_steps"] == 3 and first["train_tokens"] > 0
     SequentialRunner().run(distill_training(), catalog)  # resumes the finished run's checkpoint
-    assert catalog["cartridge"].load().info.extra["train_steps"] == 3
+    again = catalog["cartridge"].load().info.extra
+    assert again["train_steps"] == 3 and again["train_tokens"] == first["train_tokens"]
 
 
 def test_an_unknown_objective_is_refused(catalog):
