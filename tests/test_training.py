@@ -19,7 +19,7 @@ from cartridges.initialization import from_cartridge
 from cartridges.objective import CartridgeStudent, evaluate_kl
 from cartridges.schedule import lr_at
 from cartridges.targets import Example
-from cartridges.training import TrainConfig, planned_tokens, train_cartridge
+from cartridges.training import TrainConfig, planned_run, train_cartridge
 from tests.resume_worker import CONFIG
 from tests.training_data import assert_rows_match_alone, setting
 
@@ -218,4 +218,4 @@ def test_the_tokens_a_run_trains_on_are_every_step_of_every_epoch():
         for n in (5, 7, 9, 11)
     ]
     config = TrainConfig(epochs=3, max_steps=None, global_batch_size=2, micro_batch_size=2)
-    assert planned_tokens(config, examples) == 3 * (5 + 7 + 9 + 11)
+    assert planned_run(config, examples)[1] == 3 * (5 + 7 + 9 + 11)

@@ -8,13 +8,13 @@ template switch would silently change what "ICL" and "compression" mean).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
 from cartridges.chat import TemplateKwargs, context_ids
+from cartridges.corpus import text_digest
 
 DOCUMENT_SEPARATOR = "\n\n"
 
@@ -50,5 +50,5 @@ def corpus_context(
     return CorpusContext(
         system_text=system_text,
         ids=context_ids(tokenizer, system_text, template_kwargs),
-        sha256=hashlib.sha256(corpus_text.encode()).hexdigest(),
+        sha256=text_digest(corpus_text),
     )

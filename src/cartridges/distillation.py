@@ -33,7 +33,7 @@ from cartridges.modeling import pad_token_id
 from cartridges.objective import evaluate_kl
 from cartridges.recipe import Companions, Recipe, Split, initial_cartridge, split_by_document
 from cartridges.tables import ShardedTable
-from cartridges.training import TrainConfig, planned_steps, planned_tokens, train_cartridge
+from cartridges.training import TrainConfig, planned_run, train_cartridge
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def distill(
         )
     kl_after = held_out_kl(cartridge)
     # All the run's steps: a resumed run's history holds only the last process's.
-    steps = planned_steps(config.train, split.training)
+    steps, tokens = planned_run(config.train, split.training)
     every = config.train.eval_every
     if not every or steps % every:  # the last step was not an evaluation
         log_generations(cartridge, steps)
@@ -150,7 +150,7 @@ def distill(
     cartridge.info.extra.update(
         {
             "train_steps": steps,
-            "train_tokens": planned_tokens(config.train, split.training),
+            "train_tokens": tokens,
             "held_out_kl_initial": kl_before,
             "held_out_kl": kl_after,
             "held_out_conversations": split.held_out_ids,

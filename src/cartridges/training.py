@@ -290,17 +290,13 @@ class LoopOptions(TypedDict, total=False):
     on_step: Callable[[dict[str, float], int], None] | None
 
 
-def planned_steps(config: TrainConfig, examples: Sequence[Example]) -> int:
-    """The optimiser steps a run takes in all, however many times it was resumed."""
-    return _DataOrder(example_lengths(examples), config, 0, 1).total_steps()
-
-
-def planned_tokens(config: TrainConfig, examples: Sequence[Example]) -> int:
-    """The conversation tokens a run trains on in all (each time an example is read, over every
-    step), however many times it was resumed."""
+def planned_run(config: TrainConfig, examples: Sequence[Example]) -> tuple[int, int]:
+    """The optimiser steps a run takes in all, and the conversation tokens it reads over them
+    (each time an example is read), however many times it was resumed."""
     lengths = example_lengths(examples)
     order = _DataOrder(lengths, config, 0, 1)
-    return sum(lengths[i] for step in range(order.total_steps()) for i in order.indices(step))
+    steps = order.total_steps()
+    return steps, sum(lengths[i] for step in range(steps) for i in order.indices(step))
 
 
 def train_cartridge(

@@ -12,7 +12,6 @@ document's questions).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import logging
 import time
@@ -26,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from cartridges.cartridge import Cartridge, CartridgeMismatchError, compose
 from cartridges.chat import TemplateKwargs
 from cartridges.context import corpus_context
+from cartridges.corpus import text_digest
 from cartridges.initialization import from_token_ids
 from cartridges.lineage import catalog_version
 from cartridges.modeling import context_length, synchronize
@@ -287,20 +287,23 @@ def _document_methods(
     model: PreTrainedModel, documents: DocumentCartridges, budget: int
 ) -> list[Method]:
     """Each document's cartridge on its questions; composed with ICL over the documents."""
-    methods = []
-    for name, cartridge in documents.cartridges.items():
+    ready = {}  # checked and on the model's device, once each
+    for name, cartridge in {**documents.cartridges, **documents.library}.items():
         _check(cartridge, model, f"the cartridge of document {name}")
-        methods.append(
-            Method(
-                f"document_{name}",
-                "document_cartridge",
-                cartridge.to(model.device, model.dtype),
-                version=documents.versions.get(name, ""),
-                documents=(name,),
-            )
+        ready[name] = cartridge.to(model.device, model.dtype)
+    methods = [
+        Method(
+            f"document_{name}",
+            "document_cartridge",
+            ready[name],
+            version=documents.versions.get(name, ""),
+            documents=(name,),
         )
+        for name in documents.cartridges
+    ]
     if documents.routing is not None:
-        methods += _routed_methods(model, documents, documents.routing, budget)
+        library = {name: ready[name] for name in documents.library}
+        methods += _routed_methods(library, documents, documents.routing, budget)
     names = tuple(documents.cartridges)
     if not documents.compose or len(names) < 2:
         return methods
@@ -339,14 +342,14 @@ def _document_methods(
 
 
 def _routed_methods(
-    model: PreTrainedModel, documents: DocumentCartridges, routing: RoutingConfig, budget: int
+    library: Mapping[str, Cartridge],
+    documents: DocumentCartridges,
+    routing: RoutingConfig,
+    budget: int,
 ) -> list[Method]:
-    """The library routed per question by the retriever, and by the oracle (each question's own
-    document), each scored on the questions about any document of the library."""
-    library = {}
-    for name, cartridge in documents.library.items():
-        _check(cartridge, model, f"the cartridge of document {name}")
-        library[name] = cartridge.to(model.device, model.dtype)
+    """The ``library`` (checked, on the model's device) routed per question by the retriever,
+    and by the oracle (each question's own document), each scored on the questions about any
+    document of the library."""
     names = list(library)
     top_k = min(routing.top_k, len(names))
     largest_pick = sorted(names, key=lambda name: -library[name].num_tokens)[:top_k]
@@ -412,16 +415,14 @@ def _routed_methods(
 def _routing_identity(routing: RoutingConfig, texts: Mapping[str, str], names: list[str]) -> str:
     """What a routed method's picks depend on besides its cartridges: the retriever, its
     settings and version, top-k and the texts it indexes (for the saved results' digest)."""
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update(f"{name}\0{texts[name]}\0".encode())
+    indexed = text_digest("\0".join(f"{name}\0{text_digest(texts[name])}" for name in names))
     package = "bm25s" if routing.retriever == "bm25" else routing.retriever.split(".")[0]
     try:
         library_version = importlib.metadata.version(package.split(":")[0])
     except importlib.metadata.PackageNotFoundError:
         library_version = ""
     options = sorted(routing.retriever_options.items())
-    return f"{routing.retriever} {library_version} {options} {routing.top_k} {digest.hexdigest()}"
+    return f"{routing.retriever} {library_version} {options} {routing.top_k} {indexed}"
 
 
 def _fit(context: list[int], budget: int, what: str) -> tuple[list[int], str]:
