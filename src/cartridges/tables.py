@@ -98,8 +98,9 @@ class ShardedTable:
         self.attrs: dict[str, Any] = dict(attrs or {})
         self._files = [Path(f) for f in files]
         self._fingerprint: str | None = None
-        # file index -> (its identity when verified, the (row group, column) pages verified)
-        self._verified: dict[int, tuple[tuple[int, ...], set[tuple[int, str]]]] = {}
+        # file index -> (its identity when verified, per column the row groups verified: one
+        # byte per row group, so 10^11 rows in 64k-row groups cost megabytes, not a set of pairs)
+        self._verified: dict[int, tuple[tuple[int, ...], dict[str, np.ndarray]]] = {}
         self._verified_lock = threading.Lock()
         missing = [str(f) for f in self._files if not f.is_file()]
         if missing:
@@ -352,7 +353,7 @@ class ShardedTable:
                 )
                 cols = list(columns) if columns is not None else None
                 names = cols if cols is not None else parquet.schema_arrow.names
-                fresh, known = self._split_verified(index, identity, groups, names)
+                fresh, known = self._split_verified(index, identity, groups, names, len(sizes))
                 table = parquet.read_row_groups(fresh, columns=cols) if fresh else None
                 if known:
                     plain = pq.ParquetFile(path, metadata=meta, page_checksum_verification=False)
@@ -376,17 +377,25 @@ class ShardedTable:
         return out
 
     def _split_verified(
-        self, index: int, identity: tuple[int, ...], groups: list[int], columns: Sequence[str]
+        self,
+        index: int,
+        identity: tuple[int, ...],
+        groups: list[int],
+        columns: Sequence[str],
+        num_groups: int,
     ) -> tuple[list[int], list[int]]:
         """``groups`` split into those with a page of ``columns`` this handle has not verified
         in the file as it is (``identity``), and those whose pages it all has."""
         with self._verified_lock:
             seen = self._verified.get(index)
             if seen is None or seen[0] != identity:  # new, or changed since: verify afresh
-                seen = self._verified[index] = (identity, set())
-            verified = [all((g, c) in seen[1] for c in columns) for g in groups]
-        fresh = [g for g, done in zip(groups, verified, strict=True) if not done]
-        return fresh, [g for g, done in zip(groups, verified, strict=True) if done]
+                seen = self._verified[index] = (identity, {})
+            done = np.ones(len(groups), dtype=bool)
+            for column in columns:
+                verified = seen[1].setdefault(column, np.zeros(num_groups, dtype=bool))
+                done &= verified[groups]
+        fresh = [g for g, ok in zip(groups, done, strict=True) if not ok]
+        return fresh, [g for g, ok in zip(groups, done, strict=True) if ok]
 
     def _mark_verified(
         self, index: int, identity: tuple[int, ...], groups: list[int], columns: Sequence[str]
@@ -394,7 +403,8 @@ class ShardedTable:
         with self._verified_lock:
             seen = self._verified.get(index)
             if seen is not None and seen[0] == identity:  # not since reset for a newer file
-                seen[1].update((g, c) for g in groups for c in columns)
+                for column in columns:
+                    seen[1][column][groups] = True
 
     def _describe(self) -> str:
         if len(self._files) == 1:
