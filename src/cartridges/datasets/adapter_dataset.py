@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from cartridges.datasets.versioned_folder import VersionedFolderDataset
 
@@ -21,8 +21,8 @@ class AdapterDataset(VersionedFolderDataset[dict[str, bytes]]):
     """
 
     def load(self) -> dict[str, bytes]:
-        directory = Path(self._get_load_path())
-        return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+        folder = PurePosixPath(self._load_folder())
+        return {name: self._store.read_bytes(folder / name) for name in self._files_of(str(folder))}
 
     def save(self, data: dict[str, bytes]) -> None:
         if "adapter_config.json" not in data:

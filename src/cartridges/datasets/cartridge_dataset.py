@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
-from typing import Any
+from collections.abc import Callable
+from pathlib import PurePosixPath
+from typing import Any, TypeVar
 
 from kedro.io import AbstractVersionedDataset, Version
 
@@ -15,6 +16,9 @@ from cartridges.checkpoint import (
     read_metadata,
     save_cartridge,
 )
+from cartridges.storage import Store, open_store
+
+T = TypeVar("T")
 
 
 class CartridgeDataset(AbstractVersionedDataset[Cartridge, Cartridge]):
@@ -26,6 +30,9 @@ class CartridgeDataset(AbstractVersionedDataset[Cartridge, Cartridge]):
           type: cartridges.datasets.CartridgeDataset
           filepath: data/06_models/cartridge.safetensors
           versioned: true
+
+    ``filepath`` may be an fsspec URL (``s3://bucket/cartridge.safetensors``), with Kedro's
+    ``credentials`` and ``fs_args``.
     """
 
     def __init__(
@@ -33,25 +40,32 @@ class CartridgeDataset(AbstractVersionedDataset[Cartridge, Cartridge]):
         filepath: str,
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
+        credentials: dict[str, Any] | None = None,
+        fs_args: dict[str, Any] | None = None,
     ) -> None:
+        self._store, path = open_store(filepath, credentials, fs_args)
         super().__init__(
-            filepath=PurePosixPath(filepath), version=version, exists_function=self._exists_path
+            filepath=PurePosixPath(path),
+            version=version,
+            exists_function=self._store.is_file,
+            glob_function=self._store.fs.glob,
         )
         self.metadata = metadata
 
-    @staticmethod
-    def _exists_path(path: str) -> bool:
-        return Path(path).is_file()
+    @property
+    def store(self) -> Store:
+        return self._store
 
     def load(self) -> Cartridge:
-        cartridge = load_cartridge(self._get_load_path())
+        cartridge = read_cartridge_file(self._store, self._get_load_path(), load_cartridge)
         if self._version is not None:
             # Reports name the exact version they evaluated (the latest resolves to a timestamp).
             version = self.resolve_load_version()
             saved_as = (cartridge.info.extra.get(lineage.LINEAGE) or {}).get("version")
             if saved_as and saved_as != version:
                 raise CartridgeFormatError(
-                    f"The cartridge in version {version} of '{self._filepath}' records that it "
+                    f"The cartridge in version {version} of '{self._store.url(self._filepath)}' "
+                    "records that it "
                     f"was saved as version {saved_as}: it was copied into another version's "
                     f"folder. Load it as --load-versions=<entry>:{saved_as} from its own folder, "
                     "or save it anew."
@@ -60,18 +74,31 @@ class CartridgeDataset(AbstractVersionedDataset[Cartridge, Cartridge]):
         return cartridge
 
     def save(self, data: Cartridge) -> None:
-        save_cartridge(data, self._get_save_path())
+        with self._store.write_file(self._get_save_path()) as temporary:
+            save_cartridge(data, temporary)
 
     def _exists(self) -> bool:
         try:
             path = self._get_load_path()
         except Exception:  # noqa: BLE001 - no version saved yet
             return False
-        return self._exists_path(str(path))
+        return self._store.is_file(path)
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": self._filepath, "version": self._version}
+        return {"filepath": self._store.url(self._filepath), "version": self._version}
 
     def header(self) -> dict[str, str]:
         """The metadata of the version that would be loaded (model, p, initialiser, ...)."""
-        return read_metadata(self._get_load_path())
+        return read_cartridge_file(self._store, self._get_load_path(), read_metadata)
+
+
+def read_cartridge_file(store: Store, path: Any, read: Callable[[Any], T]) -> T:
+    """``read`` of a cartridge file in ``store`` (downloaded first from an object store), its
+    errors naming the file where it is."""
+    with store.local_copy(path) as local:
+        try:
+            return read(local)
+        except CartridgeFormatError as error:
+            if store.is_local:
+                raise
+            raise CartridgeFormatError(str(error).replace(str(local), store.url(path))) from error

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from cartridges.cartridge import Cartridge
 from cartridges.checkpoint import load_cartridge, save_cartridge
+from cartridges.datasets.cartridge_dataset import read_cartridge_file
 from cartridges.datasets.versioned_folder import VersionedFolderDataset
 
 
@@ -21,8 +22,14 @@ class CartridgeSetDataset(VersionedFolderDataset[dict[str, Cartridge]]):
     """
 
     def load(self) -> dict[str, Cartridge]:
-        folder = Path(self._get_load_path())
-        return {path.stem: load_cartridge(path) for path in sorted(folder.glob("*.safetensors"))}
+        folder = PurePosixPath(self._load_folder())
+        return {
+            PurePosixPath(name).stem: read_cartridge_file(
+                self._store, folder / name, load_cartridge
+            )
+            for name in self._files_of(str(folder))
+            if name.endswith(".safetensors")
+        }
 
     def save(self, data: dict[str, Cartridge]) -> None:
         for name in data:

@@ -10,11 +10,13 @@ and whatever it writes is also logged to MLflow.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 import mlflow
 from kedro.io import AbstractDataset, Version
+
+from cartridges.storage import store_of
 
 logger = logging.getLogger(__name__)
 
@@ -69,22 +71,24 @@ class MlflowArtifactDataset(AbstractDataset[Any, Any]):
         self._inner.save(data)
         if mlflow.active_run() is None:
             return
-        path = self._written_path()
-        if path is None or not path.exists():
+        path, store = self._written_path(), store_of(self._inner)
+        if path is None or not store.exists(path):
             logger.warning("Nothing to log to MLflow for %s: no file at %s.", self._inner, path)
-        elif path.is_dir():
-            mlflow.log_artifacts(str(path), self._artifact_path)
-        else:
-            mlflow.log_artifact(str(path), self._artifact_path)
+            return
+        with store.local_copy(path) as local:  # a download when the store is remote
+            if local.is_dir():
+                mlflow.log_artifacts(str(local), self._artifact_path)
+            else:
+                mlflow.log_artifact(str(local), self._artifact_path)
 
-    def _written_path(self) -> Path | None:
+    def _written_path(self) -> PurePosixPath | None:
         inner = self._inner
         if hasattr(inner, "_get_save_path") and getattr(inner, "_version", None) is not None:
             # The version just written: _get_save_path would refuse to name it twice.
-            return Path(str(inner._get_versioned_path(inner.resolve_save_version())))
+            return PurePosixPath(str(inner._get_versioned_path(inner.resolve_save_version())))
         for attribute in ("_filepath", "_path"):
             if hasattr(inner, attribute):
-                return Path(str(getattr(inner, attribute)))
+                return PurePosixPath(str(getattr(inner, attribute)))
         return None
 
     def _exists(self) -> bool:

@@ -7,6 +7,8 @@ row is read until a consumer asks. Writes are atomic (the version folder appears
 every shard is written), and a manifest of every shard's size and row count lets a load refuse
 a version whose shard was deleted or truncated afterwards, instead of training on less data.
 The manifest also keeps the table's ``attrs`` (the self-study run id, the lineage record).
+The folder may be on an object store (an fsspec URL): the manifest is uploaded last and is the
+version's commit, and reads fetch row groups by byte range.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
@@ -24,9 +26,8 @@ from kedro.io import Version
 
 from cartridges.datasets.versioned_folder import VersionedFolderDataset
 from cartridges.files import make_read_only
+from cartridges.storage import MANIFEST, Store, local_store
 from cartridges.tables import ShardedTable, ShardError, parquet_writer, write_parquet
-
-MANIFEST = "_manifest.json"
 
 
 class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
@@ -45,6 +46,9 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
           rows_per_shard: 1000000
           row_group_size: 65536
           versioned: true
+
+    ``filepath`` may be an fsspec URL (``s3://bucket/teacher_logprobs``), with Kedro's
+    ``credentials`` and ``fs_args``.
     """
 
     def __init__(
@@ -54,34 +58,39 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
         row_group_size: int = 65_536,
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
+        credentials: dict[str, Any] | None = None,
+        fs_args: dict[str, Any] | None = None,
     ) -> None:
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}.")
         if row_group_size < 1:
             raise ValueError(f"row_group_size must be >= 1, got {row_group_size}.")
-        super().__init__(filepath, version, metadata)
+        super().__init__(filepath, version, metadata, credentials, fs_args)
         self._rows_per_shard = rows_per_shard
         self._row_group_size = row_group_size
 
-    def shards(self) -> list[Path]:
-        """The shard files of the version that would be loaded, in order."""
-        folder = Path(self._get_load_path())
-        manifest = folder / MANIFEST
-        if manifest.is_file():
-            return [folder / entry["file"] for entry in json.loads(manifest.read_text())["shards"]]
-        return sorted(folder.glob("part-*.parquet"))  # versions written before the manifest
+    def shards(self) -> list[PurePosixPath]:
+        """The shard files of the version that would be loaded, in order (paths in its store:
+        ``Path`` objects on a local disk)."""
+        folder = PurePosixPath(str(self._get_load_path()))
+        manifest = _manifest(self._store, folder)
+        if manifest is not None:
+            names = [entry["file"] for entry in manifest["shards"]]
+        else:  # versions written before the manifest
+            names = [n for n in self._store.children(folder) if n.startswith("part-")]
+        kind = Path if self._store.is_local else PurePosixPath
+        return [kind(folder / name) for name in names]
 
     def load(self) -> ShardedTable:
-        folder = Path(self._get_load_path())
-        if not folder.is_dir():
-            raise FileNotFoundError(f"No saved version at '{folder}'.")
-        manifest = folder / MANIFEST
-        if manifest.is_file():
-            self._check_manifest(folder, json.loads(manifest.read_text()))
+        folder = PurePosixPath(self._load_folder())
+        manifest = _manifest(self._store, folder)
+        if manifest is not None:
+            self._check_manifest(self._store, folder, manifest)
         shards = self.shards()
         if not shards:
-            raise FileNotFoundError(f"No parquet shard in '{folder}'.")
-        return ShardedTable(shards, attrs=read_attrs(folder))
+            raise FileNotFoundError(f"No parquet shard in '{self._store.url(folder)}'.")
+        attrs = (manifest or {}).get("attrs") or {}
+        return ShardedTable(shards, attrs=attrs, store=self._store)
 
     def save(self, data: pd.DataFrame | ShardedTable) -> None:
         if isinstance(data, ShardedTable):
@@ -106,7 +115,7 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
                 }
                 for name in names
             ]
-            manifest = {"shards": entries, "attrs": data.attrs}
+            manifest = {"shards": entries, "attrs": data.attrs}  # written last: the commit
             (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
 
         self._save_folder(write_with_manifest)
@@ -138,10 +147,10 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
                     (footer.row_group(g).num_rows for g in range(footer.num_row_groups)), default=0
                 )
                 if largest <= self._row_group_size:
-                    _link_or_copy(source, target)
+                    _link_or_copy(table.store, source, target)
                     continue
                 with parquet_writer(target, schema) as writer:
-                    for batch in ShardedTable([source]).iter_batches(
+                    for batch in ShardedTable([source], store=table.store).iter_batches(
                         batch_size=self._row_group_size
                     ):
                         writer.write_batch(batch, row_group_size=self._row_group_size)
@@ -150,18 +159,21 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
         return write
 
     @staticmethod
-    def _check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    def _check_manifest(store: Store, folder: PurePosixPath, manifest: dict[str, Any]) -> None:
+        present = set(store.children(folder))
         for entry in manifest["shards"]:
             path = folder / entry["file"]
-            if not path.is_file():
+            if entry["file"] not in present:
                 raise ShardError(
-                    f"Shard '{path}' is missing: the version lists {len(manifest['shards'])} "
-                    "shards; it was deleted after it was written. Re-run the stage that writes it."
+                    f"Shard '{store.url(path)}' is missing: the version lists "
+                    f"{len(manifest['shards'])} shards; it was deleted after it was written. "
+                    "Re-run the stage that writes it."
                 )
-            size = path.stat().st_size
+            size = store.size(path)
             if size != entry["bytes"]:
                 raise ShardError(
-                    f"Shard '{path}' has {size} bytes but was written with {entry['bytes']}: "
+                    f"Shard '{store.url(path)}' has {size} bytes but was written with "
+                    f"{entry['bytes']}: "
                     "it was truncated or changed after it was written. Re-run the stage that "
                     "writes it."
                 )
@@ -173,17 +185,26 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
         }
 
 
-def read_attrs(folder: str | os.PathLike) -> dict[str, Any]:
+def read_attrs(folder: str | os.PathLike, store: Store | None = None) -> dict[str, Any]:
     """The table metadata (``attrs``: run id, lineage) saved with a version folder, if any."""
-    manifest = Path(folder) / MANIFEST
-    if not manifest.is_file():
-        return {}
-    return json.loads(manifest.read_text()).get("attrs") or {}
+    manifest = _manifest(store or local_store(), PurePosixPath(str(folder)))
+    return (manifest or {}).get("attrs") or {}
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    """A hard link (no bytes copied): the file is read-only, and its page checksums are verified
-    wherever it is read, so neither name can silently change what the other holds."""
+def _manifest(store: Store, folder: PurePosixPath) -> dict[str, Any] | None:
+    try:
+        return json.loads(store.read_text(folder / MANIFEST))
+    except FileNotFoundError:
+        return None
+
+
+def _link_or_copy(store: Store, source: Path | PurePosixPath, target: Path) -> None:
+    """A hard link (no bytes copied) of a local file: it is read-only, and its page checksums are
+    verified wherever it is read, so neither name can silently change what the other holds. A
+    file on an object store is downloaded."""
+    if not store.is_local:
+        store.fs.get_file(str(source), str(target))
+        return
     try:
         os.link(source, target)
     except OSError:  # another file system, or links not supported

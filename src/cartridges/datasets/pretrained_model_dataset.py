@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 from kedro.io import AbstractDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cartridges.files import atomic_folder
 from cartridges.modeling import load_model
+from cartridges.storage import open_store
 
 
 class PretrainedModelDataset(
@@ -20,26 +20,35 @@ class PretrainedModelDataset(
 ):
     """``(model, tokenizer)`` through ``save_pretrained`` / :func:`cartridges.modeling.load_model`.
 
-    Not versioned on purpose: the directory is what ``model.name_or_path`` points at.
+    Not versioned on purpose: the directory is what ``model.name_or_path`` points at. ``path``
+    may be an fsspec URL (with ``credentials`` and ``fs_args``): loading downloads it first.
     """
 
-    def __init__(self, path: str, metadata: dict[str, Any] | None = None) -> None:
-        self._path = Path(path)
+    def __init__(
+        self,
+        path: str,
+        metadata: dict[str, Any] | None = None,
+        credentials: dict[str, Any] | None = None,
+        fs_args: dict[str, Any] | None = None,
+    ) -> None:
+        self._store, location = open_store(path, credentials, fs_args)
+        self._path = PurePosixPath(location)
         self.metadata = metadata
 
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        return load_model(str(self._path))
+        with self._store.local_copy(self._path) as local:
+            return load_model(str(local))
 
     def save(self, data: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
         """Replace the directory whole: a crash mid-save keeps the previous model, never a
         half-written one that ``model.name_or_path`` would load."""
         model, tokenizer = data
-        with atomic_folder(self._path, replace=True) as temporary:
+        with self._store.write_folder(self._path, replace=True) as temporary:
             model.save_pretrained(temporary)
             tokenizer.save_pretrained(temporary)
 
     def _exists(self) -> bool:
-        return (self._path / "config.json").is_file()
+        return self._store.is_file(self._path / "config.json")
 
     def _describe(self) -> dict[str, Any]:
-        return {"path": str(self._path)}
+        return {"path": self._store.url(self._path)}

@@ -8,42 +8,68 @@ from typing import Any, TypeVar
 
 from kedro.io import AbstractVersionedDataset, Version
 
-from cartridges.files import atomic_folder
+from cartridges.storage import MANIFEST, Store, open_store
 
 T = TypeVar("T")
 
 
 class VersionedFolderDataset(AbstractVersionedDataset[T, T]):
-    """A version is a folder; it is written beside its final name and renamed when complete,
-    so a crash mid-save never leaves a half-written version that a later load would pick up.
+    """A version is a folder, on a local disk or an object store (any fsspec URL, with Kedro's
+    ``credentials`` and ``fs_args``). It is written whole before it counts: locally beside its
+    final name and renamed, on a store uploaded with its manifest last, so a crash mid-save
+    never leaves a half-written version that a later load would pick up.
     """
 
     def __init__(
-        self, filepath: str, version: Version | None = None, metadata: dict[str, Any] | None = None
+        self,
+        filepath: str,
+        version: Version | None = None,
+        metadata: dict[str, Any] | None = None,
+        credentials: dict[str, Any] | None = None,
+        fs_args: dict[str, Any] | None = None,
     ) -> None:
+        self._store, path = open_store(filepath, credentials, fs_args)
         super().__init__(
-            filepath=PurePosixPath(filepath),
+            filepath=PurePosixPath(path),
             version=version,
-            exists_function=lambda path: Path(path).is_dir(),
+            exists_function=self._store.is_complete_folder,
+            glob_function=self._store.fs.glob,
         )
         self.metadata = metadata
 
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    def _load_folder(self) -> str:
+        """The folder of the version to load; a clear error when there is none."""
+        folder = str(self._get_load_path())
+        if not self._store.is_complete_folder(folder):
+            raise FileNotFoundError(f"No saved version at '{self._store.url(folder)}'.")
+        return folder
+
     def _save_folder(self, write: Callable[[Path], None]) -> None:
-        """Run ``write`` on an empty temporary folder, then move it to the version's path."""
+        """Run ``write`` on an empty local folder, then make it the version's folder, whole."""
         # An unversioned entry is rewritten by every run: replace it whole, never in place.
-        with atomic_folder(self._get_save_path(), replace=self._version is None) as temporary:
+        with self._store.write_folder(
+            self._get_save_path(), replace=self._version is None
+        ) as temporary:
             write(temporary)
+
+    def _files_of(self, folder: str) -> list[str]:
+        """The data files of a saved version folder (its manifest left out)."""
+        return [name for name in self._store.children(folder) if name != MANIFEST]
 
     @staticmethod
     def _check_file_name(name: str, what: str) -> None:
-        if Path(name).name != name or name.startswith("."):
+        if Path(name).name != name or name.startswith(".") or name == MANIFEST:
             raise ValueError(f"{what} name {name!r} must be a plain file name.")
 
     def _exists(self) -> bool:
         try:
-            return Path(self._get_load_path()).is_dir()
+            return self._store.is_complete_folder(str(self._get_load_path()))
         except Exception:  # noqa: BLE001 - no version saved yet
             return False
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": self._filepath, "version": self._version}
+        return {"filepath": self._store.url(self._filepath), "version": self._version}

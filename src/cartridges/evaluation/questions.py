@@ -10,7 +10,8 @@ import json
 import os
 import string
 from dataclasses import dataclass
-from pathlib import Path
+
+from cartridges.storage import Store, local_store
 
 LETTERS = string.ascii_uppercase
 
@@ -42,27 +43,31 @@ class Question:
         return self.options.index(self.answer)
 
 
-def load_questions(path: str | os.PathLike) -> list[Question]:
-    """Read and check a questions file; every error names the file and the line.
+def load_questions(path: str | os.PathLike, store: Store | None = None) -> list[Question]:
+    """Read and check a questions file (local, or in ``store``); every error names the file
+    and the line.
 
     Raises:
         QuestionsError: the file is missing, or a line is not a valid question record, or the
             file holds no question.
     """
-    path = Path(path)
-    if not path.is_file():
+    store = store or local_store()
+    where = store.url(path)
+    try:
+        text = store.read_text(path)
+    except (FileNotFoundError, IsADirectoryError):
         raise QuestionsError(
-            f"Questions file '{path}' not found: write one JSON object per line "
+            f"Questions file '{where}' not found: write one JSON object per line "
             '({"question": ..., "answer": ..., "options": [...] optional}) there, or point '
             "the `questions` catalog entry (conf/base/catalog.yml) at your file."
-        )
-    questions = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                questions.append(_parse(line, f"{path} line {number}"))
+        ) from None
+    questions = [
+        _parse(line, f"{where} line {number}")
+        for number, line in enumerate(text.splitlines(), start=1)
+        if line.strip()
+    ]
     if not questions:
-        raise QuestionsError(f"Questions file '{path}' holds no question (it is empty).")
+        raise QuestionsError(f"Questions file '{where}' holds no question (it is empty).")
     return questions
 
 
