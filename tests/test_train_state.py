@@ -32,7 +32,7 @@ def test_a_checkpoint_restores_the_tensors_the_optimiser_and_the_step(data, tmp_
     student.trainable()[0].sum().backward()
     optimizer.step()
     save_state(tmp_path, "key", 7, student, optimizer)
-    assert saved_state(tmp_path) == tmp_path / STATE_FILE
+    assert str(saved_state(tmp_path)) == str(tmp_path / STATE_FILE)
     assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]  # no temporary left behind
 
     fresh, fresh_optimizer = _student(data)

@@ -23,10 +23,15 @@ catalog entry); without them the client reads its usual environment (``AWS_ACCES
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -38,17 +43,36 @@ import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 from kedro.io.core import get_protocol_and_path
 
-from cartridges.files import atomic_folder, atomic_write
+from cartridges.files import atomic_folder, atomic_write, exclusive_lock
 
-__all__ = ["MANIFEST", "Store", "StoreConflictError", "local_store", "open_store", "store_of"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MANIFEST",
+    "Location",
+    "Store",
+    "StoreConflictError",
+    "StoreLockError",
+    "local_store",
+    "open_store",
+    "store_of",
+]
 
 MANIFEST = "_manifest.json"
 """The file that completes a folder version: written last, so its presence means the rest is
 there (every folder dataset writes one; on an object store it is the commit)."""
 
 
+LEASE_SECONDS = 60.0
+"""How long a lock on an object store outlives a holder that stopped renewing it (killed)."""
+
+
 class StoreConflictError(FileExistsError):
     """A write-if-absent found the name already taken (another writer got there first)."""
+
+
+class StoreLockError(RuntimeError):
+    """The store cannot take a lock (its client has no conditional writes)."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +215,11 @@ class Store:
             return
         try:
             self.fs.pipe_file(str(path), data, IfNoneMatch="*")
+        except TypeError as error:  # a client without conditional writes
+            raise StoreLockError(
+                f"'{self.url(path)}': this store's client cannot write only-if-absent ({error}), "
+                "so it cannot be locked; keep this folder on a local or shared file system."
+            ) from error
         except OSError as error:
             if "pre-condition" in str(error).lower() or "precondition" in str(error).lower():
                 raise StoreConflictError(f"'{self.url(path)}' already exists.") from error
@@ -226,6 +255,34 @@ class Store:
                 self.fs.put_file(str(file), f"{target}/{file.relative_to(temporary).as_posix()}")
             self.fs.put_file(str(temporary / MANIFEST), f"{target}/{MANIFEST}")
 
+    @contextmanager
+    def lock(
+        self,
+        path: str | os.PathLike,
+        on_wait: Callable[[], None] | None = None,
+        lease_seconds: float = LEASE_SECONDS,
+    ) -> Iterator[None]:
+        """Hold ``path`` as an exclusive lock for the block; a second holder waits its turn.
+
+        Locally an advisory lock (``flock``), released by the operating system when its holder
+        exits, even killed. An object store has no lock, so the lock is a *lease*: an object
+        created only if absent (a conditional write, atomic on the server), naming its holder
+        and renewed every quarter of ``lease_seconds`` by a thread; a lease not renewed for
+        ``lease_seconds`` (its holder was killed) is taken over. It assumes the machines'
+        clocks agree to well within ``lease_seconds``, and a store that refuses conditional
+        writes is refused here, clearly, rather than locked by a check-then-write race.
+        """
+        if self.is_local:
+            with exclusive_lock(path, on_wait=on_wait):
+                yield
+            return
+        lease = _Lease(self, str(path), lease_seconds)
+        lease.acquire(on_wait)
+        try:
+            yield
+        finally:
+            lease.release()
+
     def remove(self, path: str | os.PathLike) -> None:
         """Delete a file or a folder; the manifest first, so a half-removed version is none."""
         if self.is_local:
@@ -242,6 +299,71 @@ class Store:
             self.fs.rm(str(path), recursive=True)
 
 
+class _Lease:
+    """An exclusive lease on an object store (see :meth:`Store.lock`)."""
+
+    def __init__(self, store: Store, path: str, seconds: float) -> None:
+        self.store, self.path, self.seconds = store, path, seconds
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _record(self) -> bytes:
+        return json.dumps({"owner": self.owner, "renewed": time.time()}).encode()
+
+    def acquire(self, on_wait: Callable[[], None] | None) -> None:
+        waited = False
+        while True:
+            try:
+                self.store.put_if_absent(self.path, self._record())
+                break
+            except StoreConflictError:
+                holder = self._holder()
+                if holder is not None and time.time() - holder["renewed"] > self.seconds:
+                    logger.warning(
+                        "Taking over the lease %s: its holder %s has not renewed it for %.0f s "
+                        "(killed?).",
+                        self.store.url(self.path),
+                        holder.get("owner"),
+                        time.time() - holder["renewed"],
+                    )
+                    if self._holder() == holder:  # still the stale one, not a new holder's
+                        self.store.fs.rm_file(self.path)
+                    continue
+                if not waited and on_wait is not None:
+                    on_wait()
+                waited = True
+                time.sleep(min(2.0, self.seconds / 4))
+        self._renewer = threading.Thread(target=self._renew, daemon=True, name="lease")
+        self._renewer.start()
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.store.read_text(self.path))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.seconds / 4):
+            holder = self._holder()
+            if holder is None or holder.get("owner") != self.owner:
+                logger.error(
+                    "Lost the lease %s to %s: another process may write the same folder.",
+                    self.store.url(self.path),
+                    (holder or {}).get("owner"),
+                )
+                return
+            self.store.fs.pipe_file(self.path, self._record())
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        holder = self._holder()
+        if holder is not None and holder.get("owner") == self.owner:
+            self.store.fs.rm_file(self.path)
+
+
 class _RangeReads(pafs.FSSpecHandler):
     """Files opened without read-ahead: parquet asks for the byte ranges it needs (a footer, the
     column chunks of a row group) and each is one ranged GET, not a block of the rest of the
@@ -249,6 +371,73 @@ class _RangeReads(pafs.FSSpecHandler):
 
     def open_input_file(self, path: str):
         return pa.PythonFile(self.fs.open(path, mode="rb", cache_type="none"), mode="r")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A file or folder the library writes outside the catalog (self-study's ``shard_dir``,
+    training's ``checkpoint_dir``, evaluation's ``results_dir``): a local path or a URL, whose
+    client reads its credentials from the environment."""
+
+    store: Store
+    path: str
+
+    @classmethod
+    def of(cls, where: str | os.PathLike | Location) -> Location:
+        if isinstance(where, Location):
+            return where
+        store, path = open_store(where)
+        return cls(store, path)
+
+    def __truediv__(self, name: str) -> Location:
+        return Location(self.store, f"{self.path.rstrip('/')}/{name}")
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.path).name
+
+    @property
+    def parent(self) -> Location:
+        return Location(self.store, str(PurePosixPath(self.path).parent))
+
+    def __str__(self) -> str:
+        return self.store.url(self.path)
+
+    def __fspath__(self) -> str:
+        """A local path, for the libraries that only open files (a store's path is a URL)."""
+        return str(self)
+
+    def exists(self) -> bool:
+        return self.store.exists(self.path)
+
+    def is_file(self) -> bool:
+        return self.store.is_file(self.path)
+
+    def children(self) -> list[str]:
+        return self.store.children(self.path)
+
+    def read_bytes(self) -> bytes:
+        return self.store.read_bytes(self.path)
+
+    def read_text(self) -> str:
+        return self.store.read_text(self.path)
+
+    def write_bytes(self, data: bytes) -> None:
+        self.store.write_bytes(self.path, data)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode("utf-8"))
+
+    def write_file(self):
+        """See :meth:`Store.write_file`."""
+        return self.store.write_file(self.path)
+
+    def local_copy(self):
+        """See :meth:`Store.local_copy`."""
+        return self.store.local_copy(self.path)
+
+    def remove(self) -> None:
+        self.store.remove(self.path)
 
 
 def _add_manifest(folder: Path) -> None:

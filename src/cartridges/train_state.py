@@ -1,10 +1,11 @@
 """Resumable training state: which run a checkpoint belongs to, and saving and restoring it.
 
 A checkpoint holds the student's trainable tensors, the optimiser and the number of steps done,
-written with :func:`~cartridges.files.atomic_write`, so a run killed mid-write leaves the
-previous checkpoint whole. It is restored only by a run with the same key (parameters, kind of
-student, initial tensors, data): a run that changed anything starts afresh rather than
-continuing another run's optimisation. When to checkpoint is the loop's business
+written whole or not at all (:class:`~cartridges.storage.Location`: a local rename, or one upload
+to an object store), so a run killed mid-write leaves the previous checkpoint whole, and a run on
+another machine sharing the store resumes from it. It is restored only by a run with the same key
+(parameters, kind of student, initial tensors, data): a run that changed anything starts afresh
+rather than continuing another run's optimisation. When to checkpoint is the loop's business
 (``cartridges.training``); what the tensors mean is the student's (``cartridges.objective``).
 """
 
@@ -13,16 +14,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from cartridges.batching import Example
-from cartridges.files import atomic_write
 from cartridges.objective import Student
+from cartridges.storage import Location
 
 if TYPE_CHECKING:
     from cartridges.training import TrainConfig
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+
+Where = str | os.PathLike | Location  # a local folder, a URL, or a location in a store
 
 
 def run_key(config: TrainConfig, student: Student, examples: Sequence[Example]) -> str:
@@ -55,14 +58,14 @@ def run_key(config: TrainConfig, student: Student, examples: Sequence[Example]) 
     return digest.hexdigest()[:16]
 
 
-def saved_state(directory: Path | None) -> Path | None:
+def saved_state(directory: Where | None) -> Location | None:
     """The checkpoint file in ``directory``, if one has been written."""
-    path = directory / STATE_FILE if directory is not None else None
-    return path if path is not None and path.exists() else None
+    path = Location.of(directory) / STATE_FILE if directory is not None else None
+    return path if path is not None and path.is_file() else None
 
 
 def save_state(
-    directory: Path, key: str, step: int, student: Student, optimizer: torch.optim.Optimizer
+    directory: Where, key: str, step: int, student: Student, optimizer: torch.optim.Optimizer
 ) -> None:
     """Atomically write everything needed to resume after ``step`` optimiser steps."""
     state = {
@@ -71,18 +74,19 @@ def save_state(
         "trainable": [tensor.detach().cpu() for tensor in student.trainable()],
         "optimizer": optimizer.state_dict(),
     }
-    with atomic_write(directory / STATE_FILE) as temporary:
+    with (Location.of(directory) / STATE_FILE).write_file() as temporary:
         torch.save(state, temporary)
 
 
 def load_state(
-    directory: Path, key: str, student: Student, optimizer: torch.optim.Optimizer
+    directory: Where, key: str, student: Student, optimizer: torch.optim.Optimizer
 ) -> int:
     """Restore a matching checkpoint into ``student`` and ``optimizer``; return its step."""
     path = saved_state(directory)
     if path is None:
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with path.local_copy() as local:
+        state = torch.load(local, map_location="cpu", weights_only=True)
     if state["key"] != key:
         logger.warning("Ignoring checkpoint %s: it belongs to a different run.", path)
         return 0

@@ -26,7 +26,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
 from typing import TypedDict, Unpack
 
 import torch
@@ -44,6 +43,7 @@ from cartridges.modeling import sliding_window
 from cartridges.objective import CartridgeStudent, Student, held_out_kl
 from cartridges.progress import progress_bar
 from cartridges.schedule import SHAPES, lr_at
+from cartridges.storage import Location
 from cartridges.target_store import example_lengths, prefetch
 from cartridges.train_state import load_state, run_key, save_state, saved_state
 
@@ -269,7 +269,7 @@ def _accumulate(
 
 
 def _check_finite(
-    loss: torch.Tensor, grad_norm: torch.Tensor, step: int, directory: Path | None
+    loss: torch.Tensor, grad_norm: torch.Tensor, step: int, directory: Location | None
 ) -> None:
     """Stop before a non-finite step updates the trainable tensors, naming what to resume."""
     if torch.isfinite(loss) and torch.isfinite(grad_norm):
@@ -367,7 +367,7 @@ def train(
     order = _DataOrder(example_lengths(examples), config, rank, world_size)
     total = order.total_steps()
     key = run_key(config, student, examples)
-    directory = Path(checkpoint_dir) / key if checkpoint_dir is not None else None
+    directory = Location.of(checkpoint_dir) / key if checkpoint_dir is not None else None
     start = load_state(directory, key, student, optimizer) if directory else 0
     history: list[dict[str, float]] = []
     # This process's examples of the coming steps, read ahead in the background.

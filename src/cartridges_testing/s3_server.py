@@ -56,8 +56,11 @@ class S3Server:
     def filesystem(self):
         import s3fs
 
-        return s3fs.S3FileSystem(
-            key=ACCESS_KEY, secret=SECRET_KEY, client_kwargs={"endpoint_url": self.endpoint}
+        return s3fs.S3FileSystem(  # no listings cache: tests watch other processes write
+            key=ACCESS_KEY,
+            secret=SECRET_KEY,
+            client_kwargs={"endpoint_url": self.endpoint},
+            use_listings_cache=False,
         )
 
     def url(self, key: str) -> str:

@@ -1,4 +1,4 @@
-"""Finished (method, task) results of an evaluation, kept on disk so that a stopped run resumes.
+"""Finished (method, task) results of an evaluation, kept (on disk or an object store) to resume.
 
 Each result (a task's report rows for one method, or a method's cost columns) is written, whole
 and atomically, as soon as it is computed, under a folder named by a digest of everything the
@@ -19,7 +19,6 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -30,8 +29,8 @@ from cartridges.evaluation.config import EvalConfig
 from cartridges.evaluation.conversations import HeldOutConversation
 from cartridges.evaluation.methods import Method
 from cartridges.evaluation.questions import Question
-from cartridges.files import atomic_write
 from cartridges.modeling import model_fingerprint
+from cartridges.storage import Location
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +47,18 @@ class EvaluationResults:
     """
 
     def __init__(self, directory: str | os.PathLike | None = None, key: str = "") -> None:
-        self.folder = Path(directory) / key if directory is not None else None
+        self.folder = Location.of(directory) / key if directory is not None else None
         self._digests: dict[int, str] = {}
 
     def load(self, method: Method, task: str) -> Any | None:
         """What was saved for ``(method, task)``, or ``None``."""
         path = self._path(method, task)
-        if path is None or not path.is_file():
+        if path is None:
             return None
         try:
             return json.loads(path.read_text())["value"]
+        except FileNotFoundError:
+            return None
         except (OSError, ValueError, KeyError) as error:  # written atomically: not expected
             logger.warning("Ignoring unreadable evaluation result %s (%s).", path, error)
             return None
@@ -68,10 +69,9 @@ class EvaluationResults:
         if path is None:
             return
         record = {"method": method.name, "task": task, "value": value}
-        with atomic_write(path) as temporary:
-            temporary.write_text(json.dumps(record, default=_plain))
+        path.write_text(json.dumps(record, default=_plain))  # whole or not at all
 
-    def _path(self, method: Method, task: str) -> Path | None:
+    def _path(self, method: Method, task: str) -> Location | None:
         if self.folder is None:
             return None
         if id(method) not in self._digests:

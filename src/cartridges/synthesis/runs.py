@@ -3,7 +3,8 @@
 Many batches run at once when the backend can serve them (a fleet of servers); each is written
 to its own shard as soon as it completes, in whatever order they complete, so a run killed at
 any point (even ``kill -9``) and restarted runs only the missing batches and produces the same
-conversations, none lost and none twice. What one batch holds is
+conversations, none lost and none twice. The shard folder may be on an object store (a URL): a
+job killed on one machine resumes on another. What one batch holds is
 ``cartridges.synthesis.self_study``'s part; this module only schedules, stores and resumes.
 """
 
@@ -17,15 +18,15 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cartridges.files import atomic_write, exclusive_lock, make_read_only
+from cartridges.files import make_read_only
 from cartridges.lineage import RUN_ID
 from cartridges.progress import progress_bar
+from cartridges.storage import Location
 from cartridges.synthesis.backends import Backend, BackendError
 from cartridges.synthesis.self_study import Conversation, SelfStudy, SelfStudyConfig
 from cartridges.tables import ShardedTable, ShardError, parquet_file, write_parquet
@@ -99,31 +100,39 @@ LOCK_FILE = ".lock"
 """Held by the process running a self-study into its directory: a second one waits its turn."""
 
 
-def _shard(directory: Path, kind: str, batch_index: int) -> Path:
+def _shard(directory: Location, kind: str, batch_index: int) -> Location:
     return directory / f"{kind}-{batch_index:06d}.parquet"
 
 
-def _write_atomically(table: pa.Table, path: Path) -> None:
+def _write_atomically(table: pa.Table, path: Location) -> None:
     # Bounded row groups: training reads one conversation's targets by decoding its row group.
     # Read-only once written: catalog versions hard-link these files, so no writer may alter
     # them in place (a byte changed anyway fails its page checksum when read).
-    with atomic_write(path) as temporary:
+    with path.write_file() as temporary:
         write_parquet(table, temporary, row_group_size=ROW_GROUP_SIZE)
         make_read_only(temporary)
 
 
-def _write_batch(directory: Path, batch_index: int, conversations: list[Conversation]) -> None:
+def _write_batch(directory: Location, batch_index: int, conversations: list[Conversation]) -> None:
     conversations_table, targets_table = conversation_tables(conversations)
     # The targets shard first: a conversations shard marks the batch complete.
     _write_atomically(targets_table, _shard(directory, "targets", batch_index))
     _write_atomically(conversations_table, _shard(directory, "conversations", batch_index))
 
 
-def _finished_batches(directory: Path) -> set[int]:
-    return {int(p.stem.split("-")[1]) for p in directory.glob("conversations-*.parquet")}
+def _finished_batches(directory: Location) -> set[int]:
+    return {
+        int(name.removesuffix(".parquet").split("-")[1])
+        for name in directory.children()
+        if name.startswith("conversations-") and name.endswith(".parquet")
+    }
 
 
-def _intact_batches(directory: Path, finished: set[int]) -> set[int]:
+def _table(*files: Location) -> ShardedTable:
+    return ShardedTable([f.path for f in files], store=files[0].store)
+
+
+def _intact_batches(directory: Location, finished: set[int]) -> set[int]:
     """The finished batches whose shards pass every page checksum; the others are removed
     (with a warning naming the file) so that they are synthesised again."""
     intact = set()
@@ -131,12 +140,12 @@ def _intact_batches(directory: Path, finished: set[int]) -> set[int]:
         for batch_index in sorted(finished):
             try:
                 for kind in ("targets", "conversations"):
-                    ShardedTable([_shard(directory, kind, batch_index)]).verify()
+                    _table(_shard(directory, kind, batch_index)).verify()
                 intact.add(batch_index)
             except ShardError as error:
                 logger.warning("Synthesising batch %d again: %s", batch_index, error)
                 for kind in ("conversations", "targets"):  # the conversations shard marks it done
-                    _shard(directory, kind, batch_index).unlink(missing_ok=True)
+                    _shard(directory, kind, batch_index).remove()
             bar.update()
     return intact
 
@@ -163,7 +172,7 @@ class _Throughput:
 async def _synthesize(
     study: SelfStudy,
     chunks: Sequence[tuple[str, str]],
-    directory: Path,
+    directory: Location,
     batches: Sequence[int],
     progress,
     throughput: _Throughput,
@@ -211,18 +220,22 @@ async def _synthesize(
         await backend.aclose()
 
 
-def _trimmed(directory: Path, kind: str, batch_index: int, rows: int, keep: set[str]) -> Path:
+def _trimmed(
+    directory: Location, kind: str, batch_index: int, rows: int, keep: set[str]
+) -> Location:
     """A shard of the last batch holding only the rows the run returns (written once)."""
     path = directory / "trimmed" / f"{kind}-{batch_index:06d}-{rows:03d}.parquet"
     if not path.exists():
-        path.parent.mkdir(exist_ok=True)
-        table = parquet_file(_shard(directory, kind, batch_index)).read()
+        source = _shard(directory, kind, batch_index)
+        table = parquet_file(source.path, source.store).read()
         mask = pc.is_in(table["conversation_id"], pa.array(sorted(keep), pa.string()))
         _write_atomically(table.filter(mask), path)
     return path
 
 
-def _run_files(directory: Path, config: SelfStudyConfig) -> tuple[list[Path], list[Path]]:
+def _run_files(
+    directory: Location, config: SelfStudyConfig
+) -> tuple[list[Location], list[Location]]:
     """The shard files of the run's ``num_conversations`` conversations, in order."""
     conversations, targets = [], []
     for batch_index in range(config.num_batches):
@@ -255,20 +268,21 @@ def run_self_study(
     if not chunks:
         raise ValueError("The chunk set is empty: run document_prep on a non-empty corpus first.")
     config = study.config
-    directory = Path(shard_dir) / run_key(config, chunks, backend_id)
-    directory.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(directory / LOCK_FILE, on_wait=lambda: _waiting_for(directory)):
+    directory = Location.of(shard_dir) / run_key(config, chunks, backend_id)
+    lock = directory / LOCK_FILE
+    with lock.store.lock(lock.path, on_wait=lambda: _waiting_for(directory)):
         throughput, seconds = _synthesize_missing(study, chunks, directory)
         conversation_files, target_files = _run_files(directory, config)
     # One run id in both tables: training refuses conversations and targets of different runs
     # (conversation ids alone repeat from run to run).
     attrs = {RUN_ID: f"{directory.name}-{config.num_conversations}"}
-    conversations = ShardedTable(conversation_files, attrs=attrs)
-    targets = ShardedTable(target_files, attrs=attrs)
+    conversations = _table(*conversation_files)
+    targets = _table(*target_files)
+    conversations.attrs, targets.attrs = dict(attrs), dict(attrs)
     return conversations, targets, _totals(conversations, targets, throughput, seconds)
 
 
-def _waiting_for(directory: Path) -> None:
+def _waiting_for(directory: Location) -> None:
     logger.warning(
         "Another process is running this self-study into %s; waiting for it, then resuming "
         "from its shards.",
@@ -277,7 +291,7 @@ def _waiting_for(directory: Path) -> None:
 
 
 def _synthesize_missing(
-    study: SelfStudy, chunks: Sequence[tuple[str, str]], directory: Path
+    study: SelfStudy, chunks: Sequence[tuple[str, str]], directory: Location
 ) -> tuple[_Throughput, float]:
     """Write the batches that ``directory`` lacks; how fast, and in how many seconds."""
     config = study.config
