@@ -189,6 +189,15 @@ class ShardedTable:
     def _schema_of(self, index: int) -> pa.Schema:
         return self.metadata(index).schema.to_arrow_schema()
 
+    def open(self, index: int, **options: Any) -> pq.ParquetFile:
+        """File ``index`` as a ``ParquetFile`` verifying its page checksums (from its store)."""
+        footer = None if self._store.is_local else self.metadata(index)
+        return parquet_file(self._files[index], self._store, metadata=footer, **options)
+
+    def url(self, index: int) -> str:
+        """Where file ``index`` is, as a user writes it (a path, or a URL on a store)."""
+        return self._store.url(self._files[index])
+
     def metadata(self, index: int) -> pq.FileMetaData:
         """The parquet footer of file ``index``; a missing or truncated file names itself."""
         path = self._files[index]

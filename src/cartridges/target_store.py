@@ -27,7 +27,7 @@ import torch
 
 from cartridges.batching import Example
 from cartridges.progress import progress_bar
-from cartridges.tables import ShardedTable, parquet_file, shard_errors
+from cartridges.tables import ShardedTable, shard_errors
 from cartridges.targets import TargetsError, dense_examples, dense_targets
 
 __all__ = ["LazyExamples", "example_lengths", "prefetch", "select"]
@@ -211,7 +211,7 @@ class LazyExamples(Sequence[Example]):
     def _file_of(self, i: int) -> str:
         offsets = self._targets.file_offsets
         index = int(np.searchsorted(offsets, self._ranges[i, 0], side="right")) - 1
-        return f"'{self._targets.files[index]}'"
+        return f"'{self._targets.url(index)}'"
 
     def __repr__(self) -> str:
         return f"LazyExamples({len(self)} conversations, targets in {self._targets!r})"
@@ -324,7 +324,7 @@ def _target_runs(targets: ShardedTable) -> tuple[list[str], np.ndarray, np.ndarr
     stops: list[int] = []
     file_of: dict[str, int] = {}
     offset = 0
-    files = targets.files
+    files = [targets.url(index) for index in range(len(targets.files))]
     bar = progress_bar(
         total=targets.num_rows,
         desc="index targets",
@@ -335,7 +335,7 @@ def _target_runs(targets: ShardedTable) -> tuple[list[str], np.ndarray, np.ndarr
     with bar:
         for index, path in enumerate(files):
             targets.metadata(index)  # a clear error for a missing or truncated shard
-            parquet = parquet_file(path, read_dictionary=["conversation_id"])
+            parquet = targets.open(index, read_dictionary=["conversation_id"])
             batches = parquet.iter_batches(batch_size=_SCAN_BATCH, columns=["conversation_id"])
             for batch in _named(path, batches):
                 column = batch.column(0)
@@ -372,8 +372,8 @@ def _check_token_ids(targets: ShardedTable, vocab_size: int) -> None:
     if "token_id" not in targets.column_names:
         raise TargetsError(f"{targets!r} has no column 'token_id'.")
     column = targets.column_names.index("token_id")
-    for index, path in enumerate(targets.files):
-        footer = targets.metadata(index)
+    for index in range(len(targets.files)):
+        footer, path = targets.metadata(index), targets.url(index)
         stats = [
             footer.row_group(g).column(column).statistics for g in range(footer.num_row_groups)
         ]
@@ -382,7 +382,7 @@ def _check_token_ids(targets: ShardedTable, vocab_size: int) -> None:
                 continue
             low, high = min(s.min for s in stats), max(s.max for s in stats)
         else:
-            low, high = _scan_min_max(path)
+            low, high = _scan_min_max(targets, index)
         if low < 0 or high >= vocab_size:
             raise TargetsError(_vocabulary_message(f"'{path}'", np.array([low, high]), vocab_size))
 
@@ -393,10 +393,10 @@ def _named(path, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         yield from batches
 
 
-def _scan_min_max(path) -> tuple[int, int]:
+def _scan_min_max(targets: ShardedTable, index: int) -> tuple[int, int]:
     low, high = np.iinfo(np.int64).max, np.iinfo(np.int64).min
-    batches = parquet_file(path).iter_batches(batch_size=_SCAN_BATCH, columns=["token_id"])
-    for batch in _named(path, batches):
+    batches = targets.open(index).iter_batches(batch_size=_SCAN_BATCH, columns=["token_id"])
+    for batch in _named(targets.url(index), batches):
         if len(batch):
             bounds = pc.min_max(batch.column(0))
             low, high = min(low, bounds["min"].as_py()), max(high, bounds["max"].as_py())
