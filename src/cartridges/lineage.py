@@ -211,19 +211,23 @@ def check_consistent(loaded: Mapping[str, tuple[str | None, Any]]) -> None:
 
 # --------------------------------------------------------------------------- reading and printing
 def read(path: str | Path) -> dict[str, Any]:
-    """The lineage record of an artifact on disk: a cartridge file or a (sharded) table."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".safetensors":
-        from cartridges.checkpoint import read_metadata
+    """The lineage record of an artifact: a cartridge file or a (sharded) table, on a local
+    disk or an object store (a URL)."""
+    from cartridges.storage import open_store
 
-        info = json.loads(read_metadata(path).get("info", "{}"))
-        return (info.get("extra") or {}).get(LINEAGE) or {}
-    if path.is_file() and path.suffix == ".parquet":
-        return pd.read_parquet(path).attrs.get(LINEAGE) or {}
-    if path.is_dir():
+    store, where = open_store(path)
+    if store.is_file(where) and where.endswith((".safetensors", ".parquet")):
+        with store.local_copy(where) as local:  # the file itself when local
+            if where.endswith(".safetensors"):
+                from cartridges.checkpoint import read_metadata
+
+                info = json.loads(read_metadata(local).get("info", "{}"))
+                return (info.get("extra") or {}).get(LINEAGE) or {}
+            return pd.read_parquet(local).attrs.get(LINEAGE) or {}
+    if store.is_dir(where):
         from cartridges.datasets.parquet_shards_dataset import read_attrs
 
-        return read_attrs(path).get(LINEAGE) or {}
+        return read_attrs(where, store).get(LINEAGE) or {}
     raise FileNotFoundError(f"No cartridge file, parquet file or shard folder at '{path}'.")
 
 

@@ -12,6 +12,7 @@ import s3fs.core
 import torch
 from kedro.io import DatasetError, Version
 
+from cartridges import lineage
 from cartridges.datasets import (
     AdapterDataset,
     CartridgeDataset,
@@ -195,3 +196,21 @@ def test_folder_versions_carry_a_manifest_listing_their_files(s3, prefix):
             {"file": "adapter_model.safetensors", "bytes": 3},
         ]
     }
+
+
+def test_the_lineage_of_an_artifact_on_the_store_is_read_from_its_url(
+    tiny, s3, prefix, monkeypatch
+):
+    for name, value in s3.environment.items():  # the CLI's client reads the environment
+        monkeypatch.setenv(name, value)
+    data = FRAME.copy()
+    data.attrs = {lineage.LINEAGE: {"dataset": "teacher_logprobs", "version": "v1"}}
+    dataset = _shards(s3, prefix)
+    dataset.save(data)
+    folder = f"s3://{prefix}/table/{dataset.resolve_save_version()}/table"
+    assert lineage.read(folder)["version"] == "v1"
+    model, tokenizer = tiny
+    cartridge = from_text(model, tokenizer, CORPUS, num_tokens=4)
+    cartridge.info.extra[lineage.LINEAGE] = {"dataset": "cartridge", "version": "v2"}
+    CartridgeDataset(f"s3://{prefix}/c.safetensors", **_options(s3)).save(cartridge)
+    assert lineage.read(f"s3://{prefix}/c.safetensors")["version"] == "v2"
