@@ -88,15 +88,19 @@ def worker(args: argparse.Namespace) -> None:
     from models import build_model
 
     from cartridges.initialization import from_token_ids
+    from cartridges.storage import open_store
     from cartridges.tables import ShardedTable
     from cartridges.target_store import to_examples
     from cartridges.training import TrainConfig, train_cartridge
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = Path(args.data)
-    conversations = ShardedTable(sorted((data / "conversations").glob("*.parquet")))
-    targets = ShardedTable(sorted((data / "targets").glob("*.parquet")))
+    store, root = open_store(args.data)  # a folder, or a URL on an object store
+
+    def table(kind: str) -> ShardedTable:
+        return ShardedTable(sorted(store.fs.glob(f"{root}/{kind}/*.parquet")), store=store)
+
+    conversations, targets = table("conversations"), table("targets")
     model = build_model(args.vocab, args.hidden, args.layers).to(args.device)
     model = model.to(getattr(torch, args.dtype))
     started = time.perf_counter()
@@ -128,21 +132,31 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(figures))  # noqa: T201 - read by the parent process
 
 
-def _run(args: argparse.Namespace, data: Path, mode: str) -> dict[str, float]:
+def run_worker(
+    args: argparse.Namespace, data: str | Path, mode: str, env: dict[str, str] | None = None
+) -> dict[str, float]:
+    """One measured run in a fresh process (its peak RSS is its own)."""
     command = [sys.executable, __file__, "--worker", "--mode", mode, "--data", str(data)]
     for name in ("steps", "warmup", "micro_batch", "global_batch", "p", "vocab", "hidden"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     command += ["--layers", str(args.layers), "--device", args.device, "--dtype", args.dtype]
     command += ["--threads", str(args.threads)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if result.returncode:
         raise RuntimeError(f"{mode} run on {data} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 32768])
+def medians(results: dict[tuple[str, int], list[dict[str, float]]]) -> dict:
+    """Per case, the median of each figure over its runs."""
+    return {
+        key: {name: statistics.median(r[name] for r in runs) for name in runs[0]}
+        for key, runs in results.items()
+    }
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The settings of one measured training run (shared with benchmarks/object_storage.py)."""
     parser.add_argument("--steps", type=int, default=12, help="optimiser steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s")
     parser.add_argument("--micro-batch", type=int, default=8, help="conversations per forward")
@@ -152,6 +166,18 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the model")
     parser.add_argument("--layers", type=int, default=4, help="layers of the model")
     parser.add_argument("--repeats", type=int, default=3, help="runs per case; medians quoted")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["lazy", "memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 32768])
+    add_run_arguments(parser)
     parser.add_argument(
         "--memory-sizes",
         type=int,
@@ -159,13 +185,7 @@ def main() -> None:
         default=None,
         help="sizes that also run the in-memory path (default: the smallest; it needs GBs)",
     )
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--workdir", default=None, help="where to write the data (default: tmp)")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=["lazy", "memory"], help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -187,13 +207,10 @@ def main() -> None:
             modes = ["lazy", "memory"] if size in memory_sizes else ["lazy"]
             for repeat in range(args.repeats):
                 for mode in modes:  # interleaved, so drift in the machine hits both alike
-                    figures = _run(args, data, mode)
+                    figures = run_worker(args, data, mode)
                     results.setdefault((mode, size), []).append(figures)
                     logger.info("  %s run %d: %s", mode, repeat + 1, figures)
-    median = {
-        key: {name: statistics.median(r[name] for r in runs) for name in runs[0]}
-        for key, runs in results.items()
-    }
+    median = medians(results)
     for (mode, size), figures in sorted(median.items()):
         logger.info(
             "%-6s %6d conversations: peak RSS %7.0f MB, %7.0f tokens/s, prepare %.1f s",

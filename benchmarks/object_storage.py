@@ -7,7 +7,8 @@ conversations) is written to the local disk and uploaded to a bucket of a real S
 another). Then a fixed number of optimiser steps runs in a fresh process per case, the arms
 interleaved run by run:
 
-- ``local``: ``ShardedTable`` handles on the local files -> ``LazyExamples``;
+- ``local``: ``ShardedTable`` handles on the local files -> ``LazyExamples`` (the worker of
+  ``distill_training_memory``);
 - ``s3``: the same handles on the bucket: footers once per file, each micro-batch's row groups
   fetched by byte range, read ahead by the training loop's background thread.
 
@@ -15,7 +16,7 @@ Printed: tokens/s of ``s3`` relative to ``local`` (target: within 10%), and the 
 RSS at the largest versus the smallest size (flat: memory does not grow with the number of
 conversations), medians of ``--repeats`` runs. The last line is one JSON object.
 
-Usage: ``python benchmarks/object_storage.py [--sizes 2048 16384] [--repeats 3]``
+Usage: ``python benchmarks/object_storage.py [--sizes 1024 8192] [--repeats 3]``
 """
 
 from __future__ import annotations
@@ -24,73 +25,13 @@ import argparse
 import json
 import logging
 import os
-import resource
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from distill_training_memory import write_data
+from distill_training_memory import add_run_arguments, medians, run_worker, write_data
 
 logger = logging.getLogger("benchmark")
-
-
-def worker(args: argparse.Namespace) -> None:
-    """One measured run: open the tables where ``--data`` says, train, print figures."""
-    import torch
-    from models import build_model
-
-    from cartridges.initialization import from_token_ids
-    from cartridges.storage import open_store
-    from cartridges.tables import ShardedTable
-    from cartridges.target_store import to_examples
-    from cartridges.training import TrainConfig, train_cartridge
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    store, root = open_store(args.data)
-
-    def table(kind: str) -> ShardedTable:
-        return ShardedTable(sorted(store.fs.glob(f"{root}/{kind}/*.parquet")), store=store)
-
-    model = build_model(args.vocab, args.hidden, args.layers).to(args.device)
-    started = time.perf_counter()
-    examples = to_examples(table("conversations"), table("targets"), args.vocab)
-    prepare_s = time.perf_counter() - started
-    generator = torch.Generator().manual_seed(0)
-    document = torch.randint(0, args.vocab, (args.p,), generator=generator).tolist()
-    cartridge = from_token_ids(model, document, num_frozen_tokens=1)
-    config = TrainConfig(
-        learning_rate=1e-3,
-        global_batch_size=args.global_batch,
-        micro_batch_size=args.micro_batch,
-        max_steps=args.steps,
-        warmup_steps=1,
-        checkpoint_every=10**9,
-    )
-    _, history = train_cartridge(model, cartridge, examples, config, 0)
-    timed = history[args.warmup :]
-    seconds = sum(h["tokens"] / h["tokens_per_s"] for h in timed)
-    figures = {
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "tokens_per_s": sum(h["tokens"] for h in timed) / seconds,
-        "prepare_s": prepare_s,
-    }
-    print(json.dumps(figures))  # noqa: T201 - read by the parent process
-
-
-def _run(args: argparse.Namespace, data: str, env: dict[str, str]) -> dict[str, float]:
-    command = [sys.executable, __file__, "--worker", "--data", data]
-    for name in ("steps", "warmup", "micro_batch", "global_batch", "p", "vocab", "hidden"):
-        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    command += ["--layers", str(args.layers), "--device", args.device]
-    command += ["--threads", str(args.threads)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    if result.returncode:
-        raise RuntimeError(f"run on {data} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _measure(args: argparse.Namespace, workdir: Path, env: dict[str, str], bucket: str) -> dict:
@@ -117,7 +58,7 @@ def _measure(args: argparse.Namespace, workdir: Path, env: dict[str, str], bucke
         arms = {"local": str(local), "s3": f"s3://{bucket}/n{size}"}
         for repeat in range(args.repeats):
             for arm, data in arms.items():  # interleaved: drift in the machine hits both alike
-                figures = _run(args, data, env)
+                figures = run_worker(args, data, "lazy", env)
                 results.setdefault((arm, size), []).append(figures)
                 logger.info("  %s run %d: %s", arm, repeat + 1, figures)
     return results
@@ -125,25 +66,11 @@ def _measure(args: argparse.Namespace, workdir: Path, env: dict[str, str], bucke
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 16384])
-    parser.add_argument("--steps", type=int, default=12, help="optimiser steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s")
-    parser.add_argument("--micro-batch", type=int, default=8, help="conversations per forward")
-    parser.add_argument("--global-batch", type=int, default=32, help="conversations per step")
-    parser.add_argument("--p", type=int, default=64, help="cartridge tokens")
-    parser.add_argument("--vocab", type=int, default=4096, help="vocabulary size of the model")
-    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the model")
-    parser.add_argument("--layers", type=int, default=4, help="layers of the model")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per case; medians quoted")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 8192])
+    add_run_arguments(parser)
     parser.add_argument("--endpoint", default=None, help="an S3 endpoint (default: start one)")
     parser.add_argument("--bucket", default="cartridges-benchmark")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        return worker(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with tempfile.TemporaryDirectory() as workdir:
         if args.endpoint is None:
@@ -155,10 +82,7 @@ def main() -> None:
         else:
             env = {**os.environ, "AWS_ENDPOINT_URL": args.endpoint}
             results = _measure(args, Path(workdir), env, args.bucket)
-    median = {
-        key: {name: statistics.median(r[name] for r in runs) for name in runs[0]}
-        for key, runs in results.items()
-    }
+    median = medians(results)
     for (arm, size), figures in sorted(median.items()):
         logger.info(
             "%-5s %6d conversations: peak RSS %6.0f MB, %7.0f tokens/s, prepare %.1f s",

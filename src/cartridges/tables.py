@@ -204,12 +204,15 @@ class ShardedTable:
         with shard_errors(self._store.url(path)):
             if self._store.is_local:
                 return pq.read_metadata(path)
-            identity = self._store.identity(path)
-            known = self._footers.get(index)
-            if known is None or known[0] != identity:
-                with self._store.open(path) as handle:
-                    known = self._footers[index] = (identity, pq.read_metadata(handle))
-            return known[1]
+            return self._footer(index, self._store.identity(path))
+
+    def _footer(self, index: int, identity: tuple[Any, ...]) -> pq.FileMetaData:
+        """The footer of a file on a store as it is now (``identity``), fetched once per change."""
+        known = self._footers.get(index)
+        if known is None or known[0] != identity:
+            with self._store.open(self._files[index]) as handle:
+                known = self._footers[index] = (identity, pq.read_metadata(handle))
+        return known[1]
 
     def fingerprint(self) -> str:
         """A digest that changes when any shard's content does, reading no more than 2 MiB each.
@@ -375,7 +378,7 @@ class ShardedTable:
         for _ in range(_READ_TRIES):
             with shard_errors(url):
                 identity = self._store.identity(path)  # before opening: a replacement shows
-                footer = None if self._store.is_local else self.metadata(index)
+                footer = None if self._store.is_local else self._footer(index, identity)
                 parquet = parquet_file(path, self._store, metadata=footer)
                 meta = parquet.metadata
                 sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import PurePosixPath
 from typing import Any, TypeVar
-
-from kedro.io import AbstractVersionedDataset, Version
 
 from cartridges import lineage
 from cartridges.cartridge import Cartridge
@@ -16,12 +13,13 @@ from cartridges.checkpoint import (
     read_metadata,
     save_cartridge,
 )
-from cartridges.storage import Store, open_store
+from cartridges.datasets.versioned_folder import VersionedStoreDataset
+from cartridges.storage import Store
 
 T = TypeVar("T")
 
 
-class CartridgeDataset(AbstractVersionedDataset[Cartridge, Cartridge]):
+class CartridgeDataset(VersionedStoreDataset[Cartridge]):
     """Saves and loads :class:`~cartridges.cartridge.Cartridge` objects.
 
     Example catalog entry::
@@ -35,26 +33,8 @@ class CartridgeDataset(AbstractVersionedDataset[Cartridge, Cartridge]):
     ``credentials`` and ``fs_args``.
     """
 
-    def __init__(
-        self,
-        filepath: str,
-        version: Version | None = None,
-        metadata: dict[str, Any] | None = None,
-        credentials: dict[str, Any] | None = None,
-        fs_args: dict[str, Any] | None = None,
-    ) -> None:
-        self._store, path = open_store(filepath, credentials, fs_args)
-        super().__init__(
-            filepath=PurePosixPath(path),
-            version=version,
-            exists_function=self._store.is_file,
-            glob_function=self._store.fs.glob,
-        )
-        self.metadata = metadata
-
-    @property
-    def store(self) -> Store:
-        return self._store
+    def _is_saved(self, path: str) -> bool:
+        return self._store.is_file(path)
 
     def load(self) -> Cartridge:
         cartridge = read_cartridge_file(self._store, self._get_load_path(), load_cartridge)
@@ -76,16 +56,6 @@ class CartridgeDataset(AbstractVersionedDataset[Cartridge, Cartridge]):
     def save(self, data: Cartridge) -> None:
         with self._store.write_file(self._get_save_path()) as temporary:
             save_cartridge(data, temporary)
-
-    def _exists(self) -> bool:
-        try:
-            path = self._get_load_path()
-        except Exception:  # noqa: BLE001 - no version saved yet
-            return False
-        return self._store.is_file(path)
-
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": self._store.url(self._filepath), "version": self._version}
 
     def header(self) -> dict[str, str]:
         """The metadata of the version that would be loaded (model, p, initialiser, ...)."""

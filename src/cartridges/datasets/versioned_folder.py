@@ -13,11 +13,9 @@ from cartridges.storage import MANIFEST, Store, open_store
 T = TypeVar("T")
 
 
-class VersionedFolderDataset(AbstractVersionedDataset[T, T]):
-    """A version is a folder, on a local disk or an object store (any fsspec URL, with Kedro's
-    ``credentials`` and ``fs_args``). It is written whole before it counts: locally beside its
-    final name and renamed, on a store uploaded with its manifest last, so a crash mid-save
-    never leaves a half-written version that a later load would pick up.
+class VersionedStoreDataset(AbstractVersionedDataset[T, T]):
+    """A versioned dataset on a local disk or an object store (any fsspec URL, with Kedro's
+    ``credentials`` and ``fs_args``); a subclass says what a saved version is (:meth:`_is_saved`).
     """
 
     def __init__(
@@ -32,14 +30,36 @@ class VersionedFolderDataset(AbstractVersionedDataset[T, T]):
         super().__init__(
             filepath=PurePosixPath(path),
             version=version,
-            exists_function=self._store.is_complete_folder,
+            exists_function=self._is_saved,
             glob_function=self._store.fs.glob,
         )
         self.metadata = metadata
 
+    def _is_saved(self, path: str) -> bool:
+        raise NotImplementedError
+
     @property
     def store(self) -> Store:
         return self._store
+
+    def _exists(self) -> bool:
+        try:
+            return self._is_saved(str(self._get_load_path()))
+        except Exception:  # noqa: BLE001 - no version saved yet
+            return False
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._store.url(self._filepath), "version": self._version}
+
+
+class VersionedFolderDataset(VersionedStoreDataset[T]):
+    """A version is a folder, written whole before it counts: locally beside its final name and
+    renamed, on a store uploaded with its manifest last, so a crash mid-save never leaves a
+    half-written version that a later load would pick up.
+    """
+
+    def _is_saved(self, path: str) -> bool:
+        return self._store.is_complete_folder(path)
 
     def _load_folder(self) -> str:
         """The folder of the version to load; a clear error when there is none."""
@@ -64,12 +84,3 @@ class VersionedFolderDataset(AbstractVersionedDataset[T, T]):
     def _check_file_name(name: str, what: str) -> None:
         if Path(name).name != name or name.startswith(".") or name == MANIFEST:
             raise ValueError(f"{what} name {name!r} must be a plain file name.")
-
-    def _exists(self) -> bool:
-        try:
-            return self._store.is_complete_folder(str(self._get_load_path()))
-        except Exception:  # noqa: BLE001 - no version saved yet
-            return False
-
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": self._store.url(self._filepath), "version": self._version}
