@@ -473,6 +473,7 @@ def open_store(
     options = {**(fs_args or {}), **(credentials or {})}
     if protocol == "file":
         options.setdefault("auto_mkdir", True)
+        path = os.path.expanduser(path)  # one meaning for reads (fsspec expands) and writes
     else:  # other machines write the same store: a cached listing would hide their versions
         options.setdefault("use_listings_cache", False)
     return Store(fsspec.filesystem(protocol, **options), protocol), path

@@ -23,7 +23,7 @@ from cartridges.datasets import (
 )
 from cartridges.evaluation.questions import Question
 from cartridges.initialization import from_text
-from cartridges.storage import MANIFEST, StoreConflictError, open_store
+from cartridges.storage import MANIFEST, Location, StoreConflictError, open_store
 from cartridges.tables import ShardedTable, ShardError
 from tests.conftest import CORPUS
 
@@ -214,3 +214,18 @@ def test_the_lineage_of_an_artifact_on_the_store_is_read_from_its_url(
     cartridge.info.extra[lineage.LINEAGE] = {"dataset": "cartridge", "version": "v2"}
     CartridgeDataset(f"s3://{prefix}/c.safetensors", **_options(s3)).save(cartridge)
     assert lineage.read(f"s3://{prefix}/c.safetensors")["version"] == "v2"
+
+
+def test_an_answer_holding_a_line_separator_stays_one_question(tmp_path):
+    questions = [Question("Which line?", "one\u2028two\x85three")]
+    dataset = QuestionsDataset(str(tmp_path / "q.jsonl"))
+    dataset.save(questions)
+    assert dataset.load() == questions
+
+
+def test_a_home_relative_path_means_one_place_for_reads_and_writes(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    location = Location.of("~/checkpoints") / "state.pt"
+    location.write_bytes(b"x")
+    assert (tmp_path / "checkpoints" / "state.pt").read_bytes() == b"x"
+    assert location.is_file() and location.read_bytes() == b"x"

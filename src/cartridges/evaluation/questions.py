@@ -6,6 +6,7 @@ its line number and what is wrong with it, before any model is loaded.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import string
@@ -63,7 +64,9 @@ def load_questions(path: str | os.PathLike, store: Store | None = None) -> list[
         ) from None
     questions = [
         _parse(line, f"{where} line {number}")
-        for number, line in enumerate(text.splitlines(), start=1)
+        # universal newlines as a file read has them: not str.splitlines, which also cuts at
+        # U+2028 and the like, which an answer may hold (saved unescaped)
+        for number, line in enumerate(io.StringIO(text, newline=None), start=1)
         if line.strip()
     ]
     if not questions:
