@@ -11,9 +11,10 @@ URL, with the guarantees the project relies on kept on both kinds of storage.
   object store has no rename: the files are uploaded first and the folder's manifest last, and a
   version counts as saved only once its manifest exists (the manifest is the commit).
 - **Two writers never interleave.** Locally an advisory lock (``flock``) serialises them. An
-  object store cannot lock, but it can refuse a write: :meth:`Store.put_if_absent` uses a
-  conditional PUT (``If-None-Match: *``), so when two writers race for one name the first wins
-  and the second is told, instead of silently replacing it.
+  object store cannot lock, but it can refuse a write: a lock there is a lease object written
+  only if absent (``If-None-Match: *``) and renewed, taken over or removed only if unchanged
+  (``If-Match``), so of two writers racing for it the first wins and the second is told, and a
+  holder that lost it finds out before its next write (:meth:`Store.lock`).
 
 Credentials and client options follow Kedro's convention (``credentials`` and ``fs_args`` of a
 catalog entry); without them the client reads its usual environment (``AWS_ACCESS_KEY_ID``,
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "MANIFEST",
+    "HeldLock",
     "Location",
     "Store",
     "StoreConflictError",
@@ -65,6 +67,9 @@ there (every folder dataset writes one; on an object store it is the commit)."""
 
 LEASE_SECONDS = 60.0
 """How long a lock on an object store outlives a holder that stopped renewing it (killed)."""
+
+_CONDITIONAL_PROTOCOLS = ("s3", "s3a")
+_CONFLICT_RETRIES = 5
 
 
 class StoreConflictError(FileExistsError):
@@ -83,6 +88,7 @@ class Store:
     fs: fsspec.AbstractFileSystem
     protocol: str = "file"
     _arrow: list[pafs.FileSystem] = field(default_factory=list, compare=False, repr=False)
+    _conditional_writes: list[bool] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def is_local(self) -> bool:
@@ -107,6 +113,7 @@ class Store:
         object.__setattr__(self, "fs", state["fs"])
         object.__setattr__(self, "protocol", state["protocol"])
         object.__setattr__(self, "_arrow", [])
+        object.__setattr__(self, "_conditional_writes", [])
 
     # ------------------------------------------------------------------ queries
     def exists(self, path: str | os.PathLike) -> bool:
@@ -128,6 +135,19 @@ class Store:
         except FileNotFoundError:
             return []
         return sorted(PurePosixPath(entry).name for entry in entries)
+
+    def file_sizes(self, path: str | os.PathLike) -> dict[str, int]:
+        """The files directly under ``path`` and their sizes in bytes, from one listing (one
+        request on an object store, however many files)."""
+        try:
+            entries = self.fs.ls(str(path), detail=True)
+        except FileNotFoundError:
+            return {}
+        return {
+            PurePosixPath(entry["name"]).name: int(entry["size"])
+            for entry in entries
+            if entry["type"] == "file"
+        }
 
     def is_complete_folder(self, path: str | os.PathLike) -> bool:
         """A folder version that is whole: its manifest exists (locally, a folder is whole as
@@ -195,8 +215,11 @@ class Store:
         with self.write_file(path) as temporary:
             temporary.write_bytes(data)
 
-    def put_if_absent(self, path: str | os.PathLike, data: bytes) -> None:
+    def put_if_absent(self, path: str | os.PathLike, data: bytes) -> str | None:
         """Write ``path`` only if nothing is there yet, atomically with the check.
+
+        Returns:
+            The new object's ETag on an object store (``None`` locally).
 
         Raises:
             StoreConflictError: the name was taken, by another writer or before.
@@ -212,18 +235,92 @@ class Store:
                 raise StoreConflictError(f"'{target}' already exists.") from error
             finally:
                 temporary.unlink(missing_ok=True)
-            return
-        try:
-            self.fs.pipe_file(str(path), data, IfNoneMatch="*")
-        except TypeError as error:  # a client without conditional writes
+            return None
+        self._require_conditional_writes(path)
+        response = self._conditionally(
+            path, "already exists", lambda: self.fs.pipe_file(str(path), data, IfNoneMatch="*")
+        )
+        return response["ETag"]
+
+    def replace_if_unchanged(self, path: str | os.PathLike, data: bytes, etag: str) -> str:
+        """Overwrite the object ``path`` only if its ETag is still ``etag``; its new ETag.
+
+        Raises:
+            StoreConflictError: another writer changed (or removed) it since.
+        """
+        self._require_conditional_writes(path)
+        response = self._conditionally(
+            path,
+            "changed since it was read",
+            lambda: self.fs.pipe_file(str(path), data, IfMatch=etag),
+        )
+        return response["ETag"]
+
+    def remove_if_unchanged(self, path: str | os.PathLike, etag: str) -> None:
+        """Delete the object ``path`` only if its ETag is still ``etag``.
+
+        Raises:
+            StoreConflictError: another writer changed it since.
+        """
+        self._require_conditional_writes(path)
+        bucket, key, _ = self.fs.split_path(str(path))
+        self._conditionally(
+            path,
+            "changed since it was read",
+            lambda: self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag),
+        )
+
+    def etag(self, path: str | os.PathLike) -> str:
+        """The object's ETag (it changes with every write), fetched now."""
+        return self.fs.info(str(path))["ETag"]
+
+    def _require_conditional_writes(self, path: str | os.PathLike) -> None:
+        if self.protocol not in _CONDITIONAL_PROTOCOLS:
             raise StoreLockError(
-                f"'{self.url(path)}': this store's client cannot write only-if-absent ({error}), "
-                "so it cannot be locked; keep this folder on a local or shared file system."
-            ) from error
-        except OSError as error:
-            if "pre-condition" in str(error).lower() or "precondition" in str(error).lower():
-                raise StoreConflictError(f"'{self.url(path)}' already exists.") from error
-            raise
+                f"'{self.url(path)}': writing only if absent or unchanged is implemented for S3 "
+                "(conditional PUT and DELETE), not for this store, so it cannot be locked; keep "
+                "this folder on S3, or on a local or shared file system."
+            )
+
+    def _conditionally(self, path: str | os.PathLike, refusal: str, request: Callable[[], Any]):
+        """``request``, a conditional write: a refused condition is a :class:`StoreConflictError`;
+        a conflict with a concurrent conditional write (HTTP 409) is retried."""
+        for attempt in range(_CONFLICT_RETRIES + 1):
+            try:
+                return request()
+            except (FileExistsError, FileNotFoundError) as error:
+                raise StoreConflictError(f"'{self.url(path)}' {refusal}.") from error
+            except OSError as error:
+                message = str(error).lower()
+                if "pre-condition" in message or "precondition" in message:
+                    raise StoreConflictError(f"'{self.url(path)}' {refusal}.") from error
+                if "conflict" not in message or attempt == _CONFLICT_RETRIES:
+                    raise
+                time.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def check_conditional_writes(self, folder: str | os.PathLike) -> None:
+        """Refuse, clearly, a store that ignores ``If-None-Match`` (it would accept both writers).
+
+        Probed once per store: an object written twice only if absent must be refused the
+        second time.
+        """
+        if self.is_local or self._conditional_writes:
+            return
+        probe = f"{str(folder).rstrip('/')}/.conditional-write-probe-{uuid.uuid4().hex}"
+        self.put_if_absent(probe, b"probe")
+        try:
+            self.put_if_absent(probe, b"probe")
+        except StoreConflictError:
+            self._conditional_writes.append(True)
+            return
+        finally:
+            self.fs.rm_file(probe)
+        raise StoreLockError(
+            f"'{self.url(folder)}': this store accepted a second write only-if-absent of one "
+            "object (it ignores If-None-Match), so it cannot be locked; keep this folder on a "
+            "local or shared file system, or on a store with conditional writes."
+        )
 
     @contextmanager
     def write_folder(self, path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
@@ -260,26 +357,29 @@ class Store:
         self,
         path: str | os.PathLike,
         on_wait: Callable[[], None] | None = None,
-        lease_seconds: float = LEASE_SECONDS,
-    ) -> Iterator[None]:
+        lease_seconds: float | None = None,
+    ) -> Iterator[HeldLock]:
         """Hold ``path`` as an exclusive lock for the block; a second holder waits its turn.
 
         Locally an advisory lock (``flock``), released by the operating system when its holder
         exits, even killed. An object store has no lock, so the lock is a *lease*: an object
-        created only if absent (a conditional write, atomic on the server), naming its holder
-        and renewed every quarter of ``lease_seconds`` by a thread; a lease not renewed for
-        ``lease_seconds`` (its holder was killed) is taken over. It assumes the machines'
-        clocks agree to well within ``lease_seconds``, and a store that refuses conditional
-        writes is refused here, clearly, rather than locked by a check-then-write race.
+        created only if absent (a conditional write, atomic on the server) and renewed every
+        quarter of ``lease_seconds`` (default :data:`LEASE_SECONDS`) by a thread, each renewal
+        conditional on the lease being unchanged since the last; a lease left unchanged for its
+        holder's ``lease_seconds`` (the holder was killed) is taken over, conditionally too. A
+        lease can be lost (a network cut longer than half its time, a takeover): the writer
+        calls the yielded lock's :meth:`HeldLock.check` before each write it commits. A store
+        that ignores conditional writes is refused here, clearly, rather than locked by a
+        check-then-write race.
         """
         if self.is_local:
             with exclusive_lock(path, on_wait=on_wait):
-                yield
+                yield HeldLock()
             return
-        lease = _Lease(self, str(path), lease_seconds)
+        lease = _Lease(self, str(path), lease_seconds or LEASE_SECONDS)
         lease.acquire(on_wait)
         try:
-            yield
+            yield lease
         finally:
             lease.release()
 
@@ -299,69 +399,128 @@ class Store:
             self.fs.rm(str(path), recursive=True)
 
 
-class _Lease:
-    """An exclusive lease on an object store (see :meth:`Store.lock`)."""
+def _lease_seconds(record: dict[str, Any] | None, default: float) -> float:
+    """How long the holder of a lease said it may go without renewing it."""
+    seconds = (record or {}).get("seconds")
+    return float(seconds) if isinstance(seconds, int | float) and seconds > 0 else default
+
+
+class HeldLock:
+    """A lock held by this process (see :meth:`Store.lock`); a local one cannot be lost."""
+
+    def check(self) -> None:
+        """Raise :class:`StoreLockError` if the lock is no longer this process's."""
+
+
+class _Lease(HeldLock):
+    """An exclusive lease on an object store (see :meth:`Store.lock`).
+
+    Every write of the lease object is conditional on the ETag its writer last saw, so exactly
+    one process holds it: a renewal fails once another process took it over, and of two
+    processes taking over one stale lease only the first succeeds. Staleness is judged on the
+    waiter's own clock (the ETag unchanged for the holder's lease time), so the machines' clocks
+    need not agree.
+    """
 
     def __init__(self, store: Store, path: str, seconds: float) -> None:
         self.store, self.path, self.seconds = store, path, seconds
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.etag = ""
+        self._writes = 0
+        self.renewed = time.monotonic()
+        self._lost: str | None = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
     def _record(self) -> bytes:
-        return json.dumps({"owner": self.owner, "renewed": time.time()}).encode()
+        # A new body each time: an ETag is a digest of the body, and a renewal must change it.
+        self._writes += 1
+        record = {"owner": self.owner, "seconds": self.seconds, "renewal": self._writes}
+        return json.dumps(record).encode()
 
     def acquire(self, on_wait: Callable[[], None] | None) -> None:
-        waited = False
+        self.store.check_conditional_writes(PurePosixPath(self.path).parent)
+        seen, since, holder, waited = None, 0.0, None, False
         while True:
             try:
-                self.store.put_if_absent(self.path, self._record())
+                self.etag = self.store.put_if_absent(self.path, self._record())
                 break
             except StoreConflictError:
-                holder = self._holder()
-                if holder is not None and time.time() - holder["renewed"] > self.seconds:
-                    logger.warning(
-                        "Taking over the lease %s: its holder %s has not renewed it for %.0f s "
-                        "(killed?).",
-                        self.store.url(self.path),
-                        holder.get("owner"),
-                        time.time() - holder["renewed"],
-                    )
-                    if self._holder() == holder:  # still the stale one, not a new holder's
-                        self.store.fs.rm_file(self.path)
-                    continue
-                if not waited and on_wait is not None:
-                    on_wait()
-                waited = True
-                time.sleep(min(2.0, self.seconds / 4))
+                pass
+            try:
+                etag = self.store.etag(self.path)
+            except FileNotFoundError:
+                continue  # released meanwhile: try again at once
+            if etag != seen:  # a new holder, or a renewal: it is alive
+                seen, since, holder = etag, time.monotonic(), self._holder()
+            patience = _lease_seconds(holder, self.seconds)
+            if etag == seen and time.monotonic() - since > patience:
+                try:
+                    self.etag = self.store.replace_if_unchanged(self.path, self._record(), etag)
+                except StoreConflictError:
+                    continue  # renewed, or taken over by another waiter, meanwhile
+                logger.warning(
+                    "Took over the lease %s: its holder %s had not renewed it for %.0f s "
+                    "(killed?).",
+                    self.store.url(self.path),
+                    (holder or {}).get("owner", "(unknown)"),
+                    time.monotonic() - since,
+                )
+                break
+            if not waited and on_wait is not None:
+                on_wait()
+            waited = True
+            time.sleep(min(2.0, patience / 4))
+        self.renewed = time.monotonic()
         self._renewer = threading.Thread(target=self._renew, daemon=True, name="lease")
         self._renewer.start()
 
     def _holder(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.store.read_text(self.path))
+            record = json.loads(self.store.read_text(self.path))
         except (FileNotFoundError, ValueError):
             return None
+        return record if isinstance(record, dict) else None
 
     def _renew(self) -> None:
         while not self._stop.wait(self.seconds / 4):
-            holder = self._holder()
-            if holder is None or holder.get("owner") != self.owner:
-                logger.error(
-                    "Lost the lease %s to %s: another process may write the same folder.",
-                    self.store.url(self.path),
-                    (holder or {}).get("owner"),
-                )
+            try:
+                self.etag = self.store.replace_if_unchanged(self.path, self._record(), self.etag)
+                self.renewed = time.monotonic()
+            except StoreConflictError:
+                self._lose("another process took it over")
                 return
-            self.store.fs.pipe_file(self.path, self._record())
+            except Exception as error:  # the network: try again at the next tick, in time
+                late = time.monotonic() - self.renewed
+                if late > self.seconds / 2:
+                    self._lose(f"not renewed for {late:.0f} s ({error})")
+                    return
+                logger.warning("Could not renew the lease %s (%s); retrying.", self.path, error)
+
+    def _lose(self, why: str) -> None:
+        self._lost = why
+        logger.error("Lost the lease %s: %s.", self.store.url(self.path), why)
+
+    def check(self) -> None:
+        late = time.monotonic() - self.renewed
+        if self._lost is None and late > self.seconds / 2:
+            self._lost = f"not renewed for {late:.0f} s"
+        if self._lost is not None:
+            raise StoreLockError(
+                f"Lost the lease {self.store.url(self.path)} ({self._lost}): stopping so as not "
+                "to write beside another process. What was written is kept; rerun to resume."
+            )
 
     def release(self) -> None:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
-        holder = self._holder()
-        if holder is not None and holder.get("owner") == self.owner:
-            self.store.fs.rm_file(self.path)
+        if self._lost is not None:
+            return
+        try:
+            self.store.remove_if_unchanged(self.path, self.etag)
+        except StoreConflictError:
+            logger.warning("The lease %s was taken over before its release.", self.path)
 
 
 class _RangeReads(pafs.FSSpecHandler):
@@ -470,13 +629,25 @@ def open_store(
     S3).
     """
     protocol, path = get_protocol_and_path(str(filepath))
-    options = {**(fs_args or {}), **(credentials or {})}
+    options = _merged(fs_args or {}, credentials or {})
     if protocol == "file":
         options.setdefault("auto_mkdir", True)
         path = os.path.expanduser(path)  # one meaning for reads (fsspec expands) and writes
     else:  # other machines write the same store: a cached listing would hide their versions
         options.setdefault("use_listings_cache", False)
     return Store(fsspec.filesystem(protocol, **options), protocol), path
+
+
+def _merged(options: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """``options`` updated by ``more``, nested dictionaries merged key by key: credentials
+    holding ``client_kwargs`` (a region) keep the endpoint that ``fs_args`` put there."""
+    merged = dict(options)
+    for key, value in more.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def store_of(dataset: Any) -> Store:

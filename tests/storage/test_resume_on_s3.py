@@ -56,7 +56,7 @@ def test_self_study_killed_with_sigkill_resumes_from_the_store(tiny_model_dir, t
     shards, output = f"{on_s3}/shards", tmp_path / "out"
     command = [sys.executable, "-m", "tests.synthesis.self_study_worker", str(tiny_model_dir)]
     command += [shards, str(output)]
-    process = subprocess.Popen([*command, "0.5"], cwd=ROOT, env=_env())
+    process = subprocess.Popen([*command, "0.5", "3"], cwd=ROOT, env=_env())  # a 3 s lease
     deadline = time.time() + 120
     while time.time() < deadline and _conversation_shards(s3, shards) < 2:
         time.sleep(0.1)
@@ -64,14 +64,15 @@ def test_self_study_killed_with_sigkill_resumes_from_the_store(tiny_model_dir, t
     process.wait()
     assert 2 <= _conversation_shards(s3, shards) < 4
     assert not Path(f"{output}-conversations.parquet").exists()
-    # The lease of the killed run is still there: the next run takes it over, after its expiry.
+    # The lease of the killed run is still there: the next run takes it over once it has seen it
+    # unrenewed for the killed holder's 3 s (on its own clock).
     lease = f"{shards.removeprefix('s3://')}/*/{LOCK_FILE}"
     (held,) = s3.filesystem().glob(lease)
-    record = json.loads(s3.filesystem().cat(held))
-    s3.filesystem().pipe(held, json.dumps({**record, "renewed": record["renewed"] - 3600}).encode())
+    assert json.loads(s3.filesystem().cat(held))["seconds"] == 3
     result = subprocess.run([*command, "0"], cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Taking over the lease" in result.stderr
+    assert "Took over the lease" in result.stderr
+    assert "Another process is running this self-study" in result.stderr  # it waited first
     pd.testing.assert_frame_equal(pd.read_parquet(f"{output}-conversations.parquet"), reference[0])
     pd.testing.assert_frame_equal(pd.read_parquet(f"{output}-targets.parquet"), reference[1])
     assert not s3.filesystem().glob(lease)  # released

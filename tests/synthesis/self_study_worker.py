@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from cartridges import storage
 from cartridges.modeling import load_model
 from cartridges.synthesis.local_backend import LocalBackend
 from cartridges.synthesis.runs import run_self_study
@@ -45,6 +46,8 @@ def study(model_dir: str, delay: float = 0.0) -> SelfStudy:
 
 if __name__ == "__main__":
     model_dir, shard_dir, output, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    if len(sys.argv) > 5:  # a short lease on an object store, so a test can wait it out
+        storage.LEASE_SECONDS = float(sys.argv[5])
     torch.set_num_threads(1)
     conversations, targets, _ = run_self_study(study(model_dir, delay), CHUNKS, shard_dir, "local")
     conversations.to_pandas().to_parquet(f"{output}-conversations.parquet")

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from cartridges.files import make_read_only
 from cartridges.lineage import RUN_ID
 from cartridges.progress import progress_bar
-from cartridges.storage import Location
+from cartridges.storage import HeldLock, Location
 from cartridges.synthesis.backends import Backend, BackendError
 from cartridges.synthesis.self_study import Conversation, SelfStudy, SelfStudyConfig
 from cartridges.tables import ShardedTable, ShardError, parquet_file, write_parquet
@@ -113,10 +113,14 @@ def _write_atomically(table: pa.Table, path: Location) -> None:
         make_read_only(temporary)
 
 
-def _write_batch(directory: Location, batch_index: int, conversations: list[Conversation]) -> None:
+def _write_batch(
+    directory: Location, batch_index: int, conversations: list[Conversation], lock: HeldLock
+) -> None:
     conversations_table, targets_table = conversation_tables(conversations)
     # The targets shard first: a conversations shard marks the batch complete.
+    lock.check()  # a lease on an object store can be lost: never write beside its new holder
     _write_atomically(targets_table, _shard(directory, "targets", batch_index))
+    lock.check()
     _write_atomically(conversations_table, _shard(directory, "conversations", batch_index))
 
 
@@ -176,6 +180,7 @@ async def _synthesize(
     batches: Sequence[int],
     progress,
     throughput: _Throughput,
+    lock: HeldLock,
 ) -> None:
     """Run ``batches`` with as many in flight as the backend serves; write each as it ends."""
     config, backend = study.config, study.backend
@@ -198,7 +203,7 @@ async def _synthesize(
                     f"Self-study batch {batch_index} (chunk {chunk_id}) failed: {error} "
                     f"Finished batches are kept in {directory}; rerun to resume."
                 ) from error
-            await asyncio.to_thread(_write_batch, directory, batch_index, conversations)
+            await asyncio.to_thread(_write_batch, directory, batch_index, conversations, lock)
             kept = conversations[: config.rows_kept(batch_index)]
             throughput.conversations += len(kept)
             throughput.tokens += sum(len(c.token_ids) for c in kept)
@@ -270,8 +275,8 @@ def run_self_study(
     config = study.config
     directory = Location.of(shard_dir) / run_key(config, chunks, backend_id)
     lock = directory / LOCK_FILE
-    with lock.store.lock(lock.path, on_wait=lambda: _waiting_for(directory)):
-        throughput, seconds = _synthesize_missing(study, chunks, directory)
+    with lock.store.lock(lock.path, on_wait=lambda: _waiting_for(directory)) as held:
+        throughput, seconds = _synthesize_missing(study, chunks, directory, held)
         conversation_files, target_files = _run_files(directory, config)
     # One run id in both tables: training refuses conversations and targets of different runs
     # (conversation ids alone repeat from run to run).
@@ -291,7 +296,7 @@ def _waiting_for(directory: Location) -> None:
 
 
 def _synthesize_missing(
-    study: SelfStudy, chunks: Sequence[tuple[str, str]], directory: Location
+    study: SelfStudy, chunks: Sequence[tuple[str, str]], directory: Location, lock: HeldLock
 ) -> tuple[_Throughput, float]:
     """Write the batches that ``directory`` lacks; how fast, and in how many seconds."""
     config = study.config
@@ -312,7 +317,7 @@ def _synthesize_missing(
         total=config.num_conversations, initial=initial, desc="self-study", unit="conv"
     ) as progress:
         if todo:
-            asyncio.run(_synthesize(study, chunks, directory, todo, progress, throughput))
+            asyncio.run(_synthesize(study, chunks, directory, todo, progress, throughput, lock))
     return throughput, time.perf_counter() - throughput.started
 
 
