@@ -229,3 +229,45 @@ def test_a_home_relative_path_means_one_place_for_reads_and_writes(tmp_path, mon
     location.write_bytes(b"x")
     assert (tmp_path / "checkpoints" / "state.pt").read_bytes() == b"x"
     assert location.is_file() and location.read_bytes() == b"x"
+
+
+def test_loading_many_shards_lists_the_folder_once_instead_of_one_request_per_shard(
+    s3, prefix, monkeypatch
+):
+    frame = pd.DataFrame({"x": np.arange(40)})
+    _shards(s3, prefix, rows_per_shard=2).save(frame)  # 20 shards
+    dataset = _shards(s3, prefix)
+    calls = []
+    original = s3fs.core.S3FileSystem._call_s3
+
+    async def counting(self, method, *args, **kwargs):
+        calls.append((method, kwargs.get("Key", "")))
+        return await original(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.core.S3FileSystem, "_call_s3", counting)
+    table = dataset.load()
+    assert len(table.files) == 20
+    assert not [key for _, key in calls if "part-" in key], calls  # no request per shard
+    assert len(calls) < 15, calls  # finding the version, its manifest, one listing
+
+
+def test_credentials_with_client_options_keep_the_endpoint_of_fs_args(s3, prefix):
+    credentials = {**s3.credentials, "client_kwargs": {"region_name": "us-east-1"}}
+    dataset = ParquetShardsDataset(
+        f"s3://{prefix}/table", credentials=credentials, fs_args=s3.fs_args
+    )
+    assert dataset._store.fs.client_kwargs == {
+        "endpoint_url": s3.endpoint,
+        "region_name": "us-east-1",
+    }
+    dataset.save(FRAME)
+    pd.testing.assert_frame_equal(dataset.load().to_pandas(), FRAME)
+
+
+def test_a_version_from_before_manifests_loads_only_its_parquet_shards(tmp_path):
+    folder = tmp_path / "table" / "2020-01-01T00.00.00.000Z" / "table"
+    folder.mkdir(parents=True)
+    FRAME.to_parquet(folder / "part-00000.parquet")
+    (folder / "part-00000.parquet.crc").write_bytes(b"a checksum file beside it")
+    dataset = ParquetShardsDataset(str(tmp_path / "table"), version=Version(None, None))
+    pd.testing.assert_frame_equal(dataset.load().to_pandas(), FRAME)

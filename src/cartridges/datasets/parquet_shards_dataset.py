@@ -73,11 +73,19 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
         """The shard files of the version that would be loaded, in order (paths in its store:
         ``Path`` objects on a local disk)."""
         folder = PurePosixPath(str(self._get_load_path()))
-        manifest = _manifest(self._store, folder)
+        return self._shard_paths(folder, _manifest(self._store, folder))
+
+    def _shard_paths(
+        self, folder: PurePosixPath, manifest: dict[str, Any] | None
+    ) -> list[PurePosixPath]:
         if manifest is not None:
             names = [entry["file"] for entry in manifest["shards"]]
         else:  # versions written before the manifest
-            names = [n for n in self._store.children(folder) if n.startswith("part-")]
+            names = [
+                n
+                for n in self._store.children(folder)
+                if n.startswith("part-") and n.endswith(".parquet")
+            ]
         kind = Path if self._store.is_local else PurePosixPath
         return [kind(folder / name) for name in names]
 
@@ -86,7 +94,7 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
         manifest = _manifest(self._store, folder)
         if manifest is not None:
             self._check_manifest(self._store, folder, manifest)
-        shards = self.shards()
+        shards = self._shard_paths(folder, manifest)
         if not shards:
             raise FileNotFoundError(f"No parquet shard in '{self._store.url(folder)}'.")
         attrs = (manifest or {}).get("attrs") or {}
@@ -160,7 +168,7 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
 
     @staticmethod
     def _check_manifest(store: Store, folder: PurePosixPath, manifest: dict[str, Any]) -> None:
-        present = set(store.children(folder))
+        present = store.file_sizes(folder)  # one listing: a HEAD per shard is slow at 10^5
         for entry in manifest["shards"]:
             path = folder / entry["file"]
             if entry["file"] not in present:
@@ -169,7 +177,7 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
                     f"{len(manifest['shards'])} shards; it was deleted after it was written. "
                     "Re-run the stage that writes it."
                 )
-            size = store.size(path)
+            size = present[entry["file"]]
             if size != entry["bytes"]:
                 raise ShardError(
                     f"Shard '{store.url(path)}' has {size} bytes but was written with "
