@@ -384,7 +384,8 @@ class Store:
             lease.release()
 
     def remove(self, path: str | os.PathLike) -> None:
-        """Delete a file or a folder; the manifest first, so a half-removed version is none."""
+        """Delete a file or a folder; on an object store every manifest in it first (however
+        deep: ``<version>/<name>/_manifest.json``), so a half-removed version is none."""
         if self.is_local:
             target = Path(path)
             if target.is_dir():
@@ -392,8 +393,7 @@ class Store:
             else:
                 target.unlink(missing_ok=True)
             return
-        manifest = f"{str(path).rstrip('/')}/{MANIFEST}"
-        if self.is_file(manifest):
+        for manifest in [f for f in self.fs.find(str(path)) if f.endswith(f"/{MANIFEST}")]:
             self.fs.rm_file(manifest)
         if self.exists(path):
             self.fs.rm(str(path), recursive=True)

@@ -271,3 +271,24 @@ def test_a_version_from_before_manifests_loads_only_its_parquet_shards(tmp_path)
     (folder / "part-00000.parquet.crc").write_bytes(b"a checksum file beside it")
     dataset = ParquetShardsDataset(str(tmp_path / "table"), version=Version(None, None))
     pd.testing.assert_frame_equal(dataset.load().to_pandas(), FRAME)
+
+
+def test_removing_a_version_on_the_store_uncommits_it_before_deleting_its_files(
+    s3, prefix, monkeypatch
+):
+    """A run that saved one output of a node but not the other removes the saved version (the
+    hooks): a removal cut short must not leave it loadable as the latest."""
+    dataset = _shards(s3, prefix, rows_per_shard=4)
+    dataset.save(FRAME)
+    version = dataset.resolve_save_version()
+    store, folder = open_store(f"s3://{prefix}/table/{version}", **_options(s3))
+
+    def cut(*args, **kwargs):
+        raise ConnectionError("cut short")
+
+    monkeypatch.setattr(store.fs, "rm", cut)
+    with pytest.raises(ConnectionError):
+        store.remove(folder)
+    assert store.children(f"{folder}/table")  # the shards are still there...
+    with pytest.raises(DatasetError, match="No saved version at"):  # ...but no version
+        _shards(s3, prefix, version=version).load()
