@@ -19,6 +19,7 @@ from cartridges.datasets import (
     CartridgeHistoryDataset,
     CartridgeSetDataset,
     ParquetShardsDataset,
+    PretrainedModelDataset,
     QuestionsDataset,
 )
 from cartridges.evaluation.questions import Question
@@ -292,3 +293,24 @@ def test_removing_a_version_on_the_store_uncommits_it_before_deleting_its_files(
     assert store.children(f"{folder}/table")  # the shards are still there...
     with pytest.raises(DatasetError, match="No saved version at"):  # ...but no version
         _shards(s3, prefix, version=version).load()
+
+
+def test_a_model_save_cut_short_on_the_store_leaves_no_model_to_load(tiny, s3, prefix):
+    model, tokenizer = tiny
+    dataset = PretrainedModelDataset(f"s3://{prefix}/model", **_options(s3))
+    dataset.save((model, tokenizer))
+    loaded, _ = dataset.load()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+    class Crashing:
+        def save_pretrained(self, directory):
+            (directory / "config.json").write_text("{}")
+            raise OSError("disk full")
+
+    with pytest.raises(DatasetError, match="Failed while saving"):
+        dataset.save((model, Crashing()))
+    assert dataset.exists()
+    s3.filesystem().rm_file(f"{prefix}/model/{MANIFEST}")  # an upload cut before its commit
+    assert not dataset.exists()
+    with pytest.raises(DatasetError, match=f"No model saved at 's3://{prefix}/model'"):
+        dataset.load()
