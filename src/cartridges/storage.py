@@ -163,9 +163,28 @@ class Store:
         if self.is_local:
             state = os.stat(path)
             return state.st_ino, state.st_size, state.st_mtime_ns, state.st_ctime_ns
-        info = self.fs.info(str(path))
-        tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime")
-        return info.get("size"), str(tag or info.get("LastModified", ""))
+        return _identity(self.fs.info(str(path)))
+
+    @property
+    def pins_reads(self) -> bool:
+        """Whether a file opened here reads only the object it was opened on: the S3 client
+        sends the ETag of its opening HEAD with every ranged GET (``If-Match``), so an object
+        replaced meanwhile fails the read instead of mixing two versions."""
+        return self.protocol in _CONDITIONAL_PROTOCOLS
+
+    def open_pinned(self, path: str | os.PathLike, identity: tuple[Any, ...]):
+        """Open the object ``path`` as it was at ``identity`` (size, ETag), with no request:
+        every ranged GET carries ``If-Match: <ETag>`` (the S3 client's own expiry check, which
+        it arms after its opening HEAD), so a replaced object fails the read."""
+        size, etag = identity
+        handle = self.fs.open(str(path), "rb", cache_type="none", size=size)
+        handle.details = {"name": str(path), "size": size, "ETag": etag}
+        handle.read_kw = {**handle.read_kw, "IfMatch": etag}
+        return handle
+
+    def identity_of(self, handle: Any) -> tuple[Any, ...]:
+        """:meth:`identity` of a file opened on an object store, from its opening request."""
+        return _identity(handle.details)
 
     # ------------------------------------------------------------------ reading
     def open(self, path: str | os.PathLike, mode: str = "rb", **options: Any):
@@ -597,6 +616,11 @@ class Location:
 
     def remove(self) -> None:
         self.store.remove(self.path)
+
+
+def _identity(info: dict[str, Any]) -> tuple[Any, ...]:
+    tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime")
+    return info.get("size"), str(tag or info.get("LastModified", ""))
 
 
 def _add_manifest(folder: Path) -> None:

@@ -25,7 +25,8 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path, PurePosixPath
@@ -71,12 +72,41 @@ def parquet_writer(path: str | os.PathLike, schema: pa.Schema, **options: Any) -
 
 
 def parquet_file(
-    path: str | os.PathLike, store: Store | None = None, **options: Any
+    source: str | os.PathLike | pa.NativeFile,
+    store: Store | None = None,
+    verify: bool = True,
+    **options: Any,
 ) -> pq.ParquetFile:
-    """``pq.ParquetFile`` that verifies each page's checksum as it is read."""
+    """``pq.ParquetFile`` of a path in ``store`` (or of an open file) that verifies each page's
+    checksum as it is read (unless ``verify`` is false: pages verified before)."""
+    if isinstance(source, pa.NativeFile):
+        return pq.ParquetFile(source, page_checksum_verification=verify, **options)
     if store is not None and not store.is_local:
         options["filesystem"] = store.arrow()
-    return pq.ParquetFile(str(path), page_checksum_verification=True, **options)
+    return pq.ParquetFile(str(source), page_checksum_verification=verify, **options)
+
+
+_REMOTE_READS: list[ThreadPoolExecutor] = []
+_REMOTE_READERS = 16  # files of one micro-batch fetched at once from an object store
+
+
+def _remote_reads() -> ThreadPoolExecutor:
+    """Threads that wait on an object store's round trips (shared by every table)."""
+    if not _REMOTE_READS:
+        _REMOTE_READS.append(
+            ThreadPoolExecutor(max_workers=_REMOTE_READERS, thread_name_prefix="shard-read")
+        )
+    return _REMOTE_READS[0]
+
+
+def _changed_while_read(error: BaseException) -> bool:
+    """A read refused because the object's ETag is no longer the one it was opened with (the
+    S3 client's ``FileExpired``, however pyarrow passed it on)."""
+    while error is not None:
+        if type(error).__name__ == "FileExpired" or "pre-condition" in str(error).lower():
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def corrupted(path: str | os.PathLike, error: Exception) -> ShardError | None:
@@ -218,12 +248,16 @@ class ShardedTable:
                 return pq.read_metadata(path)
             return self._footer(index, self._store.identity(path))
 
-    def _footer(self, index: int, identity: tuple[Any, ...]) -> pq.FileMetaData:
-        """The footer of a file on a store as it is now (``identity``), fetched once per change."""
+    def _footer(self, index: int, identity: tuple[Any, ...], handle=None) -> pq.FileMetaData:
+        """The footer of a file on a store as it is now (``identity``), fetched once per change
+        (through ``handle`` if the file is open already)."""
         known = self._footers.get(index)
         if known is None or known[0] != identity:
-            with self._store.open(self._files[index]) as handle:
+            if handle is not None:
                 known = self._footers[index] = (identity, pq.read_metadata(handle))
+            else:
+                with self._store.open(self._files[index]) as opened:
+                    known = self._footers[index] = (identity, pq.read_metadata(opened))
         return known[1]
 
     def fingerprint(self) -> str:
@@ -346,8 +380,18 @@ class ShardedTable:
                         (which, int(lo - offsets[index]), int(hi - offsets[index]))
                     )
         parts: list[list[pa.Table]] = [[] for _ in ranges]
-        for index, wanted in sorted(pieces.items()):
-            tables = self._read_file_ranges(index, [(lo, hi) for _, lo, hi in wanted], columns)
+        files = sorted(pieces.items())
+
+        def read(item: tuple[int, list[tuple[int, int, int]]]) -> list[pa.Table]:
+            index, wanted = item
+            return self._read_file_ranges(index, [(lo, hi) for _, lo, hi in wanted], columns)
+
+        # On an object store each file costs round trips: read the files at once, not in turn.
+        if self._store.is_local or len(files) == 1:
+            read_files = map(read, files)
+        else:
+            read_files = _remote_reads().map(read, files)
+        for (_, wanted), tables in zip(files, read_files, strict=True):
             for (which, _, _), table in zip(wanted, tables, strict=True):
                 parts[which].append(table)
         return [
@@ -386,49 +430,13 @@ class ShardedTable:
     def _read_file_ranges(
         self, index: int, ranges: Sequence[tuple[int, int]], columns: Sequence[str] | None
     ) -> list[pa.Table]:
-        path, url = self._files[index], self._store.url(self._files[index])
+        url = self._store.url(self._files[index])
         for _ in range(_READ_TRIES):
             with shard_errors(url):
-                identity = self._store.identity(path)  # before opening: a replacement shows
-                footer = None if self._store.is_local else self._footer(index, identity)
-                parquet = parquet_file(path, self._store, metadata=footer)
-                meta = parquet.metadata
-                sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-                starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-                bad = [(lo, hi) for lo, hi in ranges if not 0 <= lo <= hi <= meta.num_rows]
-                if bad:
-                    raise ShardError(
-                        f"Rows {bad[0]} are outside shard '{url}' of {meta.num_rows} rows: the "
-                        "file changed since it was indexed."
-                    )
-                groups = sorted(
-                    {
-                        g
-                        for lo, hi in ranges
-                        if hi > lo
-                        for g in range(
-                            int(np.searchsorted(starts, lo, side="right")) - 1,
-                            int(np.searchsorted(starts, hi - 1, side="right")),
-                        )
-                    }
-                )
-                cols = list(columns) if columns is not None else None
-                names = cols if cols is not None else parquet.schema_arrow.names
-                fresh, known = self._split_verified(index, identity, groups, names, len(sizes))
-                table = parquet.read_row_groups(fresh, columns=cols) if fresh else None
-                if known:
-                    plain = pq.ParquetFile(
-                        str(path),
-                        metadata=meta,
-                        page_checksum_verification=False,
-                        filesystem=None if self._store.is_local else self._store.arrow(),
-                    )
-                    table = _in_group_order(
-                        fresh, table, known, plain.read_row_groups(known, columns=cols), sizes
-                    )
-                if self._store.identity(path) == identity:  # not changed while read
-                    self._mark_verified(index, identity, fresh, names)
-                    break
+                read = self._read_groups(index, ranges, columns)
+            if read is not None:
+                table, groups, sizes, starts = read
+                break
         else:
             raise ShardError(f"Shard '{url}' changed each time it was read: it is being written.")
         # Row ``r`` of the file is row ``r - starts[g] + read_start[g]`` of what was read.
@@ -441,6 +449,92 @@ class ShardedTable:
             g = int(np.searchsorted(starts, lo, side="right")) - 1
             out.append(table.slice(int(lo - starts[g] + read_start[g]), hi - lo))
         return out
+
+    def _read_groups(
+        self, index: int, ranges: Sequence[tuple[int, int]], columns: Sequence[str] | None
+    ) -> tuple[pa.Table | None, list[int], list[int], np.ndarray] | None:
+        """The row groups of file ``index`` that ``ranges`` span, read whole (their pages'
+        checksums verified once per handle); ``None`` if the file changed while it was read."""
+        path, url = self._files[index], self._store.url(self._files[index])
+        with self._opened(index) as (open_parquet, identity, pinned):
+            parquet = open_parquet(verify=True)
+            meta = parquet.metadata
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+            bad = [(lo, hi) for lo, hi in ranges if not 0 <= lo <= hi <= meta.num_rows]
+            if bad:
+                raise ShardError(
+                    f"Rows {bad[0]} are outside shard '{url}' of {meta.num_rows} rows: the "
+                    "file changed since it was indexed."
+                )
+            groups = sorted(
+                {
+                    g
+                    for lo, hi in ranges
+                    if hi > lo
+                    for g in range(
+                        int(np.searchsorted(starts, lo, side="right")) - 1,
+                        int(np.searchsorted(starts, hi - 1, side="right")),
+                    )
+                }
+            )
+            cols = list(columns) if columns is not None else None
+            names = cols if cols is not None else parquet.schema_arrow.names
+            fresh, known = self._split_verified(index, identity, groups, names, len(sizes))
+            try:
+                table = parquet.read_row_groups(fresh, columns=cols) if fresh else None
+                if known:
+                    plain = open_parquet(verify=False, metadata=meta)
+                    plain = plain.read_row_groups(known, columns=cols)
+                    table = _in_group_order(fresh, table, known, plain, sizes)
+            except OSError as error:
+                if pinned and _changed_while_read(error):
+                    self._footers.pop(index, None)  # the next try asks the store afresh
+                    return None
+                raise
+        if not pinned and self._store.identity(path) != identity:  # changed while read
+            return None
+        self._mark_verified(index, identity, fresh, names)
+        return table, groups, sizes, starts
+
+    @contextmanager
+    def _opened(self, index: int) -> Iterator[tuple[Callable[..., pq.ParquetFile], tuple, bool]]:
+        """File ``index`` ready to read: a maker of ``ParquetFile`` views of it (``verify``: its
+        page checksums), its identity, and whether every read is pinned to that identity.
+
+        On S3 one request (a HEAD) gives the identity, and every ranged GET then carries the
+        ETag (``If-Match``), so a file replaced mid-read is refused by the server rather than
+        read as a mix of two versions. Elsewhere the identity is taken before the reads and
+        compared after them.
+        """
+        path = self._files[index]
+        if not self._store.pins_reads:
+            identity = self._store.identity(path)  # before opening: a replacement shows
+            footer = None if self._store.is_local else self._footer(index, identity)
+            yield (
+                lambda verify, metadata=footer: parquet_file(
+                    path, self._store, verify=verify, metadata=metadata
+                ),
+                identity,
+                False,
+            )
+            return
+        known = self._footers.get(index)
+        if known is not None:  # no request: a GET that finds another ETag fails, read again
+            handle = self._store.open_pinned(path, known[0])
+        else:
+            handle = self._store.open(path)  # one HEAD: its size and ETag
+        with handle:
+            identity = self._store.identity_of(handle)
+            footer = self._footer(index, identity, handle)
+            source = pa.PythonFile(handle, mode="r")
+            yield (
+                lambda verify, metadata=footer: parquet_file(
+                    source, verify=verify, metadata=metadata
+                ),
+                identity,
+                True,
+            )
 
     def _split_verified(
         self,

@@ -314,3 +314,45 @@ def test_a_model_save_cut_short_on_the_store_leaves_no_model_to_load(tiny, s3, p
     assert not dataset.exists()
     with pytest.raises(DatasetError, match=f"No model saved at 's3://{prefix}/model'"):
         dataset.load()
+
+
+def _counting_requests(monkeypatch) -> list[tuple[str, dict]]:
+    calls = []
+    original = s3fs.core.S3FileSystem._call_s3
+
+    async def counting(self, method, *args, **kwargs):
+        calls.append((method, kwargs))
+        return await original(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.core.S3FileSystem, "_call_s3", counting)
+    return calls
+
+
+def test_reads_after_the_first_send_no_head_and_every_get_is_pinned_to_the_etag(
+    s3, prefix, monkeypatch
+):
+    frame = pd.DataFrame({"x": np.arange(20_000, dtype=np.int64)})
+    _shards(s3, prefix, row_group_size=5_000).save(frame)
+    table = _shards(s3, prefix).load()
+    table.read_rows(0, 0, 10, ["x"])  # the first read asks for the size and ETag (a HEAD)
+    etag = s3.filesystem().info(str(table.files[0]))["ETag"]
+    calls = _counting_requests(monkeypatch)
+    assert table.read_rows(0, 12_000, 12_010, ["x"])["x"].to_pylist() == list(range(12_000, 12_010))
+    assert [method for method, _ in calls] == ["get_object"]
+    assert calls[0][1]["IfMatch"] == etag
+
+
+def test_a_shard_replaced_between_reads_is_read_afresh_not_mixed(s3, prefix, monkeypatch):
+    frame = pd.DataFrame({"x": np.arange(20_000, dtype=np.int64)})
+    _shards(s3, prefix, row_group_size=5_000).save(frame)
+    table = _shards(s3, prefix).load()
+    assert table.read_rows(0, 0, 3, ["x"])["x"].to_pylist() == [0, 1, 2]
+    path = str(table.files[0])
+    with s3.filesystem().open(path, "wb") as handle:  # another writer: new rows, new footer
+        pd.DataFrame({"x": np.arange(20_000, dtype=np.int64) + 7}).to_parquet(
+            handle, row_group_size=1_000
+        )
+    calls = _counting_requests(monkeypatch)
+    assert table.read_rows(0, 0, 3, ["x"])["x"].to_pylist() == [7, 8, 9]
+    methods = [method for method, _ in calls]
+    assert methods[0] == "get_object" and "head_object" in methods  # refused, then asked afresh
