@@ -342,7 +342,12 @@ class Store:
         )
 
     @contextmanager
-    def write_folder(self, path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    def write_folder(
+        self,
+        path: str | os.PathLike,
+        replace: bool = False,
+        copies: list[tuple[str, str]] | None = None,
+    ) -> Iterator[Path]:
         """Yield an empty local folder; on success it becomes the folder ``path`` whole.
 
         The writer puts a :data:`MANIFEST` in it, or one listing every file and its size is
@@ -350,10 +355,18 @@ class Store:
         object store every other file is uploaded first and the manifest last, so a reader that
         waits for the manifest never sees part of a version; ``replace`` removes the old files
         first (an unversioned entry: a crash between the two leaves no manifest, so no version).
+
+        ``copies``: ``(path in this store, name in the folder)`` pairs the writer adds during the
+        block, for files already in this store: on an object store they are copied by the
+        server (no byte passes through this machine, none is staged on its disk), before the
+        manifest.
         """
+        copies = copies if copies is not None else []
         if self.is_local:
             with atomic_folder(path, replace=replace) as temporary:
                 yield temporary
+                for source, name in copies:
+                    shutil.copyfile(source, temporary / name)
                 _add_manifest(temporary)
             return
         with tempfile.TemporaryDirectory(prefix="cartridges-") as scratch:
@@ -369,6 +382,8 @@ class Store:
             files = sorted(p for p in temporary.rglob("*") if p.is_file() and p.name != MANIFEST)
             for file in files:
                 self.fs.put_file(str(file), f"{target}/{file.relative_to(temporary).as_posix()}")
+            for source, name in copies:
+                self.fs.copy(source, f"{target}/{name}")
             self.fs.put_file(str(temporary / MANIFEST), f"{target}/{MANIFEST}")
 
     @contextmanager

@@ -356,3 +356,21 @@ def test_a_shard_replaced_between_reads_is_read_afresh_not_mixed(s3, prefix, mon
     assert table.read_rows(0, 0, 3, ["x"])["x"].to_pylist() == [7, 8, 9]
     methods = [method for method, _ in calls]
     assert methods[0] == "get_object" and "head_object" in methods  # refused, then asked afresh
+
+
+def test_a_table_saved_within_the_store_is_copied_by_the_server_not_downloaded(
+    s3, prefix, monkeypatch
+):
+    _shards(s3, prefix, rows_per_shard=4).save(FRAME)  # 3 shards
+    table = _shards(s3, prefix).load()
+    table.file_num_rows  # noqa: B018 - the footers, read before counting
+    calls = _counting_requests(monkeypatch)
+    copy = ParquetShardsDataset(f"s3://{prefix}/copy", version=Version(None, None), **_options(s3))
+    copy.save(table)
+    shard_requests = [method for method, kwargs in calls if "part-" in kwargs.get("Key", "")]
+    assert shard_requests.count("copy_object") == 3, shard_requests
+    assert not {"get_object", "put_object", "upload_part"} & set(shard_requests)  # no byte moved
+    loaded = ParquetShardsDataset(
+        f"s3://{prefix}/copy", version=Version(None, None), **_options(s3)
+    )
+    pd.testing.assert_frame_equal(loaded.load().to_pandas(), FRAME)

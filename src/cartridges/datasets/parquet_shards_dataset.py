@@ -101,8 +101,10 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
         return ShardedTable(shards, attrs=attrs, store=self._store)
 
     def save(self, data: pd.DataFrame | ShardedTable) -> None:
+        copies: list[tuple[str, str]] = []  # shards the store copies itself
+        copied: dict[str, dict[str, Any]] = {}  # their manifest entries
         if isinstance(data, ShardedTable):
-            write = self._writer_of_table(data)
+            write = self._writer_of_table(data, copies, copied)
         elif isinstance(data, pd.DataFrame):
             write = self._writer_of_frame(data)
         else:
@@ -113,20 +115,20 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
 
         def write_with_manifest(folder: Path) -> None:
             names = write(folder)
-            for name in names:  # read-only: shards may be hard links shared with a cache
-                make_read_only(folder / name)
-            entries = [
-                {
-                    "file": name,
-                    "rows": pq.read_metadata(folder / name).num_rows,
-                    "bytes": (folder / name).stat().st_size,
-                }
-                for name in names
-            ]
+            entries = []
+            for name in names:
+                if name in copied:
+                    entries.append(copied[name])
+                    continue
+                make_read_only(folder / name)  # shards may be hard links shared with a cache
+                rows = pq.read_metadata(folder / name).num_rows
+                entries.append(
+                    {"file": name, "rows": rows, "bytes": (folder / name).stat().st_size}
+                )
             manifest = {"shards": entries, "attrs": data.attrs}  # written last: the commit
             (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
 
-        self._save_folder(write_with_manifest)
+        self._save_folder(write_with_manifest, copies)
 
     # ------------------------------------------------------------------ writers
     def _writer_of_frame(self, data: pd.DataFrame):
@@ -142,8 +144,18 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
 
         return write
 
-    def _writer_of_table(self, table: ShardedTable):
+    def _writer_of_table(
+        self,
+        table: ShardedTable,
+        copies: list[tuple[str, str]],
+        copied: dict[str, dict[str, Any]],
+    ):
+        """Shards whose row groups fit are linked (a disk), copied by the store (both on one
+        object store: nothing downloaded) or downloaded; the others are rewritten."""
         schema = table.schema if table.files else None  # one schema, or a clear error, first
+        server_side = not self._store.is_local and table.store.fs == self._store.fs
+
+        listed: dict[PurePosixPath, dict[str, int]] = {}  # one listing per source folder
 
         def write(folder: Path) -> list[str]:
             names = []
@@ -154,6 +166,13 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
                 largest = max(
                     (footer.row_group(g).num_rows for g in range(footer.num_row_groups)), default=0
                 )
+                if largest <= self._row_group_size and server_side:
+                    copies.append((str(source), names[-1]))
+                    if source.parent not in listed:
+                        listed[source.parent] = table.store.file_sizes(source.parent)
+                    size = listed[source.parent][source.name]
+                    copied[names[-1]] = {"file": names[-1], "rows": footer.num_rows, "bytes": size}
+                    continue
                 if largest <= self._row_group_size:
                     _link_or_copy(table.store, source, target)
                     continue

@@ -68,11 +68,14 @@ class VersionedFolderDataset(VersionedStoreDataset[T]):
             raise FileNotFoundError(f"No saved version at '{self._store.url(folder)}'.")
         return folder
 
-    def _save_folder(self, write: Callable[[Path], None]) -> None:
-        """Run ``write`` on an empty local folder, then make it the version's folder, whole."""
+    def _save_folder(
+        self, write: Callable[[Path], None], copies: list[tuple[str, str]] | None = None
+    ) -> None:
+        """Run ``write`` on an empty local folder, then make it the version's folder, whole
+        (with the ``copies`` ``write`` asked for: see :meth:`Store.write_folder`)."""
         # An unversioned entry is rewritten by every run: replace it whole, never in place.
         with self._store.write_folder(
-            self._get_save_path(), replace=self._version is None
+            self._get_save_path(), replace=self._version is None, copies=copies
         ) as temporary:
             write(temporary)
 
