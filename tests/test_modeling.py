@@ -32,7 +32,12 @@ from tests.conftest import CORPUS
 
 
 def test_an_unresolvable_name_says_why_and_how_to_fix(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Read once, when the hub's client is imported (an earlier test may have imported it):
+    # without this the lookup waits ~45 s on a network that is not there.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelNotFoundError, match="not a local directory") as error:
         load_model("no-such-org/no-such-model-xyz")
     assert "`hf download no-such-org/no-such-model-xyz`" in str(error.value)  # the hub's CLI
