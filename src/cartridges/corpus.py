@@ -24,6 +24,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from cartridges.documents import SUFFIXES, Unusable, fetch_url, normalise_text, parse_document
 from cartridges.documents.loaders import DEFAULT_JSON_TEXT_FIELDS
+from cartridges.storage import Location, Store
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ class CorpusConfig:
     """Where documents come from and what to do with bad ones (``document_prep`` parameters).
 
     Args:
-        corpus_dir: walked recursively; ``None`` to use only ``paths`` and ``urls``.
+        corpus_dir: walked recursively: a local folder or an fsspec URL (``s3://bucket/corpus``,
+            its client's credentials from the environment); ``None`` to use only ``paths`` and
+            ``urls``.
         include: globs on the path relative to ``corpus_dir`` (``fnmatch``: ``*`` crosses ``/``).
         exclude: globs that remove files ``include`` matched (default: hidden files).
         paths: extra files (or folders, walked with the same globs), outside ``corpus_dir``.
@@ -138,12 +141,15 @@ def discover(
         subfolders.sort()
         for name in sorted(names):
             path = Path(folder, name)
-            relative = path.relative_to(root).as_posix()
-            if any(fnmatch.fnmatch(relative, g) for g in include) and not any(
-                fnmatch.fnmatch(relative, g) for g in exclude
-            ):
+            if _included(path.relative_to(root).as_posix(), include, exclude):
                 files.append(path)
     return files, unreadable
+
+
+def _included(relative: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(relative, g) for g in include) and not any(
+        fnmatch.fnmatch(relative, g) for g in exclude
+    )
 
 
 _Reader = Callable[[], tuple[bytes, str, str | None]]  # -> (raw bytes, format, declared charset)
@@ -195,10 +201,47 @@ def _walk(root: Path, prefix: str, config: CorpusConfig) -> Iterator[tuple[str, 
         yield f"{prefix}{path.relative_to(root).as_posix()}", _file_reader(path, config.max_bytes)
 
 
+def _walk_store(root: Location, config: CorpusConfig) -> Iterator[tuple[str, _Reader]]:
+    """A corpus folder on an object store: one listing (with sizes), each file fetched when its
+    turn comes, in the order a local walk gives."""
+    base = root.path.rstrip("/")
+    listing = root.store.fs.find(base, detail=True) if root.store.exists(base) else {}
+    if not listing:
+        yield str(root), _missing("missing: no such folder")
+        return
+    relatives = sorted(
+        (PurePosixPath(key).relative_to(base).parts, key) for key in listing if key != base
+    )
+    for parts, key in relatives:
+        relative = "/".join(parts)
+        if _included(relative, config.include, config.exclude):
+            yield relative, _object_reader(root.store, key, listing[key]["size"], config.max_bytes)
+
+
+def _object_reader(store: Store, key: str, size: int, max_bytes: int) -> _Reader:
+    def read() -> tuple[bytes, str, str | None]:
+        kind = SUFFIXES.get(PurePosixPath(key).suffix.lower())
+        if kind is None:
+            suffix = PurePosixPath(key).suffix
+            raise Unusable(f"unsupported extension '{suffix}'" if suffix else "no file extension")
+        if size > max_bytes:
+            raise Unusable(f"too large: {size} bytes, limit {max_bytes}")
+        try:
+            return store.read_bytes(key), kind, None
+        except OSError as error:
+            raise Unusable(f"unreadable: {error}") from None
+
+    return read
+
+
 def _inputs(config: CorpusConfig) -> Iterator[tuple[str, _Reader]]:
     """``(source, reader)`` for every input, readers called lazily: one file in memory at once."""
     if config.corpus_dir is not None:
-        yield from _walk(Path(config.corpus_dir), "", config)
+        root = Location.of(config.corpus_dir)
+        if root.store.is_local:
+            yield from _walk(Path(root.path), "", config)
+        else:
+            yield from _walk_store(root, config)
     for given in config.paths:
         path = Path(given)
         if path.is_dir():
