@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -84,6 +85,42 @@ def parquet_file(
     if store is not None and not store.is_local:
         options["filesystem"] = store.arrow()
     return pq.ParquetFile(str(source), page_checksum_verification=verify, **options)
+
+
+_FOOTERS_KEPT = 1024
+
+
+class _Footers:
+    """The footers of a table's files on an object store, the ``capacity`` most recently used
+    (with the identity each was read at): the footer of a 16 MB targets shard takes ~115 KB in
+    memory, so keeping all of 10^4 shards' would take a gigabyte. An evicted one is fetched
+    again (one small ranged GET)."""
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self._capacity = capacity or _FOOTERS_KEPT
+        self._entries: OrderedDict[int, tuple[tuple[Any, ...], pq.FileMetaData]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, index: int) -> tuple[tuple[Any, ...], pq.FileMetaData] | None:
+        with self._lock:
+            entry = self._entries.get(index)
+            if entry is not None:
+                self._entries.move_to_end(index)
+            return entry
+
+    def put(self, index: int, entry: tuple[tuple[Any, ...], pq.FileMetaData]) -> None:
+        with self._lock:
+            self._entries[index] = entry
+            self._entries.move_to_end(index)
+            while len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+
+    def pop(self, index: int) -> None:
+        with self._lock:
+            self._entries.pop(index, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 _REMOTE_READS: list[ThreadPoolExecutor] = []
@@ -162,7 +199,7 @@ class ShardedTable:
         # byte per row group, so 10^11 rows in 64k-row groups cost megabytes, not a set of pairs)
         self._verified: dict[int, tuple[tuple[int, ...], dict[str, np.ndarray]]] = {}
         self._verified_lock = threading.Lock()
-        self._footers: dict[int, tuple[tuple[Any, ...], pq.FileMetaData]] = {}
+        self._footers = _Footers()
         missing = [self._store.url(f) for f in _missing(self._store, self._files)]
         if missing:
             raise ShardError(f"Shard file(s) not found: {missing[:3]}.")
@@ -175,7 +212,7 @@ class ShardedTable:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._verified, self._verified_lock, self._footers = {}, threading.Lock(), {}
+        self._verified, self._verified_lock, self._footers = {}, threading.Lock(), _Footers()
 
     @classmethod
     def from_dataframe(cls, data: pd.DataFrame, path: str | Path) -> ShardedTable:
@@ -254,10 +291,11 @@ class ShardedTable:
         known = self._footers.get(index)
         if known is None or known[0] != identity:
             if handle is not None:
-                known = self._footers[index] = (identity, pq.read_metadata(handle))
+                known = (identity, pq.read_metadata(handle))
             else:
                 with self._store.open(self._files[index]) as opened:
-                    known = self._footers[index] = (identity, pq.read_metadata(opened))
+                    known = (identity, pq.read_metadata(opened))
+            self._footers.put(index, known)
         return known[1]
 
     def fingerprint(self) -> str:
@@ -489,7 +527,7 @@ class ShardedTable:
                     table = _in_group_order(fresh, table, known, plain, sizes)
             except OSError as error:
                 if pinned and _changed_while_read(error):
-                    self._footers.pop(index, None)  # the next try asks the store afresh
+                    self._footers.pop(index)  # the next try asks the store afresh
                     return None
                 raise
         if not pinned and self._store.identity(path) != identity:  # changed while read

@@ -374,3 +374,16 @@ def test_a_table_saved_within_the_store_is_copied_by_the_server_not_downloaded(
         f"s3://{prefix}/copy", version=Version(None, None), **_options(s3)
     )
     pd.testing.assert_frame_equal(loaded.load().to_pandas(), FRAME)
+
+
+def test_the_footers_kept_in_memory_are_bounded_however_many_shards_are_read(
+    s3, prefix, monkeypatch
+):
+    monkeypatch.setattr("cartridges.tables._FOOTERS_KEPT", 4)
+    frame = pd.DataFrame({"x": np.arange(40)})
+    _shards(s3, prefix, rows_per_shard=2).save(frame)  # 20 shards
+    table = _shards(s3, prefix).load()
+    for _ in range(2):  # the second pass fetches the evicted footers again
+        rows = table.take_ranges([(i, i + 1) for i in range(0, 40, 2)], ["x"])
+        assert [r["x"][0].as_py() for r in rows] == list(range(0, 40, 2))
+        assert len(table._footers) <= 4
