@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
+import pkgutil
 import re
 import shutil
 import subprocess
@@ -276,6 +278,12 @@ def nothing_loads(monkeypatch, tmp_path):
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded or a node ran before the parameters were checked")
 
+    # Every pipeline module imported first: one first imported while the patch holds would keep
+    # the forbidden function it imported by name after the test (and fail a later test).
+    import cartridges.pipelines
+
+    for found in pkgutil.walk_packages(cartridges.pipelines.__path__, "cartridges.pipelines."):
+        importlib.import_module(found.name)
     for name, module in list(sys.modules.items()):
         if name.startswith("cartridges"):
             for attribute in ("load_model", "load_tokenizer", "pretrain"):
