@@ -7,14 +7,35 @@ only :mod:`cartridges.serving.cli` reads the project's ``conf/`` folder.
 from __future__ import annotations
 
 from dataclasses import field, fields
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from cartridges.checks import Problems
 
 SCHEDULERS = ("continuous", "static")
+
+
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class CartridgeSetConfig:
+    """One named set of ``serving.cartridge_sets``.
+
+    Args:
+        cartridges: a folder of ``<document>.safetensors``, or a versioned set dataset's
+            ``filepath`` (``document_cartridges``: its latest complete version is served).
+        corpus_dir: the documents the cartridges were trained on (``document_prep.corpus_dir``):
+            the retriever indexes their text; each cartridge's document must be there.
+        select: cartridges a request gets when it gives no ``select``.
+        retriever: a key of :data:`cartridges.routing.RETRIEVERS` or ``"package.module:Class"``.
+        retriever_options: keyword arguments of the retriever.
+    """
+
+    cartridges: str
+    corpus_dir: str
+    select: Annotated[int, Field(ge=1)] = 1
+    retriever: str = "bm25"
+    retriever_options: dict[str, Any] = field(default_factory=dict)
 
 
 @pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -31,6 +52,8 @@ class ServingConfig:
         cartridge_dir: cartridge ids that are not catalog names resolve to files inside it.
         catalog_datasets: catalog dataset name -> its versioned ``filepath`` (``name`` is the
             latest version, ``name@<version>`` a given one).
+        cartridge_sets: named libraries of document cartridges a request selects from per
+            question (``{"set": name, "select": k}``; see :mod:`cartridges.serving.sets`).
         api_key: when set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
         max_tokens: largest ``max_tokens`` a request may ask for.
         default_max_tokens: used when a request names none.
@@ -66,6 +89,7 @@ class ServingConfig:
     port: int = 8000
     cartridge_dir: str = "data/06_models/cartridges"
     catalog_datasets: dict[str, str] | None = None
+    cartridge_sets: dict[str, CartridgeSetConfig] = field(default_factory=dict)
     api_key: str | None = None
     max_tokens: int = 512
     default_max_tokens: int = 128

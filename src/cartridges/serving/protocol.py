@@ -108,11 +108,23 @@ class TokenizeRequest(BaseModel):
 
 
 class CartridgeRef(BaseModel):
-    """A cartridge to answer with: a catalog name (``cartridge[@version]``) or a file id."""
+    """A cartridge to answer with: a catalog name (``cartridge[@version]``), a file id or a set
+    member (``<set>:<document>``); or ``set`` (with ``select``: how many, else the set's
+    default), the members of a named set the set's retriever picks for the request's question."""
 
     model_config = _LIMITS
-    id: str = Field(min_length=1, max_length=512)
+    id: str | None = Field(default=None, min_length=1, max_length=512)
+    set: str | None = Field(default=None, min_length=1, max_length=128)
+    select: int | None = Field(default=None, ge=1)
     source: str = Field(default="local", max_length=64)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CartridgeRef:
+        if (self.id is None) == (self.set is None):
+            raise ValueError("a cartridge names either an 'id' or a 'set', not both or neither")
+        if self.select is not None and self.set is None:
+            raise ValueError("'select' goes with 'set' (how many of its cartridges to load)")
+        return self
 
 
 class TextPart(BaseModel):

@@ -17,9 +17,11 @@ from cartridges.serving.protocol import ChatCompletionRequest, CompletionRequest
 from cartridges.serving.text import Rendered
 
 
-def response_head(kind: str, model_id: str) -> dict:
-    """The fields every (chat) completion response and stream chunk starts with."""
-    return {"id": f"{kind}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
+def response_head(kind: str, model_id: str, selected: list[str] | None = None) -> dict:
+    """The fields every (chat) completion response and stream chunk starts with; with
+    ``cartridges``, the ids a selection from a set composed (in order), when there was one."""
+    head = {"id": f"{kind}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
+    return {**head, "cartridges": selected} if selected is not None else head
 
 
 def usage(prompts: list[list[int]], completion: int, prefix_tokens: int) -> dict:

@@ -58,7 +58,8 @@ async def health(service: ServiceDep) -> dict:
 
 @router.get("/v1/models")
 async def models(service: ServiceDep) -> dict:
-    """The base model, then every cartridge as a model whose ``parent`` is the base model.
+    """The base model, the cartridge sets (``object: cartridge_set``, with their members), then
+    every cartridge as a model whose ``parent`` is the base model.
 
     As vLLM lists LoRA adapters: a client that only knows ``model`` can answer with a cartridge.
     """
@@ -76,7 +77,19 @@ async def models(service: ServiceDep) -> dict:
         for cartridge in available
         if cartridge.id not in (model_id, service.config.model_name_or_path)
     ]
-    return {"object": "list", "data": [{**base, "parent": None}, *cartridges]}
+    sets = [
+        {
+            "id": name,
+            "object": "cartridge_set",
+            "created": 0,
+            "owned_by": "cartridges",
+            "parent": model_id,
+            "members": [cartridge_set.member_id(document) for document in cartridge_set.files],
+            "select": cartridge_set.default_select,
+        }
+        for name, cartridge_set in service.sets.items()
+    ]
+    return {"object": "list", "data": [{**base, "parent": None}, *sets, *cartridges]}
 
 
 @router.post("/tokenize")
@@ -97,7 +110,7 @@ async def chat_completions(request: ChatCompletionRequest, service: ServiceDep, 
     prefix_tokens = cartridge.num_tokens if cartridge is not None else 0
     check_context(service, [prompt], prefix_tokens, checked.max_tokens)
     job = _job(request, checked, [prompt] * request.n, key, cartridge, request.logprobs)
-    head = response_head("chatcmpl", checked.model_id)
+    head = response_head("chatcmpl", checked.model_id, _selection(request, checked))
     if request.stream:
         return event_stream(chat_chunks(service, request, job, head, prompt, prefix_tokens))
     rendered = await _whole_answers(service, request, job, http)
@@ -116,13 +129,20 @@ async def completions(request: CompletionRequest, service: ServiceDep, http: Req
     check_context(service, prompts, prefix_tokens, checked.max_tokens)
     rows = [p for p in prompts for _ in range(request.n)]
     job = _job(request, checked, rows, key, cartridge, request.logprobs is not None)
-    head = response_head("cmpl", checked.model_id)
+    head = response_head("cmpl", checked.model_id, _selection(request, checked))
     if request.stream:
         return event_stream(completion_chunks(service, request, job, head, prompts, prefix_tokens))
     rendered = await _whole_answers(service, request, job, http)
     if rendered is None:
         return _client_left()
     return text_completion(service.tokenizer, request, head, rendered, prompts, prefix_tokens)
+
+
+def _selection(
+    request: ChatCompletionRequest | CompletionRequest, checked: Checked
+) -> list[str] | None:
+    """The cartridges the answer was composed from, when a set's retriever chose some."""
+    return checked.cartridge_ids if any(ref.set for ref in request.cartridges) else None
 
 
 def _job(

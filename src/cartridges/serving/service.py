@@ -23,6 +23,7 @@ from cartridges.serving.config import ServingConfig
 from cartridges.serving.engine import ContinuousEngine
 from cartridges.serving.errors import ServingError
 from cartridges.serving.jobs import Engine
+from cartridges.serving.sets import CartridgeSet
 from cartridges.serving.static import StaticEngine
 from cartridges.serving.store import CacheKey, CartridgeLookupError, CartridgeStore
 
@@ -47,8 +48,15 @@ class Service:
     ) -> None:
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.engine = build_engine(config, model, tokenizer)
+        self.sets = {
+            name: CartridgeSet.open(name, spec) for name, spec in config.cartridge_sets.items()
+        }
         self.store = CartridgeStore(
-            model, config.cartridge_dir, config.catalog_datasets, config.cartridge_cache_size
+            model,
+            config.cartridge_dir,
+            config.catalog_datasets,
+            config.cartridge_cache_size,
+            self.sets,
         )
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.max_context = context_length(model.config)

@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 from cartridges.cartridge import Cartridge, CartridgeMismatchError, compose
 from cartridges.checkpoint import CartridgeFormatError, load_cartridge, read_metadata
 from cartridges.modeling import model_fingerprint
+from cartridges.serving.sets import SEPARATOR, CartridgeSet
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class CartridgeStore:
         cartridge_dir: root for path ids (it need not exist; then only catalog ids work).
         catalog_datasets: catalog dataset name -> versioned filepath.
         cache_size: how many loaded or composed cartridges to keep.
+        sets: named sets of document cartridges; their members' ids are ``<set>:<document>``.
     """
 
     def __init__(
@@ -76,8 +78,10 @@ class CartridgeStore:
         cartridge_dir: str | Path,
         catalog_datasets: Mapping[str, str | Path] | None = None,
         cache_size: int = 8,
+        sets: Mapping[str, CartridgeSet] | None = None,
     ) -> None:
         self.model = model
+        self.sets = dict(sets or {})
         self.root = Path(cartridge_dir).resolve()
         self.catalog = {name: Path(path) for name, path in (catalog_datasets or {}).items()}
         self.cache_size = cache_size
@@ -88,6 +92,8 @@ class CartridgeStore:
     # ------------------------------------------------------------------ resolution
     def resolve(self, cartridge_id: str) -> Path:
         """The real path of the file an id names, or :class:`CartridgeLookupError`."""
+        if SEPARATOR in cartridge_id:
+            return self._resolve_member(cartridge_id)
         name, _, version = cartridge_id.partition("@")
         if name in self.catalog:
             return self._resolve_catalog(cartridge_id, self.catalog[name], version or None)
@@ -110,6 +116,25 @@ class CartridgeStore:
             status=404,
             code="cartridge_not_found",
         )
+
+    def _resolve_member(self, cartridge_id: str) -> Path:
+        set_name, _, document = cartridge_id.partition(SEPARATOR)
+        if set_name not in self.sets:
+            raise CartridgeLookupError(
+                f"Cartridge {cartridge_id!r}: no cartridge set {set_name!r} (this server has "
+                f"{sorted(self.sets) or 'none'}).",
+                status=404,
+                code="cartridge_not_found",
+            )
+        path = self.sets[set_name].files.get(document)
+        if path is None:
+            raise CartridgeLookupError(
+                f"Cartridge {cartridge_id!r}: set {set_name!r} has no document {document!r} "
+                f"({sorted(self.sets[set_name].files)}).",
+                status=404,
+                code="cartridge_not_found",
+            )
+        return path.resolve()
 
     def _resolve_catalog(self, cartridge_id: str, filepath: Path, version: str | None) -> Path:
         root = filepath.resolve()
@@ -165,14 +190,16 @@ class CartridgeStore:
         """The ids that name a cartridge file made for the served model, each file once per id.
 
         Catalog datasets first (the name, for the latest version, then ``name@<version>``,
-        newest first), then the files of the cartridge directory by path (without the
+        newest first), then the members of the cartridge sets (``<set>:<document>``), then the
+        files of the cartridge directory by path (without the
         ``.safetensors`` suffix). Ids the store would refuse (hidden or odd names, symlinks out
         of their root) are left out, as are files that are not cartridges or were made for
         another model, and files shadowed by a catalog name.
         """
         fingerprint = model_fingerprint(self.model)
         found = []
-        for cartridge_id in [*self._catalog_ids(), *self._directory_ids()]:
+        members = [s.member_id(d) for s in self.sets.values() for d in s.files]
+        for cartridge_id in [*self._catalog_ids(), *members, *self._directory_ids()]:
             try:
                 path = self.resolve(cartridge_id)
             except CartridgeLookupError:

@@ -193,7 +193,8 @@ def _cartridge_ids(
 ) -> list[str]:
     """The ``model`` cartridge, then the listed ones; all local, at most ``max_cartridges``."""
     ids = [model_cartridge] if model_cartridge is not None else []
-    ids += [ref.id for ref in request.cartridges]
+    for ref in request.cartridges:
+        ids += [ref.id] if ref.id is not None else _selected(service, request, ref.set, ref.select)
     if len(ids) > service.config.max_cartridges:
         raise ServingError(
             f"{len(ids)} cartridges exceed this server's limit of "
@@ -209,6 +210,45 @@ def _cartridge_ids(
                 param="cartridges",
             )
     return ids
+
+
+def _selected(
+    service: Service, request: BaseCompletionRequest, name: str, count: int | None
+) -> list[str]:
+    """The members of the set ``name`` its retriever picks for the request's question."""
+    cartridge_set = service.sets.get(name)
+    if cartridge_set is None:
+        raise ServingError(
+            f"No cartridge set {name!r}: this server has {sorted(service.sets) or 'none'} "
+            "(listed at /v1/models).",
+            status=404,
+            code="cartridge_set_not_found",
+            param="cartridges",
+        )
+    return cartridge_set.select(_question(request), count)
+
+
+def _question(request: BaseCompletionRequest) -> str:
+    """What a set's retriever scores documents for: the last user message, or the one text
+    prompt (a selection is per question, so several prompts cannot share one)."""
+    if isinstance(request, ChatCompletionRequest):
+        asked = [message.text() for message in request.messages if message.role == "user"]
+        if asked:
+            return asked[-1]
+        raise ServingError(
+            "Selecting cartridges from a set needs a user message to select for.",
+            param="cartridges",
+        )
+    prompt = request.prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    raise ServingError(
+        "Selecting cartridges from a set needs one text prompt (the selection is made per "
+        "question): send one request per prompt, or name the cartridges by id.",
+        param="cartridges",
+    )
 
 
 def _refuse_system_with_cartridges(request: ChatCompletionRequest, ids: list[str]) -> None:
