@@ -258,3 +258,52 @@ def test_the_teachers_confidence_is_the_same_read_in_batches_across_shards(tmp_p
         for batch_rows in (1, 4, 7, 1000):  # positions and conversations split across batches
             assert unsure_conversations(table, 0.5, batch_rows=batch_rows) == expected
     assert unsure_conversations(table, 0.0) == set()
+
+
+@pytest.mark.parametrize("source", ["own", "others"])
+def test_a_document_cartridges_companions_are_its_own_chunks_or_the_other_documents(
+    tiny, monkeypatch, source
+):
+    import cartridges.distillation as distillation
+
+    model, tokenizer = tiny
+    conversations, targets = _tables(6, ("a-0", "b-0"))
+    chunks = pd.DataFrame(
+        {"chunk_id": ["a-0", "b-0"], "doc_id": ["a", "b"], "text": ["pump text", "valve text"]}
+    )
+    corpus = pd.DataFrame(
+        {"doc_id": ["a", "b"], "source": ["pump.txt", "valve.txt"], "text": [CORPUS] * 2}
+    )
+    config = distillation.DistillConfig(
+        document_compression=4,
+        sweep_compressions=[],
+        document_companions=source,
+        train={"companion_prob": 0.5, "max_steps": 1},
+    )
+    seen = {}
+
+    def recording(model, tokenizer, initial, split, config, conversations, log, label, companions):
+        seen[label] = list(companions.chunk_texts)
+        return distillation.Distilled(initial, [], 0.0, 0.0)
+
+    monkeypatch.setattr(distillation, "distill", recording)
+    distillation.distill_documents(
+        model, tokenizer, corpus, chunks, conversations, targets, config, SYSTEM
+    )
+    if source == "own":
+        assert seen == {"document_pump": ["pump text"], "document_valve": ["valve text"]}
+    else:  # distractor mixing: each is read beside the other document's KV
+        assert seen == {"document_pump": ["valve text"], "document_valve": ["pump text"]}
+    with pytest.raises(ValueError, match="document_companions: others draws"):
+        distillation.distill_documents(
+            model,
+            tokenizer,
+            corpus.iloc[:1],
+            chunks.iloc[:1],
+            conversations,
+            targets,
+            distillation.DistillConfig(
+                document_compression=4, document_companions="others", train={"companion_prob": 1}
+            ),
+            SYSTEM,
+        )

@@ -16,7 +16,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import pandas as pd
 from pydantic import ConfigDict, Field
@@ -48,6 +48,10 @@ class DistillConfig(Recipe):
     # One cartridge per document at p = n_document / c, each trained only on its own document's
     # conversations, to compose at inference; None: none.
     document_compression: Annotated[float, Field(ge=1)] | None = None
+    # Where a document cartridge's companions (train.companion_prob) come from: "own" chunks of
+    # its document, or "others": the other documents' chunks (distractor mixing, "Cartridges at
+    # Scale"), so that it learns to answer about its document beside other documents' KV.
+    document_companions: Literal["own", "others"] = "own"
     eval_generations: Annotated[int, Field(ge=0)] = 2  # held-out questions answered per eval
     eval_max_new_tokens: Annotated[int, Field(ge=1)] = 48
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -201,9 +205,11 @@ def distill_documents(
     """One cartridge per document, each as if its document were the whole corpus.
 
     A document's cartridge starts from that document in context, at ``document_compression``
-    of its length, and trains only on the conversations about its own chunks: nothing of the
-    other documents reaches it, so composing two of them tests what the paper claims (cartridges
-    trained separately answer together, without retraining).
+    of its length, and trains only on the conversations about its own chunks, so composing two
+    of them tests what the paper claims (cartridges trained separately answer together, without
+    retraining). With ``train.companion_prob``, it is read beside companions: chunks of its own
+    document, or with ``document_companions: others`` the other documents' (distractor mixing;
+    their KV only, never their conversations).
 
     Returns:
         ``{document name: cartridge}`` (see :func:`cartridges.corpus.document_name`); empty when
@@ -216,6 +222,11 @@ def distill_documents(
         repeated = sorted({name for name in names if names.count(name) > 1})
         raise ValueError(f"Documents share a name {repeated}: rename the files to train one each.")
     doc_ids = list(corpus["doc_id"])
+    if config.document_companions == "others" and config.train.companion_prob and len(doc_ids) < 2:
+        raise ValueError(
+            "document_companions: others draws a document cartridge's companions from the other "
+            f"documents, but the corpus has {len(doc_ids)}: use own, or a corpus of several."
+        )
     splits = split_by_document(
         conversations, teacher_logprobs, chunk_set, config, config.train.seed, tokenizer, doc_ids
     )
@@ -239,11 +250,9 @@ def distill_documents(
             initial.num_tokens,
             len(split.training),
         )
-        own = Companions(
-            list(chunk_set.loc[chunk_set["doc_id"] == doc_id, "text"]),
-            system_prompt,
-            template_kwargs,
-        )
+        mine = chunk_set["doc_id"] == doc_id
+        source = mine if config.document_companions == "own" else ~mine
+        companions = Companions(list(chunk_set.loc[source, "text"]), system_prompt, template_kwargs)
         trained = distill(
             model,
             tokenizer,
@@ -253,7 +262,7 @@ def distill_documents(
             conversations,
             run_log,
             f"document_{name}",
-            own,
+            companions,
         )
         trained.cartridge.info.extra["document"] = name
         cartridges[name] = trained.cartridge
