@@ -210,12 +210,18 @@ def _walk_store(root: Location, config: CorpusConfig) -> Iterator[tuple[str, _Re
         yield str(root), _missing("missing: no such folder")
         return
     relatives = sorted(
-        (PurePosixPath(key).relative_to(base).parts, key) for key in listing if key != base
+        ((PurePosixPath(key).relative_to(base).parts, key) for key in listing if key != base),
+        key=lambda item: _walk_order(item[0]),
     )
     for parts, key in relatives:
         relative = "/".join(parts)
         if _included(relative, config.include, config.exclude):
             yield relative, _object_reader(root.store, key, listing[key]["size"], config.max_bytes)
+
+
+def _walk_order(parts: tuple[str, ...]) -> tuple[tuple[int, str], ...]:
+    """The order of a local walk: a folder's files (by name) before its subfolders (by name)."""
+    return tuple((1, part) for part in parts[:-1]) + ((0, parts[-1]),)
 
 
 def _object_reader(store: Store, key: str, size: int, max_bytes: int) -> _Reader:

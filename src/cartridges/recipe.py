@@ -304,11 +304,13 @@ def _documents_of(conversations: pd.DataFrame | ShardedTable, chunk_set: pd.Data
 
 @dataclass(frozen=True)
 class Companions:
-    """Where a cartridge's training companions come from: chunks of its own corpus, in context.
+    """Where a cartridge's training companions come from: chunks of text, in context.
 
     A companion is a frozen prefix, the KV of one chunk in the system prompt, of at most the
-    cartridge's size: a stand-in for the other cartridges it may be composed with, taken from its
-    own corpus so that it trains on nothing else (``train.companion_prob`` sets how often).
+    cartridge's size: a stand-in for the other cartridges it may be composed with
+    (``train.companion_prob`` sets how often). The chunks are of its own corpus, or for a
+    document cartridge with ``document_companions: others``, of the other documents
+    (distractors); only their KV is read, never their conversations.
     """
 
     chunk_texts: Sequence[str]

@@ -257,7 +257,10 @@ class Store:
             return None
         self._require_conditional_writes(path)
         response = self._conditionally(
-            path, "already exists", lambda: self.fs.pipe_file(str(path), data, IfNoneMatch="*")
+            path,
+            "already exists",
+            lambda: self.fs.pipe_file(str(path), data, IfNoneMatch="*"),
+            missing_is_conflict=False,
         )
         return response["ETag"]
 
@@ -301,13 +304,25 @@ class Store:
                 "this folder on S3, or on a local or shared file system."
             )
 
-    def _conditionally(self, path: str | os.PathLike, refusal: str, request: Callable[[], Any]):
-        """``request``, a conditional write: a refused condition is a :class:`StoreConflictError`;
-        a conflict with a concurrent conditional write (HTTP 409) is retried."""
+    def _conditionally(
+        self,
+        path: str | os.PathLike,
+        refusal: str,
+        request: Callable[[], Any],
+        missing_is_conflict: bool = True,
+    ):
+        """``request``, a conditional write: a refused condition is a :class:`StoreConflictError`
+        (so is a missing object, unless ``missing_is_conflict`` is false: then a missing bucket
+        stays a ``FileNotFoundError``); a conflict with a concurrent conditional write (HTTP 409)
+        is retried."""
         for attempt in range(_CONFLICT_RETRIES + 1):
             try:
                 return request()
-            except (FileExistsError, FileNotFoundError) as error:
+            except FileNotFoundError as error:
+                if not missing_is_conflict:
+                    raise
+                raise StoreConflictError(f"'{self.url(path)}' {refusal}.") from error
+            except FileExistsError as error:
                 raise StoreConflictError(f"'{self.url(path)}' {refusal}.") from error
             except OSError as error:
                 message = str(error).lower()
@@ -328,17 +343,26 @@ class Store:
             return
         probe = f"{str(folder).rstrip('/')}/.conditional-write-probe-{uuid.uuid4().hex}"
         self.put_if_absent(probe, b"probe")
+        ignored = []
         try:
-            self.put_if_absent(probe, b"probe")
-        except StoreConflictError:
-            self._conditional_writes.append(True)
-            return
+            for header, write in (
+                ("If-None-Match", lambda: self.put_if_absent(probe, b"probe")),
+                ("If-Match", lambda: self.replace_if_unchanged(probe, b"probe", '"0"')),
+            ):
+                try:
+                    write()
+                    ignored.append(header)
+                except StoreConflictError:
+                    pass
         finally:
             self.fs.rm_file(probe)
+        if not ignored:
+            self._conditional_writes.append(True)
+            return
         raise StoreLockError(
-            f"'{self.url(folder)}': this store accepted a second write only-if-absent of one "
-            "object (it ignores If-None-Match), so it cannot be locked; keep this folder on a "
-            "local or shared file system, or on a store with conditional writes."
+            f"'{self.url(folder)}': this store accepted a write that {ignored[0]} should have "
+            f"refused (it ignores {' and '.join(ignored)}), so it cannot be locked; keep this "
+            "folder on a local or shared file system, or on a store with conditional writes."
         )
 
     @contextmanager
@@ -346,7 +370,7 @@ class Store:
         self,
         path: str | os.PathLike,
         replace: bool = False,
-        copies: list[tuple[str, str]] | None = None,
+        copies: list[tuple[str, str, str]] | None = None,
     ) -> Iterator[Path]:
         """Yield an empty local folder; on success it becomes the folder ``path`` whole.
 
@@ -356,16 +380,16 @@ class Store:
         waits for the manifest never sees part of a version; ``replace`` removes the old files
         first (an unversioned entry: a crash between the two leaves no manifest, so no version).
 
-        ``copies``: ``(path in this store, name in the folder)`` pairs the writer adds during the
-        block, for files already in this store: on an object store they are copied by the
-        server (no byte passes through this machine, none is staged on its disk), before the
-        manifest.
+        ``copies``: ``(path in this store, name in the folder, its ETag)`` the writer adds during
+        the block, for files already in this store: on an object store they are copied by the
+        server (no byte passes through this machine, none is staged on its disk), each only if
+        still at that ETag, before the manifest.
         """
         copies = copies if copies is not None else []
         if self.is_local:
             with atomic_folder(path, replace=replace) as temporary:
                 yield temporary
-                for source, name in copies:
+                for source, name, _ in copies:
                     shutil.copyfile(source, temporary / name)
                 _add_manifest(temporary)
             return
@@ -382,8 +406,14 @@ class Store:
             files = sorted(p for p in temporary.rglob("*") if p.is_file() and p.name != MANIFEST)
             for file in files:
                 self.fs.put_file(str(file), f"{target}/{file.relative_to(temporary).as_posix()}")
-            for source, name in copies:
-                self.fs.copy(source, f"{target}/{name}")
+            for source, name, etag in copies:
+                self._conditionally(
+                    source,
+                    "changed since it was read",
+                    lambda s=source, n=name, e=etag: self.fs.copy(
+                        s, f"{target}/{n}", CopySourceIfMatch=e
+                    ),
+                )
             self.fs.put_file(str(temporary / MANIFEST), f"{target}/{MANIFEST}")
 
     @contextmanager
@@ -480,7 +510,10 @@ class _Lease(HeldLock):
                 self.etag = self.store.put_if_absent(self.path, self._record())
                 break
             except StoreConflictError:
-                pass
+                ours = self._ours()
+                if ours is not None:  # our own creation, answered after a retry
+                    self.etag = ours
+                    break
             try:
                 etag = self.store.etag(self.path)
             except FileNotFoundError:
@@ -516,12 +549,28 @@ class _Lease(HeldLock):
             return None
         return record if isinstance(record, dict) else None
 
+    def _ours(self) -> str | None:
+        """The lease's ETag if what it holds is this holder's last write (a request retried
+        after its response was lost finds its own write there), else ``None``."""
+        try:
+            with self.store.open(self.path) as handle:  # the body read is pinned to this ETag
+                etag, body = handle.details["ETag"], handle.read()
+            record = json.loads(body)
+        except (OSError, ValueError):
+            return None
+        mine = isinstance(record, dict) and record.get("owner") == self.owner
+        return etag if mine and record.get("renewal") == self._writes else None
+
     def _renew(self) -> None:
         while not self._stop.wait(self.seconds / 4):
             try:
                 self.etag = self.store.replace_if_unchanged(self.path, self._record(), self.etag)
                 self.renewed = time.monotonic()
             except StoreConflictError:
+                ours = self._ours()
+                if ours is not None:  # our own renewal, answered after a retry
+                    self.etag, self.renewed = ours, time.monotonic()
+                    continue
                 self._lose("another process took it over")
                 return
             except Exception as error:  # the network: try again at the next tick, in time
@@ -549,12 +598,20 @@ class _Lease(HeldLock):
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
-        if self._lost is not None:
+        if not self.etag:
             return
-        try:
+        try:  # conditional: removes the lease only if no one took it over
             self.store.remove_if_unchanged(self.path, self.etag)
         except StoreConflictError:
-            logger.warning("The lease %s was taken over before its release.", self.path)
+            if self._lost is None:
+                logger.warning("The lease %s was taken over before its release.", self.path)
+        except Exception as error:  # noqa: BLE001 - never hide the error of the block it guarded
+            logger.warning(
+                "Could not release the lease %s (%s): it expires in %.0f s.",
+                self.store.url(self.path),
+                error,
+                self.seconds,
+            )
 
 
 class _RangeReads(pafs.FSSpecHandler):

@@ -494,42 +494,42 @@ class ShardedTable:
         """The row groups of file ``index`` that ``ranges`` span, read whole (their pages'
         checksums verified once per handle); ``None`` if the file changed while it was read."""
         path, url = self._files[index], self._store.url(self._files[index])
-        with self._opened(index) as (open_parquet, identity, pinned):
-            parquet = open_parquet(verify=True)
-            meta = parquet.metadata
-            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-            starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-            bad = [(lo, hi) for lo, hi in ranges if not 0 <= lo <= hi <= meta.num_rows]
-            if bad:
-                raise ShardError(
-                    f"Rows {bad[0]} are outside shard '{url}' of {meta.num_rows} rows: the "
-                    "file changed since it was indexed."
-                )
-            groups = sorted(
-                {
-                    g
-                    for lo, hi in ranges
-                    if hi > lo
-                    for g in range(
-                        int(np.searchsorted(starts, lo, side="right")) - 1,
-                        int(np.searchsorted(starts, hi - 1, side="right")),
+        try:
+            with self._opened(index) as (open_parquet, identity, pinned):
+                parquet = open_parquet(verify=True)
+                meta = parquet.metadata
+                sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+                starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+                bad = [(lo, hi) for lo, hi in ranges if not 0 <= lo <= hi <= meta.num_rows]
+                if bad:
+                    raise ShardError(
+                        f"Rows {bad[0]} are outside shard '{url}' of {meta.num_rows} rows: the "
+                        "file changed since it was indexed."
                     )
-                }
-            )
-            cols = list(columns) if columns is not None else None
-            names = cols if cols is not None else parquet.schema_arrow.names
-            fresh, known = self._split_verified(index, identity, groups, names, len(sizes))
-            try:
+                groups = sorted(
+                    {
+                        g
+                        for lo, hi in ranges
+                        if hi > lo
+                        for g in range(
+                            int(np.searchsorted(starts, lo, side="right")) - 1,
+                            int(np.searchsorted(starts, hi - 1, side="right")),
+                        )
+                    }
+                )
+                cols = list(columns) if columns is not None else None
+                names = cols if cols is not None else parquet.schema_arrow.names
+                fresh, known = self._split_verified(index, identity, groups, names, len(sizes))
                 table = parquet.read_row_groups(fresh, columns=cols) if fresh else None
                 if known:
                     plain = open_parquet(verify=False, metadata=meta)
                     plain = plain.read_row_groups(known, columns=cols)
                     table = _in_group_order(fresh, table, known, plain, sizes)
-            except OSError as error:
-                if pinned and _changed_while_read(error):
-                    self._footers.pop(index)  # the next try asks the store afresh
-                    return None
-                raise
+        except OSError as error:  # the footer or a row group, on a store that pins reads
+            if self._store.pins_reads and _changed_while_read(error):
+                self._footers.pop(index)  # the next try asks the store afresh
+                return None
+            raise
         if not pinned and self._store.identity(path) != identity:  # changed while read
             return None
         self._mark_verified(index, identity, fresh, names)

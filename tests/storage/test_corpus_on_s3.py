@@ -16,6 +16,7 @@ FILES = {
     ".hidden.txt": "not read: hidden",
     "image.bin": "no parser for this",
     "big.txt": "x" * 3000,
+    "zeta.txt": "Zeta: a folder's own files come before its subfolders, as a local walk gives.",
 }
 
 
@@ -47,6 +48,7 @@ def test_a_corpus_folder_in_a_bucket_gives_what_the_same_folder_on_disk_gives(co
     assert (documents, skipped) == _read(str(local))
     assert [source for source, _ in documents] == [
         "manual.md",
+        "zeta.txt",
         "notes/alarms.txt",
         "notes/deeper/log.txt",
     ]

@@ -387,3 +387,11 @@ def test_the_footers_kept_in_memory_are_bounded_however_many_shards_are_read(
         rows = table.take_ranges([(i, i + 1) for i in range(0, 40, 2)], ["x"])
         assert [r["x"][0].as_py() for r in rows] == list(range(0, 40, 2))
         assert len(table._footers) <= 4
+
+
+def test_an_unversioned_table_saved_over_its_own_folder_keeps_its_rows(s3, prefix):
+    """Its old files are removed before the new ones land: they are downloaded, not copied."""
+    dataset = ParquetShardsDataset(f"s3://{prefix}/table", rows_per_shard=4, **_options(s3))
+    dataset.save(FRAME)
+    dataset.save(dataset.load())
+    pd.testing.assert_frame_equal(dataset.load().to_pandas(), FRAME)

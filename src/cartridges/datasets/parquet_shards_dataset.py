@@ -101,7 +101,7 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
         return ShardedTable(shards, attrs=attrs, store=self._store)
 
     def save(self, data: pd.DataFrame | ShardedTable) -> None:
-        copies: list[tuple[str, str]] = []  # shards the store copies itself
+        copies: list[tuple[str, str, str]] = []  # shards the store copies itself
         copied: dict[str, dict[str, Any]] = {}  # their manifest entries
         if isinstance(data, ShardedTable):
             write = self._writer_of_table(data, copies, copied)
@@ -147,15 +147,19 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
     def _writer_of_table(
         self,
         table: ShardedTable,
-        copies: list[tuple[str, str]],
+        copies: list[tuple[str, str, str]],
         copied: dict[str, dict[str, Any]],
     ):
         """Shards whose row groups fit are linked (a disk), copied by the store (both on one
         object store: nothing downloaded) or downloaded; the others are rewritten."""
         schema = table.schema if table.files else None  # one schema, or a clear error, first
-        server_side = not self._store.is_local and table.store.fs == self._store.fs
-
-        listed: dict[PurePosixPath, dict[str, int]] = {}  # one listing per source folder
+        # Into a new version only: an unversioned entry is replaced, and its old files (maybe
+        # this table's sources) are removed before the copies would run.
+        server_side = (
+            not self._store.is_local
+            and table.store.fs == self._store.fs
+            and self._version is not None
+        )
 
         def write(folder: Path) -> list[str]:
             names = []
@@ -167,11 +171,12 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
                     (footer.row_group(g).num_rows for g in range(footer.num_row_groups)), default=0
                 )
                 if largest <= self._row_group_size and server_side:
-                    copies.append((str(source), names[-1]))
-                    if source.parent not in listed:
-                        listed[source.parent] = table.store.file_sizes(source.parent)
-                    size = listed[source.parent][source.name]
-                    copied[names[-1]] = {"file": names[-1], "rows": footer.num_rows, "bytes": size}
+                    # The copy is conditional on the ETag whose size and footer the manifest
+                    # records: a shard rewritten meanwhile fails the save instead.
+                    size, etag = table.store.identity(source)
+                    rows = table.metadata(index).num_rows
+                    copies.append((str(source), names[-1], etag))
+                    copied[names[-1]] = {"file": names[-1], "rows": rows, "bytes": size}
                     continue
                 if largest <= self._row_group_size:
                     _link_or_copy(table.store, source, target)

@@ -69,7 +69,7 @@ class VersionedFolderDataset(VersionedStoreDataset[T]):
         return folder
 
     def _save_folder(
-        self, write: Callable[[Path], None], copies: list[tuple[str, str]] | None = None
+        self, write: Callable[[Path], None], copies: list[tuple[str, str, str]] | None = None
     ) -> None:
         """Run ``write`` on an empty local folder, then make it the version's folder, whole
         (with the ``copies`` ``write`` asked for: see :meth:`Store.write_folder`)."""
