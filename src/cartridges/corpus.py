@@ -14,7 +14,7 @@ import logging
 import os
 import statistics
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -155,17 +155,25 @@ def _included(relative: str, include: Sequence[str], exclude: Sequence[str]) -> 
 _Reader = Callable[[], tuple[bytes, str, str | None]]  # -> (raw bytes, format, declared charset)
 
 
+def _format_of(suffix: str) -> str:
+    """The document format of a file name's suffix, or :class:`Unusable` saying why not."""
+    kind = SUFFIXES.get(suffix.lower())
+    if kind is None:
+        raise Unusable(f"unsupported extension '{suffix}'" if suffix else "no file extension")
+    return kind
+
+
+def _check_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise Unusable(f"too large: {size} bytes, limit {max_bytes}")
+
+
 def _file_reader(path: Path, max_bytes: int) -> _Reader:
     def read() -> tuple[bytes | bytearray, str, str | None]:
-        kind = SUFFIXES.get(path.suffix.lower())
-        if kind is None:
-            raise Unusable(
-                f"unsupported extension '{path.suffix}'" if path.suffix else "no file extension"
-            )
+        kind = _format_of(path.suffix)
         try:
             size = path.stat().st_size
-            if size > max_bytes:
-                raise Unusable(f"too large: {size} bytes, limit {max_bytes}")
+            _check_size(size, max_bytes)
             return _read_into_bytearray(path, size), kind, None
         except OSError as error:
             raise Unusable(f"unreadable: {error.strerror or error}") from None
@@ -219,6 +227,18 @@ def _walk_store(root: Location, config: CorpusConfig) -> Iterator[tuple[str, _Re
             yield relative, _object_reader(root.store, key, listing[key]["size"], config.max_bytes)
 
 
+def require_documents(
+    names: Iterable[str], texts: Mapping[str, str], subject: str, where: str
+) -> None:
+    """Refuse document cartridges (``names``) whose document is not among ``texts``."""
+    missing = [name for name in names if name not in texts]
+    if missing:
+        raise ValueError(
+            f"{subject} {missing} have no document of that name in {where} ({sorted(texts)}): "
+            "were they trained on another corpus?"
+        )
+
+
 def _walk_order(parts: tuple[str, ...]) -> tuple[tuple[int, str], ...]:
     """The order of a local walk: a folder's files (by name) before its subfolders (by name)."""
     return tuple((1, part) for part in parts[:-1]) + ((0, parts[-1]),)
@@ -226,12 +246,8 @@ def _walk_order(parts: tuple[str, ...]) -> tuple[tuple[int, str], ...]:
 
 def _object_reader(store: Store, key: str, size: int, max_bytes: int) -> _Reader:
     def read() -> tuple[bytes, str, str | None]:
-        kind = SUFFIXES.get(PurePosixPath(key).suffix.lower())
-        if kind is None:
-            suffix = PurePosixPath(key).suffix
-            raise Unusable(f"unsupported extension '{suffix}'" if suffix else "no file extension")
-        if size > max_bytes:
-            raise Unusable(f"too large: {size} bytes, limit {max_bytes}")
+        kind = _format_of(PurePosixPath(key).suffix)
+        _check_size(size, max_bytes)
         try:
             return store.read_bytes(key), kind, None
         except OSError as error:

@@ -28,7 +28,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -290,11 +290,11 @@ class ShardedTable:
         (through ``handle`` if the file is open already)."""
         known = self._footers.get(index)
         if known is None or known[0] != identity:
-            if handle is not None:
-                known = (identity, pq.read_metadata(handle))
-            else:
-                with self._store.open(self._files[index]) as opened:
-                    known = (identity, pq.read_metadata(opened))
+            opened = (
+                nullcontext(handle) if handle is not None else self._store.open(self._files[index])
+            )
+            with opened as source:
+                known = (identity, pq.read_metadata(source))
             self._footers.put(index, known)
         return known[1]
 

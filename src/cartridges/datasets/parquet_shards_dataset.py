@@ -171,12 +171,12 @@ class ParquetShardsDataset(VersionedFolderDataset[ShardedTable]):
                     (footer.row_group(g).num_rows for g in range(footer.num_row_groups)), default=0
                 )
                 if largest <= self._row_group_size and server_side:
-                    # The copy is conditional on the ETag whose size and footer the manifest
-                    # records: a shard rewritten meanwhile fails the save instead.
+                    # The copy is conditional on the ETag read just after the footer: a shard
+                    # rewritten after that fails the save instead of differing from its entry.
                     size, etag = table.store.identity(source)
-                    rows = table.metadata(index).num_rows
                     copies.append((str(source), names[-1], etag))
-                    copied[names[-1]] = {"file": names[-1], "rows": rows, "bytes": size}
+                    entry = {"file": names[-1], "rows": footer.num_rows, "bytes": size}
+                    copied[names[-1]] = entry
                     continue
                 if largest <= self._row_group_size:
                     _link_or_copy(table.store, source, target)

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from cartridges.cartridge import Cartridge, CartridgeMismatchError, compose
 from cartridges.chat import TemplateKwargs
 from cartridges.context import corpus_context
-from cartridges.corpus import text_digest
+from cartridges.corpus import require_documents, text_digest
 from cartridges.initialization import from_token_ids
 from cartridges.lineage import catalog_version
 from cartridges.modeling import context_length, synchronize
@@ -218,12 +218,7 @@ class DocumentCartridges:
             return None
         routed = routing is not None and routing.top_k > 0
         needed = {**chosen, **available} if routed else chosen
-        missing = [name for name in needed if name not in texts]
-        if missing:
-            raise ValueError(
-                f"The document cartridges {missing} have no document of that name in the corpus "
-                f"({sorted(texts)}): were they trained on another corpus?"
-            )
+        require_documents(needed, texts, "The document cartridges", "the corpus")
         together = [texts[name] for name in chosen]
         return cls(
             chosen,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from cartridges.corpus import CorpusConfig, document_name, load_corpus
+from cartridges.corpus import CorpusConfig, document_name, load_corpus, require_documents
 from cartridges.routing import Retriever, make_retriever, select
 from cartridges.serving.config import CartridgeSetConfig
 
@@ -57,13 +57,9 @@ class CartridgeSet:
             )
         documents, _ = load_corpus(CorpusConfig(corpus_dir=config.corpus_dir))
         texts = {document_name(d.source): d.text for d in documents}
-        missing = [document for document in files if document not in texts]
-        if missing:
-            raise ValueError(
-                f"serving.cartridge_sets.{name}: the cartridges {missing} have no document of "
-                f"that name in {config.corpus_dir} ({sorted(texts)}): were they trained on "
-                "another corpus?"
-            )
+        require_documents(
+            files, texts, f"serving.cartridge_sets.{name}: the cartridges", config.corpus_dir
+        )
         retriever = make_retriever(
             config.retriever, [texts[d] for d in files], **config.retriever_options
         )
