@@ -29,6 +29,9 @@ class CartridgeMismatchError(ValueError):
     """A cartridge used with a model whose KV cache it was not made for."""
 
 
+HELD_OUT_CONVERSATIONS = "held_out_conversations"  # the key of ``extra`` that records them
+
+
 @dataclass
 class CartridgeInfo:
     """Provenance of a cartridge, stored next to its tensors."""
@@ -38,6 +41,11 @@ class CartridgeInfo:
     initializer: str = ""
     source_sha256: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def held_out_conversations(self) -> list[str] | None:
+        """The conversations its training held out (``None``: not recorded, an older run)."""
+        return self.extra.get(HELD_OUT_CONVERSATIONS)
 
 
 class Cartridge(nn.Module):

@@ -20,7 +20,13 @@ import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
 from cartridges.chunking import ChunkingConfig, Coverage, Encode, chunk_corpus, coverage
-from cartridges.corpus import CorpusConfig, Document, corpus_statistics, iter_corpus
+from cartridges.corpus import (
+    CorpusConfig,
+    Document,
+    corpus_statistics,
+    document_name,
+    iter_corpus,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -273,6 +279,26 @@ def chunk_table(
     )
     logger.info("Chunk set: %d chunks (%s)", len(rows), config.method)
     return pd.DataFrame(rows, columns=CHUNK_COLUMNS)
+
+
+def document_names(corpus: pd.DataFrame) -> list[str]:
+    """Each document's name (:func:`cartridges.corpus.document_name`), in corpus order.
+
+    Raises:
+        ValueError: two documents share a name, so a cartridge or question could not say which.
+    """
+    names = [document_name(source) for source in corpus["source"]]
+    if len(set(names)) < len(names):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(
+            f"Documents share a name {repeated}: rename the files to give each a cartridge."
+        )
+    return names
+
+
+def texts_by_document(corpus: pd.DataFrame) -> dict[str, str]:
+    """Each document's text by its name, in corpus order (see :func:`document_names`)."""
+    return dict(zip(document_names(corpus), one_at_a_time(corpus["text"]), strict=True))
 
 
 def one_at_a_time(texts: pd.Series) -> Iterator[str]:

@@ -23,10 +23,10 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cartridges.cartridge import Cartridge
+from cartridges.cartridge import HELD_OUT_CONVERSATIONS, Cartridge
 from cartridges.chat import TemplateKwargs
 from cartridges.context import CorpusContext, corpus_context
-from cartridges.corpus import document_name
+from cartridges.corpus_tables import document_names
 from cartridges.distributed import process_group
 from cartridges.generation import default_stop_ids, generate
 from cartridges.modeling import pad_token_id
@@ -157,7 +157,7 @@ def distill(
             "train_tokens": tokens,
             "held_out_kl_initial": kl_before,
             "held_out_kl": kl_after,
-            "held_out_conversations": split.held_out_ids,
+            HELD_OUT_CONVERSATIONS: split.held_out_ids,
         }
     )
     return Distilled(cartridge, history, kl_before, kl_after)
@@ -217,10 +217,7 @@ def distill_documents(
     """
     if config.document_compression is None:
         return {}
-    names = [document_name(source) for source in corpus["source"]]
-    if len(set(names)) < len(names):
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        raise ValueError(f"Documents share a name {repeated}: rename the files to train one each.")
+    names = document_names(corpus)
     doc_ids = list(corpus["doc_id"])
     if config.document_companions == "others" and config.train.companion_prob and len(doc_ids) < 2:
         raise ValueError(

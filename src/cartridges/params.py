@@ -44,6 +44,7 @@ from cartridges.chunking import ChunkingConfig
 from cartridges.corpus import CorpusConfig
 from cartridges.distillation import DistillConfig
 from cartridges.evaluation.config import EvalConfig
+from cartridges.lora_baseline import LoraSettings
 from cartridges.modeling import resolve_dtype
 from cartridges.routing import RoutingConfig
 from cartridges.serving.config import ServingConfig
@@ -213,6 +214,16 @@ class LoraBaselineParams:
     def train_config(self, base: TrainConfig) -> TrainConfig:
         """``base`` with this block's overrides (only the keys it sets)."""
         return TrainConfig(**{**asdict(base), **self.train.model_dump(exclude_unset=True)})
+
+    def settings(self, distill: DistillConfig) -> LoraSettings:
+        """How the adapter trains: distill_training's loop and backend, with this block's
+        overrides."""
+        return LoraSettings(
+            self.target_modules,
+            self.train_config(distill.train),
+            distill.distributed_backend,
+            self.checkpoint_dir,
+        )
 
 
 @pydantic_dataclass(frozen=True, config=STRICT)

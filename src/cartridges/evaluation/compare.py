@@ -1,9 +1,10 @@
 """The whole comparison in one call: a corpus, cartridges and question sets -> the report.
 
-It decides what the evaluation needs from the selected tasks (questions, held-out conversations),
-budgets the ICL context so that the longest question and answer still fit the model, builds the
-methods and runs them. Where the inputs come from (catalog versions, parameters) is the pipeline's
-business; scoring is the tasks'.
+It puts the corpus in context, chooses the document cartridges, decides what the evaluation
+needs from the selected tasks (questions, held-out conversations), budgets the ICL context so
+that the longest question and answer still fit the model, builds the methods and runs them.
+Where the inputs come from (catalog versions, parameters) is the pipeline's business; scoring
+is the tasks'.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cartridges.cartridge import Cartridge
 from cartridges.chat import TemplateKwargs
-from cartridges.context import CorpusContext
+from cartridges.context import corpus_context
+from cartridges.corpus_tables import texts_by_document
 from cartridges.evaluation.answers import question_ids, user_message
 from cartridges.evaluation.config import EvalConfig
 from cartridges.evaluation.conversations import (
@@ -35,6 +37,7 @@ from cartridges.evaluation.questions import Question, QuestionsError
 from cartridges.evaluation.report import format_report
 from cartridges.evaluation.run import evaluate
 from cartridges.evaluation.tasks import Need
+from cartridges.routing import RoutingConfig
 from cartridges.tables import ShardedTable
 
 logger = logging.getLogger(__name__)
@@ -43,7 +46,8 @@ logger = logging.getLogger(__name__)
 def compare_methods(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    corpus: CorpusContext,
+    corpus: pd.DataFrame,
+    system_prompt: str,
     cartridges: Mapping[str, Cartridge],
     questions: Sequence[Question],
     conversations: pd.DataFrame | ShardedTable,
@@ -51,28 +55,45 @@ def compare_methods(
     config: EvalConfig,
     *,
     versions: Mapping[str, str] | None = None,
-    documents: DocumentCartridges | None = None,
+    document_cartridges: Mapping[str, Cartridge] | None = None,
+    documents: Sequence[str] = (),
+    compose: bool = True,
+    routing: RoutingConfig | None = None,
     max_context_tokens: int | None = None,
     template_kwargs: TemplateKwargs = None,
     results_dir: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
-    """ICL, no context, truncated ICL, ``cartridges`` and ``documents`` on ``config``'s tasks.
+    """ICL, no context, truncated ICL, ``cartridges`` and the document cartridges on
+    ``config``'s tasks.
 
     Args:
-        corpus: the corpus in context (:func:`cartridges.context.corpus_context`), built with
-            the same ``template_kwargs``.
+        corpus: the corpus table (``doc_id``, ``source``, ``text``): ICL reads all of it in
+            ``system_prompt`` (:func:`cartridges.context.corpus_context`).
         cartridges: by report name, in report order.
         questions: the question set (ignored unless a selected task needs questions).
         conversations, teacher_logprobs: self-study's tables; the conversations no cartridge
             trained on are used when a selected task needs held-out conversations.
         versions: catalog version of each cartridge, for the report.
-        documents: cartridges of one document each: each scored on its own document's
-            questions, their composition on the questions about any of them.
+        document_cartridges: cartridges of one document each, by document name: those of
+            ``documents`` (all when empty) each scored on its own document's questions, with
+            ``compose`` their composition on the questions about any of them, and with
+            ``routing`` every one a candidate per question (:meth:`DocumentCartridges.select`).
         max_context_tokens: the ICL budget; ``None``: the model's context length.
         template_kwargs: the model's chat-template switches, used for every prompt.
         results_dir: where each (method, task) result is kept as it completes, so that a rerun
             with the same inputs resumes (:mod:`cartridges.evaluation.results`).
     """
+    context = corpus_context(list(corpus["text"]), tokenizer, system_prompt, template_kwargs)
+    documents = DocumentCartridges.select(
+        document_cartridges or {},
+        documents,
+        texts_by_document(corpus) if document_cartridges else {},
+        tokenizer,
+        system_prompt,
+        template_kwargs,
+        compose,
+        routing,
+    )
     questions = list(questions) if config.needs(Need.QUESTIONS) else []
     held_out = []
     if config.needs(Need.CONVERSATIONS):
@@ -88,14 +109,14 @@ def compare_methods(
         _check_documents_asked(questions, documents.cartridges)
     reserve = _longest_input(tokenizer, questions, held_out, template_kwargs)
     budget = context_budget(model, reserve + config.max_new_tokens, max_context_tokens)
-    methods = build_methods(model, corpus.ids, cartridges, budget, versions, documents)
+    methods = build_methods(model, context.ids, cartridges, budget, versions, documents)
     report = evaluate(
         model,
         tokenizer,
         methods,
         questions,
         held_out,
-        corpus.system_text,
+        context.system_text,
         config,
         template_kwargs,
         results_dir,

@@ -41,7 +41,7 @@ class HeldOutConversation:
 
 def held_out_ids(cartridges: Mapping[str, Cartridge]) -> list[str] | None:
     """Conversations no cartridge trained on; ``None`` (all) when one does not say."""
-    recorded = [c.info.extra.get("held_out_conversations") for c in cartridges.values()]
+    recorded = [c.info.held_out_conversations for c in cartridges.values()]
     if not recorded:
         return None
     if any(ids is None for ids in recorded):

@@ -14,11 +14,8 @@ from matplotlib.figure import Figure
 
 from cartridges import lineage
 from cartridges.cartridge import Cartridge
-from cartridges.context import corpus_context
-from cartridges.corpus import document_name
 from cartridges.datasets import CartridgeHistory
 from cartridges.evaluation import Question, compare_methods, report_metrics
-from cartridges.evaluation.methods import DocumentCartridges
 from cartridges.evaluation.plot import tradeoff_figure
 from cartridges.modeling import load_model_from
 from cartridges.params import EvaluationParams, ModelParams, parse
@@ -62,35 +59,23 @@ def evaluate_methods(
     system_prompt = parse("system_prompt", system_prompt)
     llm, tokenizer = load_model_from(model)
     cartridges, versions = _select_cartridges(cartridge, cartridge_history, cartridge_sweep, params)
-    template_kwargs = model.chat_template_kwargs
-    texts = (
-        dict(zip(map(document_name, corpus["source"]), corpus["text"], strict=True))
-        if document_cartridges
-        else {}
-    )
-    documents = DocumentCartridges.select(
-        document_cartridges,
-        params.documents,
-        texts,
-        tokenizer,
-        system_prompt,
-        template_kwargs,
-        params.compose,
-        params.routing,
-    )
     report = compare_methods(
         llm,
         tokenizer,
-        corpus_context(list(corpus["text"]), tokenizer, system_prompt, template_kwargs),
+        corpus,
+        system_prompt,
         cartridges,
         questions,
         conversations,
         teacher_logprobs,
         params.eval_config,
         versions=versions,
-        documents=documents,
+        document_cartridges=document_cartridges,
+        documents=params.documents,
+        compose=params.compose,
+        routing=params.routing,
         max_context_tokens=params.max_context_tokens,
-        template_kwargs=template_kwargs,
+        template_kwargs=model.chat_template_kwargs,
         results_dir=params.results_dir,
     )
     return report, report_metrics(report)

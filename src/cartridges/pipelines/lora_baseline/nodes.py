@@ -14,7 +14,7 @@ import pandas as pd
 from cartridges.cartridge import Cartridge
 from cartridges.context import corpus_context
 from cartridges.evaluation import Question
-from cartridges.lora_baseline import LoraSettings, Questions, compare_with_lora
+from cartridges.lora_baseline import Questions, compare_with_lora
 from cartridges.modeling import load_model_from
 from cartridges.params import (
     DistillTrainingParams,
@@ -23,7 +23,7 @@ from cartridges.params import (
     ModelParams,
     parse,
 )
-from cartridges.recipe import split_examples
+from cartridges.recipe import split_of
 from cartridges.tables import ShardedTable
 
 
@@ -56,21 +56,10 @@ def train_lora_baseline(
     system_prompt = parse("system_prompt", system_prompt)
     llm, tokenizer = load_model_from(model)
     seed, switches = distill_params.train.seed, model.chat_template_kwargs
-    split = split_examples(
-        conversations,
-        teacher_logprobs,
-        chunk_set,
-        distill_params,
-        seed,
-        tokenizer,
-        held_out_ids=cartridge.info.extra.get("held_out_conversations"),
+    split = split_of(
+        cartridge, conversations, teacher_logprobs, chunk_set, distill_params, seed, tokenizer
     )
     context = corpus_context(list(corpus["text"]), tokenizer, system_prompt, switches)
-    settings = LoraSettings(
-        params.target_modules,
-        params.train_config(distill_params.train),
-        distill_params.distributed_backend,
-        params.checkpoint_dir,
-    )
     asked = Questions(questions, evaluation_params.eval_config, context.system_text, switches)
+    settings = params.settings(distill_params)
     return compare_with_lora(llm, tokenizer, cartridge, split, settings, asked)
