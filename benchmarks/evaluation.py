@@ -8,12 +8,14 @@ answers them), with the llm environment's tasks (qa,
 log_perplexity, fidelity, chrf). Two loops run side by side, alternating, ``--repeats`` times:
 
 - ``before``: the loop as it was when the issue was filed, rebuilt from the library's parts:
-  answers decoded by ``generate`` one fixed batch at a time (the prefix copied per row), the
+  answers decoded by ``generate`` one fixed batch at a time (the prefix copied per row), each
+  reference answer's log-perplexity a forward of its own, the
   ICL teacher recomputed for every method's fidelity (ICL against itself included), the
   in-context prefix recomputed for every prefill timing, decoding timed as full minus
   one-token runs, each repeated;
 - ``now``: :func:`cartridges.evaluation.evaluate` (answers and timings on the serving path,
-  one teacher pass, the context's KV timed once), and a rerun of it over its saved results.
+  reference answers scored in batches, one teacher pass, the context's KV timed once), and a
+  rerun of it over its saved results.
 
 The scores of both loops must be equal (the same answers, log-probabilities and KL); the
 figures are the medians. Also: the ETA the progress bar gives after the first method, over the
@@ -49,6 +51,7 @@ from cartridges.evaluation import (  # noqa: E402
     EvalConfig,
     HeldOutConversation,
     Method,
+    answer_log_perplexity,
     answer_questions,
     build_methods,
     evaluate,
@@ -176,9 +179,12 @@ def evaluate_before(model, tokenizer, methods, questions, conversations, system_
         inputs._answers[method.name] = _answers_before(
             model, tokenizer, method, questions, system_text, config
         )
-        for name in ("qa", "log_perplexity", "chrf"):
+        for name in ("qa", "chrf"):
             for row in TASKS[name].score(method, inputs):
                 scores[method.name, row["task"]] = row["quality"]
+        scores[method.name, "log_perplexity"] = answer_log_perplexity(  # a question at a time
+            model, tokenizer, method, questions, system_text, batch_size=1
+        )
         scores[method.name, "fidelity"] = _fidelity_before(
             model, tokenizer, methods[0], method, conversations, system_text
         )

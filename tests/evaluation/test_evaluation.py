@@ -20,11 +20,13 @@ from cartridges.evaluation import (
     evaluate,
     load_questions,
 )
+from cartridges.evaluation import answers as answers_module
 from cartridges.evaluation.answers import answer_questions
 from cartridges.evaluation.methods import Method
 from cartridges.evaluation.results import method_digest
 from cartridges.evaluation.tasks.log_perplexity import answer_log_perplexity
 from cartridges.initialization import from_token_ids
+from cartridges.modeling import kv_layout
 from cartridges.routing import RoutingConfig
 from tests.evaluation.data import FAST, SYSTEM_TEXT
 
@@ -334,3 +336,40 @@ def test_the_library_needs_every_documents_text_only_when_it_is_routed(tiny):
     routing = RoutingConfig(top_k=1)
     with pytest.raises(ValueError, match=r"\['b'\] have no document of that name"):
         DocumentCartridges.select(cartridges, ("a",), only_a, tokenizer, "{chunk}", routing=routing)
+
+
+def test_reference_answers_scored_in_batches_match_one_at_a_time(tiny, inputs, monkeypatch):
+    model, tokenizer = tiny
+    questions = inputs["questions"]
+    assert len({len(q.answer) for q in questions}) > 1  # rows of several lengths, padded
+    cartridge = from_token_ids(model, inputs["context"][:8])
+    for method in build_methods(model, inputs["context"], {"cartridge": cartridge}, 4000):
+        one = answer_log_perplexity(model, tokenizer, method, questions, SYSTEM_TEXT, batch_size=1)
+        many = answer_log_perplexity(model, tokenizer, method, questions, SYSTEM_TEXT)
+        assert many == pytest.approx(one, rel=1e-5), method.name
+    rows = [(list(range(1, 9)), [5, 6, 7]), (list(range(1, 5)), [2, 3])]
+    batched = answers_module.rows_logprobs(model, methods_of(model, inputs)[0], rows)
+    for (ids, positions), logprobs in zip(rows, batched, strict=True):
+        alone = answers_module.token_logprobs(model, methods_of(model, inputs)[0], ids, positions)
+        torch.testing.assert_close(logprobs, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_logprob_batches_hold_no_more_kv_than_their_budget(tiny, inputs, monkeypatch):
+    model, _ = tiny
+    icl = methods_of(model, inputs)[0]
+    per_token = kv_layout(model).bytes_per_token(model.dtype)
+    lengths = [10, 30, 20, 5, 5]
+    assert answers_module.logprob_batches(model, icl, lengths, 16) == [range(0, 5)]
+    assert answers_module.logprob_batches(model, icl, lengths, 2) == [
+        range(0, 2), range(2, 4), range(4, 5)
+    ]  # fmt: skip
+    two_rows = 2 * (icl.num_tokens + 30) * per_token
+    monkeypatch.setattr(answers_module, "_BATCH_KV_BYTES", two_rows)
+    batches = answers_module.logprob_batches(model, icl, [30, 30, 30], 16)
+    assert batches == [range(0, 2), range(2, 3)]
+    monkeypatch.setattr(answers_module, "_BATCH_KV_BYTES", 1)  # a row alone, whatever its size
+    assert len(answers_module.logprob_batches(model, icl, lengths, 16)) == 5
+
+
+def methods_of(model, inputs) -> list[Method]:
+    return build_methods(model, inputs["context"], {}, 4000)

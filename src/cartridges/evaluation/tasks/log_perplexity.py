@@ -15,13 +15,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from cartridges.chat import TemplateKwargs
 from cartridges.evaluation.answers import (
     generation_suffix,
+    logprob_batches,
     question_ids,
-    token_logprobs,
+    rows_logprobs,
     user_message,
 )
 from cartridges.evaluation.methods import Method
 from cartridges.evaluation.questions import Question
 from cartridges.evaluation.tasks.base import Measure, Metric, Need, Task, TaskInputs
+from cartridges.modeling import pad_token_id
 
 
 class LogPerplexity(Task):
@@ -43,6 +45,7 @@ class LogPerplexity(Task):
             inputs.questions,
             inputs.system_text,
             inputs.template_kwargs,
+            inputs.config.batch_size,
         )
         return [self.measure.row(nll, len(inputs.questions))]
 
@@ -55,10 +58,15 @@ def answer_log_perplexity(
     questions: Sequence[Question],
     system_text: str,
     template_kwargs: TemplateKwargs = None,
+    batch_size: int = 16,
 ) -> float:
-    """Mean negative log-likelihood per token of the reference answers (teacher forcing)."""
-    total, count = 0.0, 0
+    """Mean negative log-likelihood per token of the reference answers (teacher forcing).
+
+    Questions answered after the same prefix are scored ``batch_size`` at a time (one padded
+    forward: the same log-probabilities as one question at a time, up to rounding).
+    """
     suffix = generation_suffix(tokenizer, template_kwargs)
+    groups: dict[int, tuple[Method, list[tuple[list[int], range]]]] = {}
     for q in questions:
         user = user_message(q)
         answering = method.for_question(q)
@@ -72,8 +80,18 @@ def answer_log_perplexity(
         )
         # The full rendering ends with the answer turn; drop any generation prompt appended.
         full = full[: len(full) - suffix]
-        logprobs = token_logprobs(model, answering, full, range(len(prompt), len(full)))
-        targets = torch.tensor(full[len(prompt) :], device=logprobs.device)
-        total -= logprobs.gather(-1, targets[:, None]).sum().item()
-        count += len(targets)
+        rows = groups.setdefault(id(answering.prefix), (answering, []))[1]
+        rows.append((full, range(len(prompt), len(full))))
+    total, count = 0.0, 0
+    pad = pad_token_id(tokenizer)
+    for answering, rows in groups.values():
+        lengths = [len(ids) for ids, _ in rows]
+        for batch in logprob_batches(model, answering, lengths, batch_size):
+            chosen = [rows[i] for i in batch]
+            for (ids, positions), logprobs in zip(
+                chosen, rows_logprobs(model, answering, chosen, pad), strict=True
+            ):
+                targets = torch.tensor(ids[positions.start :], device=logprobs.device)
+                total -= logprobs.gather(-1, targets[:, None]).sum().item()
+                count += len(targets)
     return total / max(count, 1)
