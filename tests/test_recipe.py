@@ -11,8 +11,9 @@ from cartridges.context import corpus_context
 from cartridges.recipe import Recipe, initial_cartridge, split_by_document, split_examples
 from cartridges.synthesis.self_study import Conversation
 from cartridges.tables import ShardedTable
-from cartridges.targets import to_tables, unsure_conversations
+from cartridges.targets import unsure_conversations
 from tests.conftest import CORPUS
+from tests.training_data import to_tables
 
 SYSTEM = "About:\n{chunk}"
 

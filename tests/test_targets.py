@@ -14,8 +14,8 @@ from cartridges.targets import (
     TargetsError,
     memorization_examples,
     one_hot,
-    to_tables,
 )
+from tests.training_data import to_tables
 
 
 def _conversation(cid: str, token_ids: list[int], targets) -> Conversation:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import pandas as pd
 import torch
 
 from cartridges.batching import Example
 from cartridges.initialization import from_token_ids
 from cartridges.prefix import forward_with_prefix
+from cartridges.synthesis.runs import conversation_tables
+from cartridges.synthesis.self_study import Conversation
 from tests.architectures import VOCAB_SIZE, build_model
 
 TOP_K = 8
@@ -56,3 +61,10 @@ def assert_rows_match_alone(model, cartridge, examples, rows, packed) -> None:
             ).logits
             assert (logits[r, offset : offset + len(tokens)] - alone[0]).abs().max() <= 1e-5
             offset += len(tokens)
+
+
+def to_tables(conversations: Iterable[Conversation]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ``conversations`` and ``teacher_logprobs`` tables of ``conversations``, in memory, as
+    self-study writes them."""
+    conversations_table, targets_table = conversation_tables(list(conversations))
+    return conversations_table.to_pandas(), targets_table.to_pandas()

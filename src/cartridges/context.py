@@ -53,24 +53,28 @@ def corpus_context(
 ) -> CorpusContext:
     """Put ``texts`` into ``system_prompt``'s ``{chunk}`` slot and tokenise it as a system turn.
 
-    A context asked for again with an equal tokenizer (its vocabulary, merges, special tokens
-    and chat template) and the same switches is not tokenised again.
+    A context asked for again with an equal tokenizer (:func:`tokenizer_identity`) and the same
+    switches is not tokenised again.
     """
     corpus_text = join_documents(texts)
     system_text = system_prompt.format(chunk=corpus_text)
     sha256 = text_digest(corpus_text)
-    key = (tokenizer_identity(tokenizer), text_digest(system_text), _switches(template_kwargs))
+    identity = tokenizer_identity(tokenizer)
+    if identity is None:
+        ids = context_ids(tokenizer, system_text, template_kwargs)
+        return CorpusContext(system_text=system_text, ids=ids, sha256=sha256)
+    key = (identity, text_digest(system_text), _switches(template_kwargs))
     with _RECENT_LOCK:
-        ids = _RECENT.get(key)
-        if ids is not None:
+        kept = _RECENT.get(key)
+        if kept is not None:
             _RECENT.move_to_end(key)
-    if ids is None:
-        ids = array("q", context_ids(tokenizer, system_text, template_kwargs))
+    if kept is None:
+        kept = array("q", context_ids(tokenizer, system_text, template_kwargs))
         with _RECENT_LOCK:
-            _RECENT[key] = ids
+            _RECENT[key] = kept
             while len(_RECENT) > 1 and sum(map(len, _RECENT.values())) > _RECENT_MAX_TOKENS:
                 _RECENT.popitem(last=False)
-    return CorpusContext(system_text=system_text, ids=ids.tolist(), sha256=sha256)
+    return CorpusContext(system_text=system_text, ids=kept.tolist(), sha256=sha256)
 
 
 # Token ids of the contexts built last, by (tokenizer, system text, switches); oldest first.
@@ -79,24 +83,26 @@ _RECENT_MAX_TOKENS = 1 << 23  # 64 MiB of ids; the newest context is kept whatev
 _RECENT_LOCK = threading.Lock()
 
 
-def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A digest of what decides how ``tokenizer`` tokenises a chat: equal for copies of one
-    tokenizer, different once a token, a merge or the chat template differs."""
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """A digest of what decides how ``tokenizer`` tokenises a chat (its whole serialised
+    tokenizer, which special token is which, the chat template): equal for copies of one
+    tokenizer, different once a token, a merge or the template differs. ``None`` for a tokenizer
+    without a serialisable backend (a slow one), whose contexts are not kept."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocabulary = (
-        backend.to_str()
-        if backend is not None
-        else json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    )
+    if backend is None:
+        return None
     described = json.dumps(
         [
             type(tokenizer).__qualname__,
             tokenizer.chat_template,
-            sorted(map(str, tokenizer.all_special_tokens)),
+            tokenizer.special_tokens_map,
+            tokenizer.init_kwargs.get("add_bos_token"),
+            tokenizer.init_kwargs.get("add_eos_token"),
         ],
+        sort_keys=True,
         default=str,
     )
-    return hashlib.sha256((vocabulary + described).encode()).hexdigest()
+    return hashlib.sha256((backend.to_str() + described).encode()).hexdigest()
 
 
 def _switches(template_kwargs: TemplateKwargs) -> str:

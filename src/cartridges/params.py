@@ -23,7 +23,7 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, field, fields
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import pluggy
 import torch
@@ -44,13 +44,15 @@ from cartridges.chunking import ChunkingConfig
 from cartridges.corpus import CorpusConfig
 from cartridges.distillation import DistillConfig
 from cartridges.evaluation.config import EvalConfig
-from cartridges.lora_baseline import LoraSettings
 from cartridges.modeling import resolve_dtype
 from cartridges.routing import RoutingConfig
 from cartridges.serving.config import ServingConfig
 from cartridges.synthesis.registry import BACKENDS, DEFAULT_BACKEND, BackendKind
 from cartridges.synthesis.self_study import SelfStudyConfig
 from cartridges.training import TrainConfig
+
+if TYPE_CHECKING:
+    from cartridges.lora_baseline import LoraSettings
 
 # Kedro's own hook marker (``kedro.framework.hooks.hook_impl``), made here so that the models
 # import, and serve the library and the serving CLI, without Kedro.
@@ -218,6 +220,8 @@ class LoraBaselineParams:
     def settings(self, distill: DistillConfig) -> LoraSettings:
         """How the adapter trains: distill_training's loop and backend, with this block's
         overrides."""
+        from cartridges.lora_baseline import LoraSettings  # PEFT, only for the LoRA baseline
+
         return LoraSettings(
             self.target_modules,
             self.train_config(distill.train),

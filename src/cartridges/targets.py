@@ -11,10 +11,8 @@ once. Both give the same tensors.
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,9 +22,6 @@ import torch
 
 from cartridges.batching import Example
 from cartridges.tables import ShardedTable
-
-if TYPE_CHECKING:
-    from cartridges.synthesis.self_study import Conversation
 
 CONVERSATION_COLUMNS = [
     "conversation_id",
@@ -44,35 +39,6 @@ TARGET_COLUMNS = ["conversation_id", "position", "token_id", "logprob"]
 
 class TargetsError(ValueError):
     """Conversations and teacher targets that cannot be trained on."""
-
-
-def to_tables(conversations: Iterable[Conversation]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Flatten conversations into the ``conversations`` and ``teacher_logprobs`` tables."""
-    rows, targets = [], {"conversation_id": [], "position": [], "token_id": [], "logprob": []}
-    for c in conversations:
-        rows.append(
-            {
-                "conversation_id": c.conversation_id,
-                "chunk_id": c.chunk_id,
-                "seed_type": c.seed_type,
-                "seed_prompt": c.seed_prompt,
-                "messages": json.dumps(c.messages, ensure_ascii=False),
-                "token_ids": list(c.token_ids),
-                "answer_start": c.answer_start,
-                "answer_truncated": c.answer_truncated,
-                "num_tokens": len(c.token_ids),
-            }
-        )
-        for position, ids, logprobs in c.targets:
-            targets["conversation_id"] += [c.conversation_id] * len(ids)
-            targets["position"] += [position] * len(ids)
-            targets["token_id"] += ids
-            targets["logprob"] += logprobs
-    conversations_table = pd.DataFrame(rows, columns=CONVERSATION_COLUMNS)
-    targets_table = pd.DataFrame(targets, columns=TARGET_COLUMNS).astype(
-        {"position": "int32", "token_id": "int32", "logprob": "float32"}
-    )
-    return conversations_table, targets_table
 
 
 def dense_examples(

@@ -28,6 +28,7 @@ from cartridges.evaluation.tasks.log_perplexity import answer_log_perplexity
 from cartridges.initialization import from_token_ids
 from cartridges.modeling import kv_layout
 from cartridges.routing import RoutingConfig
+from tests.architectures import ARCHITECTURES, VOCAB_SIZE, build_model
 from tests.evaluation.data import FAST, SYSTEM_TEXT
 
 
@@ -338,12 +339,17 @@ def test_the_library_needs_every_documents_text_only_when_it_is_routed(tiny):
         DocumentCartridges.select(cartridges, ("a",), only_a, tokenizer, "{chunk}", routing=routing)
 
 
-def test_reference_answers_scored_in_batches_match_one_at_a_time(tiny, inputs, monkeypatch):
+def test_reference_answers_scored_in_batches_match_one_at_a_time(tiny, inputs):
     model, tokenizer = tiny
-    questions = inputs["questions"]
+    questions = _document_questions(inputs["questions"])
     assert len({len(q.answer) for q in questions}) > 1  # rows of several lengths, padded
     cartridge = from_token_ids(model, inputs["context"][:8])
-    for method in build_methods(model, inputs["context"], {"cartridge": cartridge}, 4000):
+    documents = _library(model, inputs["context"], top_k=2)
+    methods = build_methods(
+        model, inputs["context"], {"cartridge": cartridge}, 4000, documents=documents
+    )
+    assert "routed_top2" in {m.name for m in methods}
+    for method in methods:
         one = answer_log_perplexity(model, tokenizer, method, questions, SYSTEM_TEXT, batch_size=1)
         many = answer_log_perplexity(model, tokenizer, method, questions, SYSTEM_TEXT)
         assert many == pytest.approx(one, rel=1e-5), method.name
@@ -373,3 +379,23 @@ def test_logprob_batches_hold_no_more_kv_than_their_budget(tiny, inputs, monkeyp
 
 def methods_of(model, inputs) -> list[Method]:
     return build_methods(model, inputs["context"], {}, 4000)
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_padded_rows_after_a_prefix_score_as_each_alone_on_every_architecture(architecture):
+    """Right padding on every architecture, sliding windows shorter than prefix + row too."""
+    model = build_model(architecture, sliding_window=16) if "gemma" in architecture else None
+    model = model or build_model(architecture)
+    generator = torch.Generator().manual_seed(0)
+    prefix = from_token_ids(
+        model, torch.randint(3, VOCAB_SIZE, (20,), generator=generator).tolist()
+    )
+    method = Method("cartridge", "cartridge", prefix)
+    rows = [
+        (torch.randint(3, VOCAB_SIZE, (n,), generator=generator).tolist(), list(range(1, n)))
+        for n in (30, 7, 18)
+    ]
+    batched = answers_module.rows_logprobs(model, method, rows)
+    for (ids, positions), logprobs in zip(rows, batched, strict=True):
+        alone = answers_module.token_logprobs(model, method, ids, positions)
+        torch.testing.assert_close(logprobs, alone, rtol=1e-4, atol=1e-5)

@@ -8,6 +8,7 @@ from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from cartridges.checks import Problems
+from cartridges.evaluation.answers import QUESTION_BATCH
 from cartridges.evaluation.tasks import TASKS, Need, Task
 
 
@@ -21,7 +22,7 @@ class EvalConfig:
             (of the reference answers), ``fidelity`` (KL from ICL on held-out conversations),
             ``chrf`` (of the generated answers, for translation-style sets).
         max_new_tokens: cap on each greedy answer.
-        batch_size: questions generated together.
+        batch_size: questions answered together (and reference answers scored together).
         fidelity_conversations: held-out conversations the KL is averaged over (at most).
         decode_tokens: tokens generated per row when timing decoding (each step is timed; the
             median step gives the rate).
@@ -31,7 +32,7 @@ class EvalConfig:
 
     tasks: tuple[str, ...] = tuple(TASKS)
     max_new_tokens: int = 24
-    batch_size: int = 16
+    batch_size: int = QUESTION_BATCH
     fidelity_conversations: int = 32
     decode_tokens: int = 16
     decode_batch_sizes: tuple[int, ...] = field(default=(1, 16))

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cartridges.chat import TemplateKwargs
 from cartridges.evaluation.answers import (
+    QUESTION_BATCH,
     generation_suffix,
     logprob_batches,
     question_ids,
@@ -58,40 +59,50 @@ def answer_log_perplexity(
     questions: Sequence[Question],
     system_text: str,
     template_kwargs: TemplateKwargs = None,
-    batch_size: int = 16,
+    batch_size: int = QUESTION_BATCH,
 ) -> float:
     """Mean negative log-likelihood per token of the reference answers (teacher forcing).
 
-    Questions answered after the same prefix are scored ``batch_size`` at a time (one padded
-    forward: the same log-probabilities as one question at a time, up to rounding).
+    Questions answered after the same prefix (all of them, or for a routed method those that
+    share a selection) are scored up to ``batch_size`` at a time, shortest with shortest (one
+    padded forward: the same log-probabilities as one at a time, up to rounding).
     """
-    suffix = generation_suffix(tokenizer, template_kwargs)
-    groups: dict[int, tuple[Method, list[tuple[list[int], range]]]] = {}
+    groups: dict[tuple[str, ...], list[Question]] = {}
     for q in questions:
-        user = user_message(q)
-        answering = method.for_question(q)
-        prompt = question_ids(tokenizer, answering, system_text, [user], True, template_kwargs)
-        full = question_ids(
-            tokenizer,
-            answering,
-            system_text,
-            [user, {"role": "assistant", "content": q.answer}],
-            template_kwargs=template_kwargs,
-        )
-        # The full rendering ends with the answer turn; drop any generation prompt appended.
-        full = full[: len(full) - suffix]
-        rows = groups.setdefault(id(answering.prefix), (answering, []))[1]
-        rows.append((full, range(len(prompt), len(full))))
-    total, count = 0.0, 0
-    pad = pad_token_id(tokenizer)
-    for answering, rows in groups.values():
-        lengths = [len(ids) for ids, _ in rows]
+        groups.setdefault(method.routes.choose(q) if method.routes else (), []).append(q)
+    nll, count = 0.0, 0
+    for asked in groups.values():  # each selection's composition built once, dropped after
+        answering = method.for_question(asked[0])
+        rows = [_answer_row(tokenizer, answering, q, system_text, template_kwargs) for q in asked]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+        lengths = [len(rows[i][0]) for i in order]
         for batch in logprob_batches(model, answering, lengths, batch_size):
-            chosen = [rows[i] for i in batch]
-            for (ids, positions), logprobs in zip(
-                chosen, rows_logprobs(model, answering, chosen, pad), strict=True
-            ):
+            chosen = [rows[order[i]] for i in batch]
+            scored = rows_logprobs(model, answering, chosen, pad_token_id(tokenizer))
+            for (ids, positions), logprobs in zip(chosen, scored, strict=True):
                 targets = torch.tensor(ids[positions.start :], device=logprobs.device)
-                total -= logprobs.gather(-1, targets[:, None]).sum().item()
+                nll -= logprobs.gather(-1, targets[:, None]).sum().item()
                 count += len(targets)
-    return total / max(count, 1)
+    return nll / max(count, 1)
+
+
+def _answer_row(
+    tokenizer: PreTrainedTokenizerBase,
+    method: Method,
+    question: Question,
+    system_text: str,
+    template_kwargs: TemplateKwargs,
+) -> tuple[list[int], range]:
+    """The question and its reference answer after ``method``'s prefix, and where the answer is."""
+    user = user_message(question)
+    prompt = question_ids(tokenizer, method, system_text, [user], True, template_kwargs)
+    full = question_ids(
+        tokenizer,
+        method,
+        system_text,
+        [user, {"role": "assistant", "content": question.answer}],
+        template_kwargs=template_kwargs,
+    )
+    # The full rendering ends with the answer turn; drop any generation prompt appended.
+    full = full[: len(full) - generation_suffix(tokenizer, template_kwargs)]
+    return full, range(len(prompt), len(full))
