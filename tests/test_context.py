@@ -72,3 +72,13 @@ def test_documents_are_named_by_their_files_and_a_shared_name_is_refused():
     shared = pd.DataFrame({"source": ["a/pump.md", "b/pump.txt"], "text": ["p", "q"]})
     with pytest.raises(ValueError, match=r"Documents share a name \['pump'\]"):
         texts_by_document(shared)
+
+
+def test_a_tokenizer_changed_in_place_gets_a_new_identity(tiny):
+    tokenizer = copy.deepcopy(tiny[1])
+    before = tokenizer_identity(tokenizer)
+    assert tokenizer_identity(tokenizer) == before  # kept for the live tokenizer
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    templated = tokenizer_identity(tokenizer)
+    tokenizer.add_tokens(["cartridgeword"])
+    assert len({before, templated, tokenizer_identity(tokenizer)}) == 3

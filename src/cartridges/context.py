@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import weakref
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -91,6 +92,10 @@ def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
+    stamp = (len(tokenizer), tokenizer.chat_template)  # what a caller changes in place
+    known = _IDENTITIES.get(tokenizer)
+    if known is not None and known[0] == stamp:
+        return known[1]
     described = json.dumps(
         [
             type(tokenizer).__qualname__,
@@ -102,7 +107,14 @@ def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str | None:
         sort_keys=True,
         default=str,
     )
-    return hashlib.sha256((backend.to_str() + described).encode()).hexdigest()
+    identity = hashlib.sha256((backend.to_str() + described).encode()).hexdigest()
+    _IDENTITIES[tokenizer] = (stamp, identity)
+    return identity
+
+
+# Each live tokenizer's identity (serialising it takes ~50 ms for a 49k vocabulary: once per
+# document of a large corpus would add up), recomputed once tokens or the template change.
+_IDENTITIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _switches(template_kwargs: TemplateKwargs) -> str:

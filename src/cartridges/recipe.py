@@ -174,23 +174,6 @@ def split_examples(
     )
 
 
-def split_of(
-    cartridge: Cartridge,
-    conversations: pd.DataFrame | ShardedTable,
-    teacher_logprobs: pd.DataFrame | ShardedTable,
-    chunk_set: pd.DataFrame,
-    recipe: Recipe,
-    seed: int,
-    tokenizer: PreTrainedTokenizerBase,
-) -> Split:
-    """The split ``cartridge`` trained on: the conversations it records as held out are held
-    out (a fresh draw by ``held_out_fraction`` for a cartridge that records none)."""
-    held_out = cartridge.info.held_out_conversations
-    return split_examples(
-        conversations, teacher_logprobs, chunk_set, recipe, seed, tokenizer, held_out_ids=held_out
-    )
-
-
 def split_by_document(
     conversations: pd.DataFrame | ShardedTable,
     teacher_logprobs: pd.DataFrame | ShardedTable,

@@ -23,7 +23,7 @@ from cartridges.params import (
     ModelParams,
     parse,
 )
-from cartridges.recipe import split_of
+from cartridges.recipe import split_examples
 from cartridges.tables import ShardedTable
 
 
@@ -56,8 +56,14 @@ def train_lora_baseline(
     system_prompt = parse("system_prompt", system_prompt)
     llm, tokenizer = load_model_from(model)
     seed, switches = distill_params.train.seed, model.chat_template_kwargs
-    split = split_of(
-        cartridge, conversations, teacher_logprobs, chunk_set, distill_params, seed, tokenizer
+    split = split_examples(  # held out: the conversations the cartridge records
+        conversations,
+        teacher_logprobs,
+        chunk_set,
+        distill_params,
+        seed,
+        tokenizer,
+        held_out_ids=cartridge.info.held_out_conversations,
     )
     context = corpus_context(list(corpus["text"]), tokenizer, system_prompt, switches)
     asked = Questions(questions, evaluation_params.eval_config, context.system_text, switches)
